@@ -159,3 +159,308 @@ def test_official_float32_tolerance(fx, pre):
     t = fx['tokenizer']
     tok32 = B.load_state(tokenizer_from_official(t['config']).eval(), t['state_dict'])
     assert torch.equal(tok32.encode(t['images']), t['indices'])
+
+# ----------------------------------------------------------------------------- full-size layouts
+
+
+def layout(name):
+    return json.loads(LAYOUTS.read_text())['layouts'][name]
+
+
+def random_state(lay):
+    dt = {'float32': torch.float32, 'int64': torch.int64}
+    return {k: torch.randn(s) if dt[d] == torch.float32 else torch.zeros(s, dtype=torch.int64)
+            for k, (s, d) in lay.items()}
+
+
+def full_size_models():
+    base = B.PRESETS['beitv2_base_patch16_224']
+    large = B.PRESETS['beitv2_large_patch16_224']
+    yield 'tokenizer/vqkd_encoder_base_decoder_1x768x12_clip', lambda: B.VQKD(B.PRESETS['vqkd_encoder_base_decoder_1x768x12_clip'])
+    yield 'tokenizer/vqkd_encoder_base_decoder_3x768x12_clip', lambda: B.VQKD(B.PRESETS['vqkd_encoder_base_decoder_3x768x12_clip'])
+    yield 'tokenizer/vqkd_encoder_base_decoder_1x768x12_dino', lambda: B.VQKD(B.PRESETS['vqkd_encoder_base_decoder_1x768x12_dino'])
+    yield 'pretrain/beit_base_patch16_224_8k_vocab_cls_pt', lambda: B.BEiTv2(base)
+    yield 'pretrain/beit_large_patch16_224_8k_vocab_cls_pt', lambda: B.BEiTv2(large)
+    yield 'finetune/beit_base_patch16_224', lambda: B.ViT(B.classifier_config(base, 1000))
+    yield 'finetune/beit_large_patch16_224', lambda: B.ViT(B.classifier_config(large, 1000))
+    yield 'timm/beitv2_base_patch16_224', lambda: B.ViT(B.classifier_config(base, 1000))
+    yield 'timm/beitv2_large_patch16_224', lambda: B.ViT(B.classifier_config(large, 1000))
+
+
+@pytest.mark.parametrize('name,build', list(full_size_models()), ids=[n for n, _ in full_size_models()])
+def test_full_size_layouts_load_and_export(name, build):
+    lay = layout(name)
+    sd = random_state(lay)
+    for k in sd:
+        if k.endswith('relative_position_index'):  # the official buffer, as saved in the files
+            g = int(math.sqrt(sd[k].shape[0] - 1))
+            sd[k] = B.relative_position_index(g, g)
+    torch.manual_seed(0)
+    model = B.load_state(build(), sd)
+    exported = B.export_state(model, 'timm' if name.startswith('timm') else 'official')
+    assert {k: [list(v.shape), str(v.dtype).replace('torch.', '')] for k, v in exported.items()} == lay
+    k = next(k for k in sd if k.endswith('fc1.weight'))
+    assert torch.equal(exported[k], sd[k])
+
+
+def test_layout_errors_name_the_keys():
+    base = B.PRESETS['beitv2_base_patch16_224']
+    model = B.BEiTv2(B.BEiTConfig(**{**base.__dict__, 'depth': 2, 'early_layers': 1, 'embed_dim': 48,
+                                     'num_heads': 2, 'vocab_size': 16, 'img_size': 32}))
+    sd = model.state_dict()
+    bad = dict(sd)
+    del bad['lm_head.bias']
+    bad['extra.weight'] = torch.zeros(1)
+    with pytest.raises(KeyError, match=r"missing \['lm_head.bias'\].*unexpected \['extra.weight'\]"):
+        B.load_state(model, bad)
+    bad = dict(sd, **{'rel_pos_bias.relative_position_index': torch.zeros(17, 17, dtype=torch.long)})
+    with pytest.raises(ValueError, match='relative_position_index'):
+        B.load_state(model, bad)
+    with pytest.raises(ValueError, match='no state dict'):
+        B.state_dict_of({'args': 1})
+
+# ----------------------------------------------------------------------------- unit tests
+
+
+def tiny_beit(**over):
+    d = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=2, vocab_size=16,
+             early_layers=2, head_layers=2)
+    d.update(over)
+    return B.BEiTv2(B.BEiTConfig(**d))
+
+
+def tiny_vqkd(**over):
+    d = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, decoder_depth=1,
+             n_embed=16, code_dim=8, teacher_dim=24)
+    d.update(over)
+    return B.VQKD(B.VQKDConfig(**d))
+
+
+def test_relative_position_index_2x2():
+    # patches (0,0) (0,1) (1,0) (1,1); offset (dy, dx) -> (dy + 1) * 3 + (dx + 1); table has 9 + 3 rows
+    expected = torch.tensor([[11, 9, 9, 9, 9],
+                             [10, 4, 3, 1, 0],
+                             [10, 5, 4, 2, 1],
+                             [10, 7, 6, 4, 3],
+                             [10, 8, 7, 5, 4]])
+    assert torch.equal(B.relative_position_index(2, 2), expected)
+
+
+def test_pretrain_state_into_classifier_gives_same_tokens():
+    torch.manual_seed(0)
+    pre = tiny_beit().eval()
+    with torch.no_grad():  # a non-zero shared table, so the copy into every block matters
+        pre.rel_pos_bias.relative_position_bias_table.normal_()
+    clf = B.ViT(B.classifier_config(pre.cfg, num_classes=5, drop_path=0.0)).eval()
+    B.load_state(clf, pre.state_dict(), ignore=B.PRETRAIN_ONLY + ('fc_norm', 'head'))
+    x = torch.randn(2, 3, 32, 32)
+    close(clf.forward_tokens(x)[0], pre.forward_tokens(x)[0], atol=1e-6)
+    # without the documented drops the load is refused
+    with pytest.raises(KeyError, match='lm_head'):
+        B.load_state(B.ViT(B.classifier_config(pre.cfg, num_classes=5)), pre.state_dict())
+
+
+def test_classifier_at_higher_resolution_interpolates_tables():
+    torch.manual_seed(0)
+    pre = tiny_beit()
+    clf = B.ViT(B.classifier_config(pre.cfg, num_classes=5, img_size=48))
+    B.load_state(clf, pre.state_dict(), ignore=B.PRETRAIN_ONLY + ('fc_norm', 'head'))
+    assert clf.blocks[0].attn.relative_position_bias_table.shape == (11 * 11 + 3, 2)
+    assert clf(torch.randn(1, 3, 48, 48)).shape == (1, 5)
+
+
+def test_spline_matrix_reproduces_cubics_and_scipy():
+    x = torch.tensor([-6.0, -3.5, -1.6, -0.5, 0.0, 0.5, 1.6, 3.5, 6.0])
+    xq = torch.linspace(-6, 6, 13)
+    S = B._spline_matrix(x, xq)
+    f = lambda t: 0.3 * t ** 3 - t ** 2 + 2 * t - 1  # noqa: E731  not-a-knot splines are exact on cubics
+    close(S @ f(x.double()), f(xq.double()), atol=1e-9)
+    scipy = pytest.importorskip('scipy.interpolate')
+    ref = scipy.CubicSpline(x.numpy(), torch.eye(9).numpy(), bc_type='not-a-knot')(xq.numpy())
+    close(S, torch.from_numpy(ref), atol=1e-9)
+
+
+def test_masking_exact_count_and_blocks():
+    rng = random.Random(0)
+    gen = B.MaskingGenerator((14, 14))
+    assert (gen.num, gen.min_num) == (75, 16)
+    sizes = []
+    for _ in range(300):
+        m = gen(rng)
+        assert m.shape == (196,) and m.dtype == torch.bool and int(m.sum()) == 75
+        sizes.append(largest_component(m.view(14, 14)))
+    assert sorted(sizes)[len(sizes) // 2] >= 16  # block-wise, not scattered patches
+    small = B.MaskingGenerator((4, 4))
+    assert (small.num, small.min_num) == (6, 2)
+    assert all(int(small(rng).sum()) == 6 for _ in range(100))
+
+
+def largest_component(m):
+    seen, best = set(), 0
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if m[i, j] and (i, j) not in seen:
+                stack, size = [(i, j)], 0
+                seen.add((i, j))
+                while stack:
+                    a, b = stack.pop()
+                    size += 1
+                    for c, d in ((a + 1, b), (a - 1, b), (a, b + 1), (a, b - 1)):
+                        if 0 <= c < m.shape[0] and 0 <= d < m.shape[1] and m[c, d] and (c, d) not in seen:
+                            seen.add((c, d))
+                            stack.append((c, d))
+                best = max(best, size)
+    return best
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    pre = tiny_beit(drop_path=0.1).train()
+    mask = torch.stack([B.MaskingGenerator((4, 4))() for _ in range(2)])
+    _, losses = pre(torch.randn(2, 3, 32, 32), mask, torch.randint(0, 16, (2, 16)))
+    losses['loss'].backward()
+    assert [n for n, p in pre.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
+    tok = tiny_vqkd().train()
+    _, _, losses = tok(torch.rand(2, 3, 32, 32), torch.randn(2, 16, 24))
+    losses['loss'].backward()
+    assert [n for n, p in tok.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
+
+
+def test_codebook_kmeans_ema_and_roundtrip():
+    torch.manual_seed(0)
+    tok = tiny_vqkd().train()
+    x, t = torch.rand(4, 3, 32, 32), torch.randn(4, 16, 24)
+    assert tok.quantize.initted.item() == 0
+    _, codes, _ = tok(x, t)  # k-means init on the first training batch, then one EMA step
+    assert tok.quantize.initted.item() == 1
+    close(tok.quantize.weight.norm(dim=1), torch.ones(16), atol=1e-6)
+    tok.eval()
+    state = {k: v.clone() for k, v in tok.quantize.state_dict().items()}
+    c1, c2 = tok.encode(x), tok.encode(x)
+    assert torch.equal(c1, c2) and c1.dtype == torch.int64 and c1.shape == (4, 16)
+    assert all(torch.equal(v, tok.quantize.state_dict()[k]) for k, v in state.items())  # pure
+    z_q, codes, _ = tok.quantize(tok.features(x))
+    close(z_q, tok.quantize.weight[codes], atol=1e-6)  # straight-through value = the codes
+
+
+def test_ema_update_by_hand():
+    q = B.NormEMACodebook(3, 2, decay=0.5).train()
+    q.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+    q.initted.fill_(1)
+    z = torch.tensor([[[1.0, 0.2], [0.9, -0.1], [0.1, 1.0]]])
+    q(z)
+    zn = F.normalize(z[0], dim=-1)
+    new0 = F.normalize(0.5 * torch.tensor([1.0, 0.0]) + 0.5 * F.normalize(zn[0] + zn[1], dim=0), dim=0)
+    new1 = F.normalize(0.5 * torch.tensor([0.0, 1.0]) + 0.5 * zn[2], dim=0)
+    close(q.weight, torch.stack([new0, new1, torch.tensor([-1.0, 0.0])]), atol=1e-6)  # code 2 unused
+    close(q.cluster_size, torch.tensor([1.0, 0.5, 0.0]), atol=1e-6)
+
+
+def test_kmeans_needs_enough_vectors():
+    with pytest.raises(ValueError, match='at least 16 vectors'):
+        B.kmeans(F.normalize(torch.randn(10, 8), dim=-1), 16)
+
+
+def test_code_usage():
+    u = B.code_usage(torch.tensor([2.0, 2.0, 0.0, 0.0]))
+    assert u['unused'] == 2 and u['usage'] == 0.5 and abs(u['perplexity'] - 2.0) < 1e-9
+
+
+def test_param_groups_official_rules():
+    m = tiny_beit()
+    groups = B.param_groups(m, 0.05)
+    decayed = {id(p) for g in groups if g['weight_decay'] > 0 for p in g['params']}
+    names = {n for n, p in m.named_parameters() if id(p) in decayed}
+    assert 'mask_token' in names and 'rel_pos_bias.relative_position_bias_table' in names
+    assert 'cls_token' not in names and 'blocks.0.gamma_1' not in names and 'lm_head.bias' not in names
+    clf = B.ViT(B.classifier_config(m.cfg, 10))
+    scales = {n: g['lr_scale'] for g in B.param_groups(clf, 0.05, 0.5, depth=3)
+              for n, p in clf.named_parameters() if any(p is q for q in g['params'])}
+    assert scales['patch_embed.proj.weight'] == 0.5 ** 4 and scales['cls_token'] == 0.5 ** 4
+    assert scales['blocks.0.norm1.weight'] == 0.5 ** 3 and scales['blocks.2.mlp.fc1.weight'] == 0.5
+    assert scales['head.weight'] == 1.0
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ('echo pwned',))
+    p = tmp_path / 'evil.pth'
+    torch.save({'model': {}, 'x': Evil()}, p)
+    with pytest.raises(ValueError, match='refused to load'):
+        B.load_file(p)
+    import argparse
+    ok = tmp_path / 'ok.pth'
+    torch.save({'model': {'w': torch.ones(1)}, 'args': argparse.Namespace(lr=1.0)}, ok)
+    assert torch.equal(B.state_dict_of(B.load_file(ok))['w'], torch.ones(1))
+
+
+def test_official_tokenizer_file_with_teacher_keys_loads(tmp_path, fx):
+    t = fx['tokenizer']
+    sd = dict(t['state_dict'], **{'teacher_model.visual.proj': torch.zeros(3), 'scaling_layer.shift': torch.zeros(1)})
+    torch.save({'model': sd}, tmp_path / 'vqkd.pth')
+    m = B.load_state(tokenizer_from_official(t['config']).eval(), B.state_dict_of(B.load_file(tmp_path / 'vqkd.pth')))
+    assert torch.equal(m.encode(t['images']), t['indices'])
+
+# ----------------------------------------------------------------------------- DDP codebook
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _ddp_codebook_worker(rank, world, port, sync, z, out):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    torch.manual_seed(0)
+    q = B.NormEMACodebook(16, z.shape[-1], decay=0.9).train()
+    q.sync = sync
+    q(z[rank:rank + 1])  # k-means init on this rank's half, then one EMA step
+    torch.save(q.state_dict(), os.path.join(out, f'rank{rank}.pt'))
+    dist.destroy_process_group()
+
+
+def run_ddp_codebook(z, sync, tmp_path):
+    torch.multiprocessing.spawn(_ddp_codebook_worker, args=(2, _free_port(), sync, z, str(tmp_path)), nprocs=2)
+    return [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
+
+
+def test_ddp_codebook_identical_on_ranks_and_equal_to_one_process(tmp_path):
+    torch.manual_seed(1)
+    z = torch.randn(2, 64, 8)
+    z[1] += 1.5  # the two ranks see different data
+    # one process that sees both halves with the initial means rank 0 draws
+    torch.manual_seed(0)
+    q = B.NormEMACodebook(16, 8, decay=0.9).train()
+    z0 = F.normalize(z[0], dim=-1)
+    init = z0[torch.randperm(64)[:16]]
+    means, _ = B.kmeans(F.normalize(z, dim=-1).flatten(0, 1), 16, means=init)
+    q.weight.copy_(means), q.initted.fill_(1)
+    q(z.reshape(1, 128, 8))
+    r0, r1 = run_ddp_codebook(z, True, tmp_path)
+    assert torch.equal(r0['weight'], r1['weight']) and torch.equal(r0['cluster_size'], r1['cluster_size'])
+    close(r0['weight'], q.weight, atol=1e-5)
+    close(r0['cluster_size'], q.cluster_size, atol=1e-5)
+    # the same check fails when synchronisation is off: the ranks then disagree
+    r0, r1 = run_ddp_codebook(z, False, tmp_path)
+    assert (r0['weight'] - r1['weight']).abs().max() > 1e-3
+
+# ----------------------------------------------------------------------------- timm (optional)
+
+
+def test_timm_beitv2_parity():
+    timm = pytest.importorskip('timm')
+    torch.manual_seed(0)
+    ref = timm.create_model('beitv2_base_patch16_224', pretrained=False).eval()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if 'relative_position_bias_table' in n or 'gamma' in n:
+                p.normal_(0, 0.1)
+    ours = B.load_state(B.ViT(B.classifier_config(B.PRESETS['beitv2_base_patch16_224'], 1000)).eval(), ref.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        close(ours(x), ref(x), atol=1e-4)
+    ref.load_state_dict(B.export_state(ours, 'timm'))
