@@ -464,3 +464,28 @@ def test_timm_beitv2_parity():
     with torch.no_grad():
         close(ours(x), ref(x), atol=1e-4)
     ref.load_state_dict(B.export_state(ours, 'timm'))
+
+
+def test_rel_pos_table_resize_matches_official_interp2d():
+    """The official loader: geometric source grid + scipy interp2d(kind='cubic'), which is
+    FITPACK's regrid, as RectBivariateSpline(s=0); 14x14 -> 32x32 patches (224 -> 512 px)."""
+    interp = pytest.importorskip('scipy.interpolate')
+    import numpy as np
+    torch.manual_seed(0)
+    table = torch.randn(27 * 27 + 3, 2, dtype=torch.float64)
+    out = B.resize_rel_pos_table(table, 63 * 63 + 3)
+    lo, hi = 1.01, 1.5  # official bisection and offsets, written as in run_class_finetuning.py
+    while hi - lo > 1e-6:
+        q = (lo + hi) / 2.0
+        lo, hi = (lo, q) if (1.0 - q ** 13) / (1.0 - q) > 31 else (q, hi)
+    dis, cur = [], 1
+    for i in range(13):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    x = np.array([-d for d in reversed(dis)] + [0] + dis)
+    dx = np.arange(-31.0, 31.1, 1.0)
+    for h in range(2):
+        z = table[:-3, h].view(27, 27).numpy()
+        ref = interp.RectBivariateSpline(x, x, z.T, kx=3, ky=3, s=0)(dx, dx).T
+        close(out[:-3, h].view(63, 63), torch.from_numpy(ref), atol=1e-10)
+    assert torch.equal(out[-3:], table[-3:])
