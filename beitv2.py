@@ -335,11 +335,11 @@ class NormEMACodebook(nn.Module):
     """K unit-norm codes of dimension d. Lookup is the nearest code by cosine; the codes are not
     learned by gradient but by an exponential moving average of the (normalised) encoder outputs
     assigned to them, re-normalised after every step (official NormEMAVectorQuantizer)."""
+    sync = True  # all-reduce k-means and EMA statistics under DDP (a test switches it off)
 
     def __init__(self, K, d, decay=0.99, beta=1.0, kmeans_iters=10):
         super().__init__()
         self.K, self.decay, self.beta, self.kmeans_iters = K, decay, beta, kmeans_iters
-        self.sync = True  # all-reduce k-means and EMA statistics under DDP (a test switches it off)
         # official: a frozen nn.Parameter `quantize.embedding.weight`; a buffer says what it is
         self.register_buffer('weight', l2norm(torch.randn(K, d)))
         self.register_buffer('initted', torch.zeros(1))       # 1 once k-means has run
@@ -726,3 +726,29 @@ def export_state(model, layout='official'):
         sd['quantize.embedding.cluster_size'] = torch.zeros_like(q.cluster_size)  # unused officially
         sd['quantize.embedding.embed_avg'] = q.weight.clone()                     # unused officially
     return sd
+
+
+def vqkd_config_from_state(sd):
+    """VQKDConfig of an official tokenizer state dict, read off its shapes (64-dim heads assumed)."""
+    D, p = sd['encoder.patch_embed.proj.weight'].shape[0], sd['encoder.patch_embed.proj.weight'].shape[-1]
+    count = lambda pre: len({k.split('.')[2] for k in sd if k.startswith(pre + '.blocks.')})  # noqa: E731
+    grid = int(math.sqrt(sd['encoder.pos_embed'].shape[1] - 1))
+    return VQKDConfig(img_size=grid * p, patch_size=p, embed_dim=D, depth=count('encoder'), num_heads=D // 64,
+                      decoder_depth=count('decoder'), n_embed=sd['quantize.embedding.weight'].shape[0],
+                      code_dim=sd['quantize.embedding.weight'].shape[1],
+                      teacher_dim=sd['decode_task_layer.2.weight'].shape[0])
+
+
+def load_tokenizer(path):
+    """A frozen VQKD in eval mode from our checkpoint (which stores its config) or an official
+    file (config read off the shapes); e.g. vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth."""
+    ckpt = load_file(path)
+    sd = state_dict_of(ckpt)
+    if isinstance(ckpt.get('model_config'), dict):
+        cfg = VQKDConfig(**ckpt['model_config'])
+    elif 'quantize.embedding.weight' in sd:
+        cfg = vqkd_config_from_state(sd)
+    else:
+        raise ValueError(f'{path}: not a tokenizer checkpoint (no codebook in it)')
+    model = load_state(VQKD(cfg), sd).eval()
+    return model.requires_grad_(False)

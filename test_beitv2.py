@@ -417,7 +417,7 @@ def _ddp_codebook_worker(rank, world, port, sync, z, out):
     dist.init_process_group('gloo', rank=rank, world_size=world)
     torch.manual_seed(0)
     q = B.NormEMACodebook(16, z.shape[-1], decay=0.9).train()
-    q.sync = sync
+    B.NormEMACodebook.sync = sync
     q(z[rank:rank + 1])  # k-means init on this rank's half, then one EMA step
     torch.save(q.state_dict(), os.path.join(out, f'rank{rank}.pt'))
     dist.destroy_process_group()
@@ -489,3 +489,115 @@ def test_rel_pos_table_resize_matches_official_interp2d():
         ref = interp.RectBivariateSpline(x, x, z.T, kx=3, ky=3, s=0)(dx, dx).T
         close(out[:-3, h].view(63, 63), torch.from_numpy(ref), atol=1e-10)
     assert torch.equal(out[-3:], table[-3:])
+
+# ----------------------------------------------------------------------------- scripts (slow)
+
+TINY_TOK = ['--img_size=16', '--patch_size=4', '--embed_dim=32', '--depth=1', '--num_heads=2',
+            '--n_embed=32', '--code_dim=8', '--batch_size=8', '--warmup_steps=1', '--log_every=1']
+TINY_PRE = ['--img_size=16', '--patch_size=4', '--embed_dim=32', '--depth=2', '--num_heads=2',
+            '--early_layers=1', '--batch_size=8', '--warmup_steps=1', '--log_every=1']
+
+
+def run_script(*args, ok=True):
+    p = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert (p.returncode == 0) == ok, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope='module')
+def tokenizer_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp('tok')
+    run_script('train_tokenizer.py', *TINY_TOK, '--steps=3', '--workers=0', f'--out_dir={out}')
+    return out / 'ckpt.pt'
+
+
+@pytest.mark.slow
+def test_train_tokenizer_script_writes_loadable_checkpoint(tokenizer_ckpt):
+    tok = B.load_tokenizer(tokenizer_ckpt)
+    assert tok.quantize.initted.item() == 1
+    assert tok.encode(torch.rand(2, 3, 16, 16)).shape == (2, 16)
+    log = [json.loads(line) for line in (tokenizer_ckpt.parent / 'log.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in log] == [1, 2, 3] and all(math.isfinite(r['loss']) for r in log)
+
+
+@pytest.mark.slow
+def test_pretrain_script_writes_loadable_checkpoint(tokenizer_ckpt, tmp_path):
+    p = run_script('pretrain.py', *TINY_PRE, '--steps=3', '--workers=1', f'--tokenizer={tokenizer_ckpt}',
+                   f'--out_dir={tmp_path}')
+    assert 'mlm_acc_1' in p.stdout and 'mlm_acc_2' in p.stdout
+    ckpt = B.load_file(tmp_path / 'ckpt.pt')
+    model = B.load_state(B.BEiTv2(B.BEiTConfig(**ckpt['model_config'])), ckpt['model'])
+    assert model.lm_head.out_features == 32
+    clf = B.ViT(B.classifier_config(model.cfg, 3))
+    B.load_state(clf, ckpt['model'], ignore=B.PRETRAIN_ONLY + ('fc_norm', 'head'))
+
+
+def same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def opt_tensors(opt):
+    return {f'{i}.{k}': v for i, s in opt['state'].items() for k, v in s.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script', ['train_tokenizer.py', 'pretrain.py'])
+def test_resume_mid_epoch_is_bit_exact(script, tokenizer_ckpt, tmp_path):
+    # demo train split of 40 images, batch 8 -> 5 steps/epoch; stop at step 3, resume to step 7
+    extra = TINY_TOK if script == 'train_tokenizer.py' else TINY_PRE + [f'--tokenizer={tokenizer_ckpt}', '--drop_path=0.1']
+    common = [*extra, '--steps=7', '--workers=1', '--ckpt_every=100']
+    common.append('--data=demo:40')
+    run_script(script, *common, f'--out_dir={tmp_path / "full"}')
+    run_script(script, *common, f'--out_dir={tmp_path / "cut"}', '--stop_after=3')
+    assert B.load_file(tmp_path / 'cut' / 'ckpt.pt')['step'] == 3
+    run_script(script, *common, f'--out_dir={tmp_path / "cut"}')  # auto-resume
+    a, b = B.load_file(tmp_path / 'full' / 'ckpt.pt'), B.load_file(tmp_path / 'cut' / 'ckpt.pt')
+    assert a['step'] == b['step'] == 7
+    same_state(a['model'], b['model'])
+    same_state(opt_tensors(a['optimizer']), opt_tensors(b['optimizer']))
+
+
+@pytest.mark.slow
+def test_scripts_give_one_line_errors(tmp_path, tokenizer_ckpt):
+    cases = [
+        (['train_tokenizer.py', '--data=/nonexistent'], 'does not exist'),
+        (['train_tokenizer.py', '--img_size=30'], 'divisible'),
+        (['train_tokenizer.py', '--teacher=nope'], 'unknown teacher'),
+        (['train_tokenizer.py', '--bogus=1'], 'unknown setting --bogus'),
+        (['train_tokenizer.py', '--steps=abc'], 'not a int'),
+        (['pretrain.py', f'--tokenizer={tmp_path}/missing.pt'], 'run `python train_tokenizer.py` first'),
+        (['pretrain.py', f'--tokenizer={tokenizer_ckpt}', '--img_size=32'], 'grid'),
+    ]
+    empty = tmp_path / 'empty'
+    (empty / 'train' / 'cls').mkdir(parents=True)
+    cases.append((['train_tokenizer.py', f'--data={empty}'], 'no images found'))
+    bad = tmp_path / 'bad'
+    (bad / 'train' / 'cls').mkdir(parents=True)
+    (bad / 'train' / 'cls' / 'x.png').write_bytes(b'not a png')
+    cases.append((['train_tokenizer.py', *TINY_TOK, f'--data={bad}', '--batch_size=1', '--workers=1',
+                   f'--out_dir={tmp_path}/o'], 'unreadable image'))
+    for args, msg in cases:
+        p = run_script(*args, ok=False)
+        assert p.returncode == 2 and msg in p.stderr and 'Traceback' not in p.stderr, (args, p.stderr[-1500:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sync', [True, False])
+def test_torchrun_tokenizer_codebook_identical_on_ranks(tmp_path, sync):
+    out = tmp_path / 'ddp'
+    helper = tmp_path / 'ddp_check.py'  # train_tokenizer.main under torchrun; each rank saves its codebook
+    helper.write_text(f'''import os, sys, torch
+sys.path.insert(0, {str(HERE)!r})
+import beitv2, train_tokenizer
+beitv2.NormEMACodebook.sync = sys.argv[2] == 'True'
+model = train_tokenizer.main(sys.argv[3:] + ['--out_dir=' + sys.argv[1]])
+torch.save(model.quantize.weight, os.path.join(sys.argv[1], 'codebook_rank' + os.environ['RANK'] + '.pt'))
+''')
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
+                        str(helper), str(out), str(sync), *TINY_TOK, '--steps=3', '--workers=0'],
+                       cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    w0, w1 = (torch.load(out / f'codebook_rank{r}.pt') for r in range(2))
+    assert torch.equal(w0, w1) == sync  # with sync off the same check fails: ranks disagree

@@ -1,0 +1,372 @@
+"""What the three stage scripts share: config overrides, distributed setup, data (the demo
+generator, ImageFolder, torchvision datasets), resumable sampling, the lr schedule,
+checkpoints and logging. No model code: that is beitv2.py."""
+import ast
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def die(msg):
+    """Bad input: one clear line on stderr and exit code 2, instead of a traceback."""
+    print(f'error: {msg}', file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+# ----------------------------------------------------------------------------- config
+
+
+def configure(cfg, presets, argv=None):
+    """Apply `--preset=NAME` (a dict of overrides), then every `--key=value` of argv, to the
+    dataclass `cfg`; values are parsed as Python literals and must keep the field's type."""
+    args = sys.argv[1:] if argv is None else argv
+    pairs = []
+    for arg in args:
+        if not arg.startswith('--') or '=' not in arg:
+            die(f'arguments look like --key=value, got {arg!r}')
+        pairs.append(arg[2:].split('=', 1))
+    preset = dict(pairs).get('preset', cfg.preset)
+    if preset not in presets:
+        die(f'unknown preset {preset!r}; choose from {", ".join(presets)}')
+    names = {f.name: f.type for f in fields(cfg)}
+    for key, val in [('preset', preset)] + list(presets[preset].items()) + pairs:
+        if key not in names:
+            die(f'unknown setting --{key}; settings: {", ".join(names)}')
+        old = getattr(cfg, key)
+        if isinstance(val, str) and not isinstance(old, str):
+            try:
+                val = ast.literal_eval(val)
+            except (ValueError, SyntaxError):
+                die(f'--{key}={val}: not a {type(old).__name__}')
+        if isinstance(old, float) and isinstance(val, int) and not isinstance(val, bool):
+            val = float(val)
+        if type(val) is not type(old):
+            die(f'--{key}={val!r}: expected {type(old).__name__}')
+        setattr(cfg, key, val)
+    return cfg
+
+# ----------------------------------------------------------------------------- distributed / device / dtype
+
+
+class Env:
+    """Who and where this process is. Under torchrun: DDP (nccl on CUDA, gloo on CPU)."""
+
+    def __init__(self, cfg):
+        self.ddp = 'RANK' in os.environ
+        self.rank = int(os.environ.get('RANK', 0))
+        self.world = int(os.environ.get('WORLD_SIZE', 1))
+        local = int(os.environ.get('LOCAL_RANK', 0))
+        cuda = torch.cuda.is_available() and cfg.device != 'cpu'
+        self.device = torch.device(f'cuda:{local}' if cuda else 'cpu')
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.ddp:
+            dist.init_process_group('nccl' if cuda else 'gloo')
+        self.master = self.rank == 0
+        dtype = cfg.dtype or ('bf16' if cuda else 'fp32')
+        if dtype not in ('fp32', 'bf16', 'fp16'):
+            die(f'--dtype must be fp32, bf16 or fp16, got {dtype!r}')
+        self.dtype = dtype
+        self.amp_dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[dtype]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == 'fp16')
+        torch.manual_seed(cfg.seed + self.rank)  # per-rank seeds (drop path, k-means draws)
+        random.seed(cfg.seed + self.rank)
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def print(self, *a):
+        if self.master:
+            print(*a, flush=True)
+
+    def all_reduce(self, t):
+        if self.ddp:
+            dist.all_reduce(t)
+        return t
+
+    def close(self):
+        if self.ddp:
+            dist.destroy_process_group()
+
+# ----------------------------------------------------------------------------- data
+
+
+class DemoShapes(Dataset):
+    """Offline demo data, generated deterministically from (split, index): one textured shape
+    (disk, square, triangle, cross, ring) of random colour, size and position on a textured
+    random background. Colour and position do not tell the class; the shape does.
+    Items: (PIL image, class) or, with masks=True, (PIL image, per-pixel class map with
+    0 = background and 1..5 = the shape's class + 1)."""
+    classes = ('disk', 'square', 'triangle', 'cross', 'ring')
+
+    def __init__(self, split='train', size=32, length=None, masks=False):
+        self.split, self.size, self.masks = split, size, masks
+        self.length = length or (10000 if split == 'train' else 1000)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        g = np.random.default_rng([0 if self.split == 'train' else 1, i])
+        label = int(g.integers(len(self.classes)))
+        s = self.size
+        yy, xx = np.mgrid[0:s, 0:s] / s                               # pixel centres in [0, 1)
+        r = g.uniform(0.18, 0.38)                                     # half size
+        cy, cx = g.uniform(r, 1 - r, size=2)
+        dy, dx = (yy - cy) / r, (xx - cx) / r                         # shape frame, unit half size
+        shape = [dy ** 2 + dx ** 2 <= 1, np.maximum(abs(dy), abs(dx)) <= 0.8,
+                 (dy <= 0.8) & (dy >= 2 * abs(dx) - 1),
+                 (np.minimum(abs(dy), abs(dx)) <= 0.3) & (np.maximum(abs(dy), abs(dx)) <= 1),
+                 (dy ** 2 + dx ** 2 <= 1) & (dy ** 2 + dx ** 2 >= 0.35)][label]
+        fg, bg = g.uniform(0, 1, 3), g.uniform(0, 1, 3)
+        while np.abs(fg - bg).sum() < 0.6:                            # keep the shape visible
+            bg = g.uniform(0, 1, 3)
+        angle, freq = g.uniform(0, np.pi), g.uniform(4, 12)
+        stripes = 0.75 + 0.25 * np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))
+        ramp = 0.8 + 0.4 * (xx * g.uniform(-1, 1) + yy * g.uniform(-1, 1))
+        img = np.where(shape[..., None], fg * stripes[..., None], bg * ramp[..., None])
+        img = np.clip(img + g.normal(0, 0.04, img.shape), 0, 1)
+        pil = Image.fromarray((img * 255).astype(np.uint8))
+        if self.masks:
+            return pil, Image.fromarray((shape * (label + 1)).astype(np.uint8))
+        return pil, label
+
+
+def build_dataset(spec, split, img_size):
+    """spec: 'demo' (or demo:N), a folder in ImageNet layout (ROOT/train/CLASS/*.JPEG, ROOT/val/...), or
+    NAME:ROOT for torchvision's cifar10, cifar100, stl10, fashion_mnist (files already there)."""
+    import torchvision.datasets as tvd
+    name, _, root = spec.partition(':')
+    if name == 'demo':  # demo or demo:N (N training images)
+        return DemoShapes(split, size=img_size, length=int(root) if root and split == 'train' else None)
+    tv = {'cifar10': tvd.CIFAR10, 'cifar100': tvd.CIFAR100, 'stl10': tvd.STL10,
+          'fashion_mnist': tvd.FashionMNIST}
+    if name in tv and root:
+        if not os.path.isdir(root):
+            die(f'data folder {root} does not exist')
+        try:
+            if name == 'stl10':
+                return tv[name](root, split='train' if split == 'train' else 'test', download=False)
+            return tv[name](root, train=split == 'train', download=False)
+        except RuntimeError as e:
+            die(f'{spec}: {str(e).splitlines()[0]} (downloads are off: put the files in {root})')
+    folder = os.path.join(spec, split)
+    if not os.path.isdir(folder):
+        die(f'data: {folder} does not exist (expected ImageNet layout ROOT/{split}/CLASS/image)')
+    try:
+        return tvd.ImageFolder(folder, loader=load_image)
+    except FileNotFoundError:
+        die(f'data: no images found under {folder} (expected {folder}/CLASS/image)')
+
+
+def load_image(path):
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except Exception as e:  # noqa: BLE001: any decoder error is the same problem for the user
+        raise RuntimeError(f'unreadable image {path}: {e}') from None
+
+
+def rgb(img):
+    return img.convert('RGB') if img.mode != 'RGB' else img
+
+
+class Augmented(Dataset):
+    """Applies `transform(image, rng)` with randomness fixed by (seed, epoch, index), so sample i
+    of epoch e is augmented identically whichever worker loads it: a resumed run sees exactly the
+    batches of an uninterrupted one. Keys come from ResumableSampler as (epoch, index)."""
+
+    def __init__(self, dataset, transform, seed):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        img, label = self.dataset[i]
+        seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + i
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
+            torch.manual_seed(seed)
+            return self.transform(rgb(img), random.Random(seed)), label
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (also for one process) that yields (epoch, index) keys and can start
+    mid-epoch: `start` = samples of this rank already consumed in the current epoch."""
+    start = 0
+
+    def __iter__(self):
+        for i in list(super().__iter__())[self.start:]:
+            yield self.epoch, i
+
+
+def make_loader(dataset, transform, cfg, env, shuffle=True):
+    ds = Augmented(dataset, transform, cfg.seed)
+    sampler = ResumableSampler(ds, num_replicas=env.world, rank=env.rank, shuffle=shuffle,
+                               seed=cfg.seed, drop_last=True)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.workers, pin_memory=env.device.type == 'cuda',
+                        persistent_workers=cfg.workers > 0,
+                        generator=torch.Generator())  # leaves the global RNG alone (exact resume)
+    return loader, sampler
+
+
+def batches(loader, sampler, epoch, start_batch):
+    """The batches of `epoch`, starting at batch `start_batch` of this rank; a worker's
+    'unreadable image' error becomes a one-line error."""
+    sampler.set_epoch(epoch)
+    sampler.start = start_batch * loader.batch_size
+    it = iter(loader)
+    while True:
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            line = next((ln for ln in str(e).splitlines() if 'unreadable image' in ln), None)
+            if line is None:
+                raise
+            die(line.split('RuntimeError: ')[-1])
+
+
+class CropTransform:
+    """Tokenizer training: RandomResizedCrop (bicubic) + flip, values in [0, 1] (official)."""
+
+    def __init__(self, img_size, min_scale=0.08):
+        self.t = T.Compose([T.RandomResizedCrop(img_size, scale=(min_scale, 1.0),
+                                                interpolation=T.InterpolationMode.BICUBIC),
+                            T.RandomHorizontalFlip(), T.ToTensor()])
+
+    def __call__(self, img, rng):
+        return self.t(img)
+
+
+def eval_transform(img_size, normalize=True):
+    """Resize to img_size/0.875 (bicubic) + centre crop, as the official evaluation."""
+    t = [T.Resize(int(img_size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+         T.CenterCrop(img_size), T.ToTensor()]
+    return T.Compose(t + ([T.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if normalize else []))
+
+# ----------------------------------------------------------------------------- schedule, checkpoints, logging
+
+
+def get_lr(step, cfg):
+    """Linear warmup from 0, then cosine to min_lr, per step (official cosine_scheduler)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def steps_from_epochs(cfg, env, n_images):
+    """Epoch recipes become step counts at start (an optimizer step = batch * accum * world)."""
+    per_step = cfg.batch_size * cfg.accum * env.world
+    steps_per_epoch = n_images // env.world // cfg.batch_size // cfg.accum
+    if steps_per_epoch == 0:
+        die(f'{n_images} images are fewer than one step of {per_step}: lower batch_size')
+    if cfg.epochs > 0:
+        cfg.steps = cfg.epochs * steps_per_epoch
+        cfg.warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    return steps_per_epoch, per_step
+
+
+def rng_state():
+    """This process's RNG states as tensors (so the checkpoint loads with weights_only=True)."""
+    py = random.getstate()
+    s = dict(torch=torch.get_rng_state(), python=torch.tensor(py[1], dtype=torch.int64))
+    if torch.cuda.is_available():
+        s['cuda'] = torch.cuda.get_rng_state()
+    return s
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s['torch'])
+    random.setstate((3, tuple(s['python'].tolist()), None))
+    if 'cuda' in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s['cuda'])
+
+
+def save_checkpoint(path, env, **state):
+    """Gather every rank's RNG state; rank 0 writes atomically (temp file + rename)."""
+    rngs = [None] * env.world
+    if env.ddp:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if env.master:
+        tmp = path + '.tmp'
+        torch.save(dict(state, rng=rngs, world=env.world), tmp)
+        os.replace(tmp, path)
+
+
+def resume(cfg, env, model, optimizer):
+    """Continue from --resume=PATH, or from OUT_DIR/ckpt.pt when it exists. -> start step."""
+    path = cfg.resume or os.path.join(cfg.out_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        if cfg.resume:
+            die(f'--resume: {path} does not exist')
+        return 0
+    import beitv2 as B
+    try:
+        ckpt = B.load_file(path)
+        B.load_state(model, ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError) as e:
+        die(f'cannot resume from {path}: {e}')
+    env.scaler.load_state_dict(ckpt['scaler'])
+    if ckpt['world'] == env.world:
+        set_rng_state(ckpt['rng'][env.rank])
+    else:
+        env.print(f'note: checkpoint written by {ckpt["world"]} ranks, now {env.world}: RNG not restored')
+    env.print(f'resumed from {path} at step {ckpt["step"]}')
+    return ckpt['step']
+
+
+class Logger:
+    """Rank 0: one fixed-format line per log step, and the same numbers in OUT_DIR/log.jsonl."""
+
+    def __init__(self, cfg, env):
+        self.env, self.path = env, os.path.join(cfg.out_dir, 'log.jsonl')
+        self.t0 = time.time()
+
+    def __call__(self, step, total, images_per_step, **metrics):
+        if not self.env.master:
+            return
+        dt = time.time() - self.t0
+        self.t0 = time.time()
+        metrics.update(step=step, time=round(dt, 3))
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(metrics) + '\n')
+        shown = ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
+                           for k, v in metrics.items() if k not in ('step', 'time'))
+        print(f'step {step}/{total} | {shown}', flush=True)
+
+
+def check_finite(loss, step, cfg):
+    if not math.isfinite(loss):
+        die(f'loss is {loss} at step {step}: stopping; the last good checkpoint is in {cfg.out_dir}')
+
+
+def print_setup(cfg, env, steps_per_epoch, per_step):
+    env.print(json.dumps(asdict(cfg)))
+    env.print(f'{env.world} rank(s) on {env.device}, {env.dtype}; effective batch {per_step} '
+              f'({cfg.batch_size} x {cfg.accum} accum x {env.world}); {steps_per_epoch} steps/epoch; '
+              f'{cfg.steps} steps, {cfg.warmup_steps} warmup; peak lr {cfg.lr:.3g}')

@@ -1,0 +1,197 @@
+"""Stage 2: BEiT v2 masked image modeling (paper Sec. 2.3): ~40% of the patches, in blocks,
+are replaced by a mask token and the ViT predicts their codes from the frozen stage-1
+tokenizer; a [CLS] aggregation head predicts them again from [CLS] + layer-9 patch tokens.
+
+    python pretrain.py                                          # demo: uses python train_tokenizer.py's output
+    torchrun --nproc_per_node=8 pretrain.py --preset=base_1600 --data=/data/imagenet \\
+        --tokenizer=vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth --accum=2
+Settings are --key=value (see Config); README.md has the recipes.
+"""
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import beitv2 as B
+import common as C
+
+
+@dataclass
+class Config:
+    preset: str = 'demo'
+    # data
+    data: str = 'demo'              # 'demo', ImageNet-layout folder, or cifar10:ROOT, stl10:ROOT, ...
+    img_size: int = 32
+    min_crop_scale: float = 0.2     # RandomResizedCrop scale range (paper recipe: 0.2)
+    workers: int = 2                # DataLoader processes per rank (masks are made there too)
+    tokenizer: str = 'out/tokenizer/ckpt.pt'  # ours or an official vqkd_*.pth file
+    # model (beitv2.BEiTConfig; vocab_size = the tokenizer's codebook size)
+    patch_size: int = 4
+    embed_dim: int = 96
+    depth: int = 6
+    num_heads: int = 3
+    layer_scale: float = 0.1        # 0.1 base, 1e-5 large
+    early_layers: int = 4           # [CLS] head reads patch tokens after this block (9 base, 21 large)
+    head_layers: int = 2
+    drop_path: float = 0.0
+    num_mask: int = -1              # masked patches per image; -1 = round(n * 75 / 196) (75 of 196)
+    min_mask_block: int = -1        # smallest mask block; -1 = max(2, round(16 n / 196))
+    # optimisation
+    batch_size: int = 64            # per rank; effective = batch_size * accum * world
+    accum: int = 1
+    epochs: int = 0                 # > 0: steps and warmup_steps come from epochs at start
+    warmup_epochs: int = 0
+    steps: int = 500
+    warmup_steps: int = 50
+    lr: float = 1.5e-3              # peak lr, absolute (not scaled by batch size; official)
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.999)
+    clip_grad: float = 3.0
+    # run
+    device: str = ''
+    dtype: str = ''                 # fp32 | bf16 | fp16; '' = bf16 on CUDA, fp32 on CPU
+    compile: bool = False
+    seed: int = 0
+    out_dir: str = 'out/pretrain'
+    resume: str = ''
+    log_every: int = 25
+    ckpt_every: int = 250
+    stop_after: int = 0
+
+
+BASE = dict(data='', tokenizer='', img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+            early_layers=9, batch_size=128, warmup_epochs=10, workers=10, log_every=100, ckpt_every=5000)
+LARGE = dict(BASE, embed_dim=1024, depth=24, num_heads=16, layer_scale=1e-5, early_layers=21, batch_size=32)
+PRESETS = {  # official PRETRAINING.md: 2048 images per step (16 GPUs x 128 base, 64 x 32 large)
+    'demo': {},
+    'base_1600': dict(BASE, epochs=1600, betas=(0.9, 0.999), drop_path=0.1),
+    'base_300': dict(BASE, epochs=300, betas=(0.9, 0.98), drop_path=0.0),
+    'large_1600': dict(LARGE, epochs=1600, betas=(0.9, 0.999), drop_path=0.1),
+    'large_300': dict(LARGE, epochs=300, betas=(0.9, 0.98), drop_path=0.0),
+}
+
+
+class TwoViews:
+    """Official DataAugmentationForBEiT: colour jitter 0.4 and flip, then ONE RandomResizedCrop
+    box resized (bicubic) for the student (ImageNet-normalised) and for the tokenizer ([0, 1]);
+    plus the block mask, made here in the DataLoader worker."""
+
+    def __init__(self, img_size, tok_size, min_scale, masker):
+        self.jitter_flip = T.Compose([T.ColorJitter(0.4, 0.4, 0.4), T.RandomHorizontalFlip()])
+        self.crop = T.RandomResizedCrop(img_size, scale=(min_scale, 1.0))
+        self.sizes, self.masker = (img_size, tok_size), masker
+        self.normalize = T.Normalize(C.IMAGENET_MEAN, C.IMAGENET_STD)
+
+    def __call__(self, img, rng):
+        img = self.jitter_flip(img)
+        box = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+        views = [TF.to_tensor(TF.resized_crop(img, *box, [s, s], T.InterpolationMode.BICUBIC))
+                 for s in sorted(set(self.sizes))]
+        student, tok = views[0], views[-1] if self.sizes[1] != self.sizes[0] else views[0]
+        if self.sizes[0] > self.sizes[1]:
+            student, tok = tok, student
+        return self.normalize(student), tok.clamp(0, 1), self.masker(rng)
+
+
+def main(argv=None):
+    cfg = C.configure(Config(), PRESETS, argv)
+    if not cfg.data:
+        C.die('--data is required for this preset (ImageNet folder with train/ and val/)')
+    if not cfg.tokenizer or not os.path.exists(cfg.tokenizer):
+        C.die(f'tokenizer {cfg.tokenizer!r} not found: run `python train_tokenizer.py` first (demo), '
+              'or pass --tokenizer=vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth')
+    if cfg.img_size % cfg.patch_size:
+        C.die(f'img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}')
+    env = C.Env(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    try:
+        tokenizer = B.load_tokenizer(cfg.tokenizer).to(env.device)
+    except (ValueError, KeyError) as e:
+        C.die(f'tokenizer {cfg.tokenizer}: {e}')
+    grid = cfg.img_size // cfg.patch_size
+    if tokenizer.grid != (grid, grid):
+        C.die(f'tokenizer grid {tokenizer.grid} != student grid {(grid, grid)}: match img_size/patch_size')
+    masker = B.MaskingGenerator((grid, grid), None if cfg.num_mask < 0 else cfg.num_mask,
+                                None if cfg.min_mask_block < 0 else cfg.min_mask_block)
+    dataset = C.build_dataset(cfg.data, 'train', cfg.img_size)
+    views = TwoViews(cfg.img_size, tokenizer.cfg.img_size, cfg.min_crop_scale, masker)
+    loader, sampler = C.make_loader(dataset, views, cfg, env)
+    steps_per_epoch, per_step = C.steps_from_epochs(cfg, env, len(dataset))
+    C.print_setup(cfg, env, steps_per_epoch, per_step)
+    env.print(f'masking {masker.num} of {grid * grid} patches per image (blocks >= {masker.min_num}); '
+              f'vocabulary {tokenizer.cfg.n_embed} codes')
+
+    mcfg = B.BEiTConfig(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                        depth=cfg.depth, num_heads=cfg.num_heads, layer_scale=cfg.layer_scale,
+                        drop_path=cfg.drop_path, vocab_size=tokenizer.cfg.n_embed,
+                        early_layers=cfg.early_layers, head_layers=cfg.head_layers)
+    model = B.BEiTv2(mcfg).to(env.device)
+    optimizer = torch.optim.AdamW(B.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    step = C.resume(cfg, env, model, optimizer)
+    ddp_model = DDP(model, broadcast_buffers=False) if env.ddp else model  # buffers are derived
+    run = torch.compile(ddp_model) if cfg.compile else ddp_model
+
+    def save():
+        C.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
+                          optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
+                          config=asdict(cfg), model_config=asdict(mcfg))
+
+    log = C.Logger(cfg, env)
+    counts = torch.zeros(tokenizer.cfg.n_embed, device=env.device)  # target codes since last log
+    start, t0 = step, time.time()
+    epoch, it = divmod(step, steps_per_epoch)
+    data = C.batches(loader, sampler, epoch, it * cfg.accum)
+    while step < cfg.steps:
+        if it == steps_per_epoch:
+            epoch, it = epoch + 1, 0
+            data = C.batches(loader, sampler, epoch, 0)
+        lr = C.get_lr(step, cfg)
+        for g in optimizer.param_groups:
+            g['lr'] = lr * g['lr_scale']
+        model.train()
+        for micro in range(cfg.accum):
+            (images, tok_images, mask), _ = next(data)
+            images, mask = images.to(env.device, non_blocking=True), mask.to(env.device, non_blocking=True)
+            with torch.no_grad(), env.autocast():
+                codes = tokenizer.encode(tok_images.to(env.device, non_blocking=True))  # (B, n) targets
+            sync = micro == cfg.accum - 1 or not env.ddp
+            with (ddp_model.no_sync() if not sync else torch.enable_grad()), env.autocast():
+                logits, losses = run(images, mask, codes)
+                env.scaler.scale(losses['loss'] / cfg.accum).backward()
+            counts += torch.bincount(codes.flatten(), minlength=len(counts))
+        env.scaler.unscale_(optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float('inf'))
+        env.scaler.step(optimizer)
+        env.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step, it = step + 1, it + 1
+        loss = losses['loss'].item()
+        C.check_finite(loss, step, cfg)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            labels = codes[mask]
+            acc = [(lg.argmax(-1) == labels).float().mean().item() for lg in logits]
+            usage = B.code_usage(env.all_reduce(counts))
+            elapsed = time.time() - t0
+            log(step, cfg.steps, per_step, loss=loss, loss_1=losses['loss_1'].item(),
+                loss_2=losses.get('loss_2', losses['loss_1']).item(), mlm_acc_1=acc[0], mlm_acc_2=acc[-1],
+                unused_codes=usage['unused'], lr=lr, gnorm=gnorm.item(),
+                img_per_s=(step - start) * per_step / elapsed,
+                eta_min=(cfg.steps - step) * elapsed / (step - start) / 60)
+            counts.zero_()
+        stop = cfg.stop_after and step - start >= cfg.stop_after
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
+            save()
+        if stop:
+            break
+    env.print(f'done: {step} steps in {time.time() - t0:.0f}s; model in {cfg.out_dir}/ckpt.pt')
+    env.close()
+    return model
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,341 @@
+"""Stage 1: train a VQ-KD visual tokenizer (paper Sec. 2.2): a ViT encoder whose patch
+features are snapped to the nearest of K codes, and a decoder that must reproduce a frozen
+teacher's patch features from the codes alone (cosine loss).
+
+    python train_tokenizer.py                                   # demo: offline, CPU, minutes
+    torchrun --nproc_per_node=8 train_tokenizer.py --preset=clip_3x --data=/data/imagenet
+Settings are --key=value (see Config); README.md has the recipes.
+"""
+import os
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import beitv2 as B
+import common as C
+
+
+@dataclass
+class Config:
+    preset: str = 'demo'
+    # data
+    data: str = 'demo'              # 'demo', ImageNet-layout folder, or cifar10:ROOT, stl10:ROOT, ...
+    img_size: int = 32              # crop size seen by tokenizer and teacher
+    min_crop_scale: float = 0.08    # RandomResizedCrop scale range (min_crop_scale, 1)
+    workers: int = 2                # DataLoader processes per rank
+    # tokenizer (beitv2.VQKDConfig)
+    patch_size: int = 4
+    embed_dim: int = 96
+    depth: int = 4
+    num_heads: int = 3
+    decoder_depth: int = 1
+    n_embed: int = 512              # codebook size K
+    code_dim: int = 16              # codebook dimension
+    decay: float = 0.99             # codebook EMA decay
+    # teacher: 'hog' (demo, no weights), 'clip', 'dino', or 'tv:MODEL[:NODE]' (torchvision)
+    teacher: str = 'hog'
+    teacher_weights: str = ''       # local weights file for clip / dino / tv teachers
+    # optimisation
+    batch_size: int = 64            # per rank; effective = batch_size * accum * world
+    accum: int = 1                  # gradient accumulation steps
+    epochs: int = 0                 # > 0: steps and warmup_steps come from epochs at start
+    warmup_epochs: int = 0
+    steps: int = 300
+    warmup_steps: int = 30
+    lr: float = 5e-5                # per 128 images: peak lr = lr * effective batch / 128 (official)
+    min_lr: float = 1e-5
+    weight_decay: float = 1e-4
+    betas: tuple = (0.9, 0.99)
+    clip_grad: float = 0.0          # 0 = no clipping (official)
+    # run
+    device: str = ''                # '' = cuda if available; 'cpu' forces the CPU
+    dtype: str = ''                 # fp32 | bf16 | fp16; '' = bf16 on CUDA, fp32 on CPU
+    compile: bool = False           # torch.compile the tokenizer
+    seed: int = 0
+    out_dir: str = 'out/tokenizer'
+    resume: str = ''                # checkpoint to continue from; default OUT_DIR/ckpt.pt if present
+    log_every: int = 20
+    ckpt_every: int = 100
+    stop_after: int = 0             # > 0: checkpoint and exit after this many steps of this run
+
+
+IMAGENET = dict(data='', img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                n_embed=8192, code_dim=32, batch_size=64, epochs=100, warmup_epochs=10, workers=10,
+                log_every=100, ckpt_every=2500)
+PRESETS = {  # the paper's ImageNet-1k recipes (official TOKENIZER.md): 8 GPUs x 64 = 512 images
+    'demo': {},
+    'clip_3x': dict(IMAGENET, decoder_depth=3, teacher='clip'),
+    'clip_1x': dict(IMAGENET, decoder_depth=1, teacher='clip'),
+    'dino_1x': dict(IMAGENET, decoder_depth=1, teacher='dino'),
+}
+
+# ----------------------------------------------------------------------------- teachers
+
+
+class HOGTeacher(nn.Module):
+    """Demo target that needs no weights: per-patch histograms of oriented gradients per colour
+    channel (2x2 cells, 9 unsigned orientations), as MaskFeat's target. Not the paper's teacher."""
+
+    def __init__(self, patch_size, bins=9):
+        super().__init__()
+        self.p, self.bins = patch_size, bins
+        sobel = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]])
+        self.register_buffer('kernel', torch.stack([sobel, sobel.t()])[:, None].repeat(3, 1, 1, 1))
+
+    def forward(self, images):                                     # (B, 3, H, W) in [0, 1]
+        g = F.conv2d(F.pad(images, (1, 1, 1, 1), mode='reflect'), self.kernel, groups=3)
+        gx, gy = g[:, 0::2], g[:, 1::2]                             # (B, 3, H, W) each
+        mag, ang = torch.hypot(gx, gy), torch.atan2(gy, gx) % torch.pi
+        b = ang / torch.pi * self.bins                              # soft-assign to 2 nearest bins
+        lo, frac = b.floor().long() % self.bins, b - b.floor()
+        hist = F.one_hot(lo, self.bins) * (1 - frac)[..., None] + \
+            F.one_hot((lo + 1) % self.bins, self.bins) * frac[..., None]
+        hist = (hist * mag[..., None]).permute(0, 1, 4, 2, 3).flatten(1, 2)  # (B, 3*bins, H, W)
+        cells = F.avg_pool2d(hist, self.p // 2)                     # 2x2 cells per patch
+        B_, C_, h, w = cells.shape
+        x = cells.view(B_, C_, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).flatten(3)
+        return F.normalize(x.flatten(1, 2), dim=-1)                 # (B, n, 3*bins*4)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class CLIPBlock(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)   # CLIP: eps 1e-5
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(d, 4 * d), gelu=QuickGELU(),
+                                             c_proj=nn.Linear(4 * d, d)))
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class CLIPVisual(nn.Module):
+    """OpenAI CLIP's image tower, with OpenAI's parameter names. VQ-KD target (official,
+    modified CLIP): ln_post on all tokens, [CLS] dropped, projected: (B, n, 512) for ViT-B/16."""
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, width, layers, patch, grid, out_dim):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(width))
+        self.positional_embedding = nn.Parameter(torch.zeros(grid * grid + 1, width))
+        self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.ModuleList(CLIPBlock(width, width // 64) for _ in range(layers))
+        self.proj = nn.Parameter(torch.zeros(width, out_dim))
+
+    @staticmethod
+    def from_state(sd):
+        sd = {k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')}
+        if 'conv1.weight' not in sd:
+            C.die('CLIP teacher: no visual.conv1.weight in the weights file')
+        w = sd['conv1.weight']
+        layers = len({k.split('.')[2] for k in sd if k.startswith('transformer.resblocks.')})
+        grid = int((sd['positional_embedding'].shape[0] - 1) ** 0.5)
+        model = CLIPVisual(w.shape[0], layers, w.shape[-1], grid, sd['proj'].shape[1])
+        model.load_state_dict({k: v.float() for k, v in sd.items()})
+        return model
+
+    def forward(self, images):                                     # [0, 1] -> (B, n, out_dim)
+        x = (images - images.new_tensor(self.mean)[:, None, None]) / images.new_tensor(self.std)[:, None, None]
+        x = self.conv1(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], 1) + self.positional_embedding
+        x = self.ln_pre(x)
+        for blk in self.transformer.resblocks:
+            x = blk(x)
+        return self.ln_post(x)[:, 1:] @ self.proj
+
+
+def load_clip(path):
+    """OpenAI's ViT-B-16.pt (a TorchScript archive) or any state dict with visual.* keys;
+    without a file, open_clip's 'ViT-B-16'/'openai' when open_clip is installed."""
+    if path:
+        try:
+            sd = torch.jit.load(path, map_location='cpu').state_dict()
+        except RuntimeError:
+            sd = B.state_dict_of(B.load_file(path))
+        return CLIPVisual.from_state(sd)
+    try:
+        import open_clip
+        model = open_clip.create_model('ViT-B-16', pretrained='openai')
+    except Exception as e:  # noqa: BLE001: not installed, or no network
+        C.die(f'CLIP teacher: pass --teacher_weights=ViT-B-16.pt (OpenAI file) ({e})')
+    return CLIPVisual.from_state(model.state_dict())
+
+
+class DINOTeacher(nn.Module):
+    """DINO ViT-B/16 (LayerNorm eps 1e-6, exact GELU): final norm of the patch tokens."""
+
+    def __init__(self, sd):
+        super().__init__()
+        D = sd['cls_token'].shape[-1]
+        depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+        p = sd['patch_embed.proj.weight'].shape[-1]
+        grid = int((sd['pos_embed'].shape[1] - 1) ** 0.5)
+        self.vit = B.ViT(B.ViTConfig(img_size=grid * p, patch_size=p, embed_dim=D, depth=depth,
+                                     num_heads=D // 64, layer_scale=0.0, abs_pos_emb=True, rel_pos_bias='none'))
+        for k in [k for k in sd if k.endswith('attn.qkv.bias')]:
+            q, _, v = sd.pop(k).chunk(3)  # the k bias adds a per-query constant: softmax ignores it
+            sd[k.replace('qkv.bias', 'q_bias')], sd[k.replace('qkv.bias', 'v_bias')] = q, v
+        B.load_state(self.vit, sd)
+
+    def forward(self, images):
+        mean, std = images.new_tensor(C.IMAGENET_MEAN), images.new_tensor(C.IMAGENET_STD)
+        return self.vit.forward_patch_tokens((images - mean[:, None, None]) / std[:, None, None])
+
+
+def load_dino(path):
+    if path:
+        sd = B.state_dict_of(B.load_file(path))
+    else:
+        try:
+            sd = torch.hub.load('facebookresearch/dino:main', 'dino_vitb16').state_dict()
+        except Exception as e:  # noqa: BLE001
+            C.die(f'DINO teacher: pass --teacher_weights=dino_vitbase16_pretrain.pth ({e})')
+    for pre in ('module.', 'backbone.', 'teacher.'):
+        sd = {k[len(pre):] if k.startswith(pre) else k: v for k, v in sd.items()}
+    return DINOTeacher({k: v for k, v in sd.items() if not k.startswith('head.')})
+
+
+class TorchvisionTeacher(nn.Module):
+    """Any torchvision model: the feature map at node NODE (default layer3: stride 16 in
+    ResNets), average-pooled to the tokenizer's grid. ImageNet normalisation."""
+
+    def __init__(self, name, node, path, grid):
+        super().__init__()
+        import torchvision.models as tvm
+        from torchvision.models.feature_extraction import create_feature_extractor
+        try:
+            model = tvm.get_model(name, weights=None if path else 'DEFAULT')
+        except Exception as e:  # noqa: BLE001: unknown name or no network
+            C.die(f'torchvision teacher {name}: {str(e).splitlines()[0]}')
+        if path:
+            model.load_state_dict(B.state_dict_of(B.load_file(path)))
+        self.body = create_feature_extractor(model, {node: 'f'})
+        self.grid = grid
+
+    def forward(self, images):
+        mean, std = images.new_tensor(C.IMAGENET_MEAN), images.new_tensor(C.IMAGENET_STD)
+        f = self.body((images - mean[:, None, None]) / std[:, None, None])['f']
+        return F.adaptive_avg_pool2d(f, self.grid).flatten(2).transpose(1, 2)
+
+
+def build_teacher(cfg):
+    """Frozen, eval mode; called under no_grad. -> module mapping [0, 1] images to (B, n, C)."""
+    grid = cfg.img_size // cfg.patch_size
+    if cfg.teacher == 'hog':
+        t = HOGTeacher(cfg.patch_size)
+    elif cfg.teacher == 'clip':
+        t = load_clip(cfg.teacher_weights)
+    elif cfg.teacher == 'dino':
+        t = load_dino(cfg.teacher_weights)
+    elif cfg.teacher.startswith('tv:'):
+        name, _, node = cfg.teacher[3:].partition(':')
+        t = TorchvisionTeacher(name, node or 'layer3', cfg.teacher_weights, (grid, grid))
+    else:
+        C.die(f"unknown teacher {cfg.teacher!r}: use hog, clip, dino or tv:MODEL[:NODE]")
+    return t.eval().requires_grad_(False)
+
+# ----------------------------------------------------------------------------- training
+
+
+def main(argv=None):
+    cfg = C.configure(Config(), PRESETS, argv)
+    if not cfg.data:
+        C.die('--data is required for this preset (ImageNet folder with train/ and val/)')
+    if cfg.img_size % cfg.patch_size or cfg.patch_size % 2:
+        C.die(f'img_size {cfg.img_size} must be divisible by patch_size {cfg.patch_size} (even)')
+    env = C.Env(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    dataset = C.build_dataset(cfg.data, 'train', cfg.img_size)
+    loader, sampler = C.make_loader(dataset, C.CropTransform(cfg.img_size, cfg.min_crop_scale), cfg, env)
+    steps_per_epoch, per_step = C.steps_from_epochs(cfg, env, len(dataset))
+    cfg.lr = cfg.lr * per_step / 128  # official: lr scaled by the effective batch size
+    C.print_setup(cfg, env, steps_per_epoch, per_step)
+
+    teacher = build_teacher(cfg).to(env.device)
+    with torch.no_grad():
+        probe = teacher(torch.zeros(1, 3, cfg.img_size, cfg.img_size, device=env.device))
+    grid = cfg.img_size // cfg.patch_size
+    if probe.shape[1] != grid * grid:
+        C.die(f'teacher gives {probe.shape[1]} tokens, the tokenizer {grid * grid}: match img_size/patch_size')
+    mcfg = B.VQKDConfig(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                        depth=cfg.depth, num_heads=cfg.num_heads, decoder_depth=cfg.decoder_depth,
+                        n_embed=cfg.n_embed, code_dim=cfg.code_dim, teacher_dim=probe.shape[-1],
+                        decay=cfg.decay)
+    model = B.VQKD(mcfg).to(env.device)
+    optimizer = torch.optim.AdamW(B.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    step = C.resume(cfg, env, model, optimizer)
+    # the codebook is a buffer that is kept in sync by its own all-reduces, not by DDP broadcasts
+    ddp_model = DDP(model, broadcast_buffers=False) if env.ddp else model
+    run = torch.compile(ddp_model) if cfg.compile else ddp_model
+
+    def save():
+        C.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
+                          optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
+                          config=asdict(cfg), model_config=asdict(mcfg))
+
+    log = C.Logger(cfg, env)
+    counts = torch.zeros(cfg.n_embed, device=env.device)          # code histogram since last log
+    start, t0 = step, time.time()
+    epoch, it = divmod(step, steps_per_epoch)
+    data = C.batches(loader, sampler, epoch, it * cfg.accum)
+    while step < cfg.steps:
+        if it == steps_per_epoch:                                  # next epoch
+            epoch, it = epoch + 1, 0
+            data = C.batches(loader, sampler, epoch, 0)
+        lr = C.get_lr(step, cfg)
+        for g in optimizer.param_groups:
+            g['lr'] = lr * g['lr_scale']
+        model.train()
+        for micro in range(cfg.accum):
+            images, _ = next(data)
+            images = images.to(env.device, non_blocking=True)
+            with torch.no_grad(), env.autocast():
+                target = teacher(images)
+            sync = micro == cfg.accum - 1 or not env.ddp
+            with (ddp_model.no_sync() if not sync else torch.enable_grad()), env.autocast():
+                _, codes, losses = run(images, target)
+                env.scaler.scale(losses['loss'] / cfg.accum).backward()
+            counts += torch.bincount(codes.flatten(), minlength=cfg.n_embed)
+        env.scaler.unscale_(optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float('inf'))
+        env.scaler.step(optimizer)
+        env.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step, it = step + 1, it + 1
+        loss = losses['loss'].item()
+        C.check_finite(loss, step, cfg)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            usage = B.code_usage(env.all_reduce(counts))
+            elapsed = time.time() - t0
+            log(step, cfg.steps, per_step, loss=loss, rec_loss=losses['rec_loss'].item(),
+                quant_loss=losses['quant_loss'].item(), unused_codes=usage['unused'],
+                perplexity=usage['perplexity'], lr=lr, gnorm=gnorm.item(),
+                img_per_s=(step - start) * per_step / elapsed,
+                eta_min=(cfg.steps - step) * elapsed / (step - start) / 60)
+            counts.zero_()
+        stop = cfg.stop_after and step - start >= cfg.stop_after
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
+            save()
+        if stop:
+            break
+    env.print(f'done: {step} steps in {time.time() - t0:.0f}s; tokenizer in {cfg.out_dir}/ckpt.pt')
+    env.close()
+    return model
+
+
+if __name__ == '__main__':
+    main()
