@@ -538,24 +538,25 @@ class BEiTv2(ViT):
         rescale_blocks_(self.blocks)
         rescale_blocks_(self.cls_pt_layers, self.cfg.early_layers + 1)
 
-    def forward_heads(self, images, mask):
-        """-> normed tokens of the main branch and of the [CLS] head, each (B, N, D)."""
+    def branches(self, images, mask):
+        """-> tokens (B, N, D) of the main branch and of the [CLS] head, before the final norm."""
         cfg = self.cfg
         x, early = self.forward_tokens(images, mask, layers=(cfg.early_layers - 1,))
-        out = [self.norm(x)]
+        out = [x]
         if self.cls_pt_layers:
             rel = self.shared_rel_pos_bias()
             h = torch.cat([x[:, :1], early[0][:, 1:]], dim=1)  # last-layer [CLS] + early patches
             for blk in self.cls_pt_layers:
                 h = blk(h, rel)
-            out.append(self.norm(h))
+            out.append(h)
         return out
 
     def forward(self, images, mask, targets=None):
         """images (B, 3, H, W) normalised; mask (B, n) bool; targets (B, n) codes.
         -> (logits per branch, each (M, vocab) for the M masked patches in row-major order,
             losses dict or None). Masked counts may differ per image."""
-        logits = [self.lm_head(x[:, 1:][mask]) for x in self.forward_heads(images, mask)]
+        # the final norm is per token: applying it to the masked tokens only gives the same result
+        logits = [self.lm_head(self.norm(x[:, 1:][mask])) for x in self.branches(images, mask)]
         if targets is None:
             return logits, None
         labels = targets[mask]

@@ -132,9 +132,9 @@ def pre(fx):
 def test_official_pretrain_heads(pre):
     m, p = pre
     x, mask = p['images'].double(), p['bool_masked_pos']
-    tokens = m.forward_heads(x, mask)
-    close(tokens[0][:, 1:], p['patch_tokens_mim'])
-    close(tokens[1][:, 1:], p['patch_tokens_cls'])
+    tokens = m.branches(x, mask)
+    close(m.norm(tokens[0])[:, 1:], p['patch_tokens_mim'])
+    close(m.norm(tokens[1])[:, 1:], p['patch_tokens_cls'])
     logits, losses = m(x, mask, p['target_indices'])
     close(logits[0], p['logits_mim'])
     close(logits[1], p['logits_cls'])

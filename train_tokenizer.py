@@ -45,9 +45,9 @@ class Config:
     accum: int = 1                  # gradient accumulation steps
     epochs: int = 0                 # > 0: steps and warmup_steps come from epochs at start
     warmup_epochs: int = 0
-    steps: int = 300
-    warmup_steps: int = 30
-    lr: float = 5e-5                # per 128 images: peak lr = lr * effective batch / 128 (official)
+    steps: int = 600
+    warmup_steps: int = 50
+    lr: float = 1e-3                # per 128 images: peak lr = lr * effective batch / 128 (official)
     min_lr: float = 1e-5
     weight_decay: float = 1e-4
     betas: tuple = (0.9, 0.99)
@@ -64,7 +64,7 @@ class Config:
     stop_after: int = 0             # > 0: checkpoint and exit after this many steps of this run
 
 
-IMAGENET = dict(data='', img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+IMAGENET = dict(data='', lr=5e-5, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                 n_embed=8192, code_dim=32, batch_size=64, epochs=100, warmup_epochs=10, workers=10,
                 log_every=100, ckpt_every=2500)
 PRESETS = {  # the paper's ImageNet-1k recipes (official TOKENIZER.md): 8 GPUs x 64 = 512 images
@@ -78,8 +78,11 @@ PRESETS = {  # the paper's ImageNet-1k recipes (official TOKENIZER.md): 8 GPUs x
 
 
 class HOGTeacher(nn.Module):
-    """Demo target that needs no weights: per-patch histograms of oriented gradients per colour
-    channel (2x2 cells, 9 unsigned orientations), as MaskFeat's target. Not the paper's teacher."""
+    """Demo target that needs no weights: per patch, histograms of oriented gradients per colour
+    channel (2x2 cells, 9 unsigned orientations, as MaskFeat's target) and the mean colour.
+    Centred over the image's patches and not normalised per patch (the cosine loss does that):
+    non-negative targets would let a constant prediction score cos ~0.7, and a flat patch's
+    direction would be its noise. Not the paper's teacher."""
 
     def __init__(self, patch_size, bins=9):
         super().__init__()
@@ -98,8 +101,10 @@ class HOGTeacher(nn.Module):
         hist = (hist * mag[..., None]).permute(0, 1, 4, 2, 3).flatten(1, 2)  # (B, 3*bins, H, W)
         cells = F.avg_pool2d(hist, self.p // 2)                     # 2x2 cells per patch
         B_, C_, h, w = cells.shape
-        x = cells.view(B_, C_, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).flatten(3)
-        return F.normalize(x.flatten(1, 2), dim=-1)                 # (B, n, 3*bins*4)
+        hog = cells.view(B_, C_, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).flatten(3)
+        colour = F.avg_pool2d(images, self.p).permute(0, 2, 3, 1)   # (B, h, w, 3)
+        f = torch.cat([hog, colour], -1).flatten(1, 2)              # (B, n, 3*bins*4 + 3)
+        return f - f.mean(1, keepdim=True)  # centred per image: a constant guess scores cos 0
 
 
 class QuickGELU(nn.Module):

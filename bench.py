@@ -1,0 +1,270 @@
+"""Benchmark BEiT v2 training steps: ms/step, images/s, peak memory, model FLOP utilisation.
+
+    python bench.py                                     # ViT-Tiny/16 at 224, batch 8, this CPU, fp32
+    python bench.py --dtype=bf16                        # bf16 autocast (codebook and losses in fp32)
+    python bench.py --official=/scratch/beit2           # alternate with the official model, same process
+    python bench.py --model=base --batch_size=128 --dtype=bf16 --compile=True   # a GPU
+The official side needs the official beit2/ folder (microsoft/unilm) outside this repository,
+and timm + einops installed; it runs fp32 on CPU and fp16 autocast + GradScaler on CUDA, as the
+official scripts do. Both sides start from the same weights and see the same batch, so their
+first losses agree. FLOPs: matmuls only (2 per multiply-add), backward = 2x forward.
+"""
+import contextlib
+import functools
+import importlib
+import io
+import os
+import resource
+import statistics
+import sys
+import time
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import beitv2 as B
+import common as C
+
+
+@dataclass
+class Config:
+    preset: str = 'cpu'
+    model: str = 'tiny'         # tiny (192 wide, 3 heads), base or large; patch 16, 12/12/24 blocks
+    img_size: int = 224
+    batch_size: int = 8
+    dtype: str = 'fp32'         # ours: fp32 | bf16 | fp16 (autocast)
+    compile: bool = False
+    device: str = ''            # '' = cuda if available
+    steps: int = 10             # timed steps per side (after warmup)
+    warmup: int = 3
+    what: str = 'pretrain'      # pretrain | tokenizer | loader | all
+    official: str = ''          # path of the official beit2/ folder: time it beside ours
+    peak_tflops: float = 0.0    # device peak for MFU; 0 = known GPUs' dense bf16 peak, else no MFU
+    threads: int = 0            # torch.set_num_threads; 0 = torch's default
+    seed: int = 0
+    workers: int = 4            # loader benchmark
+
+
+PRESETS = {'cpu': {}}
+SIZES = {'tiny': dict(embed_dim=192, depth=12, num_heads=3, early_layers=9),
+         'base': dict(embed_dim=768, depth=12, num_heads=12, early_layers=9),
+         'large': dict(embed_dim=1024, depth=24, num_heads=16, early_layers=21, layer_scale=1e-5)}
+PEAKS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0, 'A10': 125.0}  # dense bf16 TFLOP/s
+
+
+def vit_flops(n_tokens, D, depth, mlp_ratio=4.0):
+    """Forward matmul FLOPs of `depth` blocks over n_tokens tokens of width D."""
+    per_token = 2 * (4 * D * D + 2 * mlp_ratio * D * D) + 2 * 2 * n_tokens * D  # qkv+proj, mlp, attention
+    return depth * n_tokens * per_token
+
+
+def pretrain_flops(cfg, n_mask, batch):
+    n = (cfg.img_size // cfg.patch_size) ** 2
+    D = cfg.embed_dim
+    fwd = vit_flops(n + 1, D, cfg.depth + cfg.head_layers) + 2 * n * 3 * cfg.patch_size ** 2 * D
+    fwd += 2 * 2 * n_mask * D * cfg.vocab_size  # lm_head on the masked patches of both branches
+    return 3 * fwd * batch
+
+
+def tokenizer_flops(t, batch, train):
+    c = t.cfg
+    n = (c.img_size // c.patch_size) ** 2
+    enc = vit_flops(n + 1, c.embed_dim, c.depth) + 2 * n * (3 * c.patch_size ** 2 * c.embed_dim
+                                                            + c.embed_dim ** 2 + c.embed_dim * c.code_dim)
+    enc += 2 * n * c.code_dim * c.n_embed  # codebook distances
+    if not train:
+        return enc * batch
+    dec = vit_flops(n + 1, c.embed_dim, c.decoder_depth) + 2 * n * (c.code_dim * c.embed_dim + c.embed_dim ** 2
+                                                                     + c.embed_dim * c.teacher_dim)
+    return 3 * (enc + dec) * batch
+
+
+def load_official(root):
+    """Import the official modules without editing them: stub the two imports that cannot work
+    offline on torch 2 (utils: torch._six; vqkd_teacher: downloads), as shared/harness does."""
+    if not os.path.isfile(os.path.join(root, 'modeling_pretrain.py')):
+        C.die(f'--official={root} does not contain modeling_pretrain.py')
+    sys.modules.setdefault('utils', types.ModuleType('utils'))
+    stub = types.ModuleType('vqkd_teacher')
+    stub.clip, stub.get_dino_vit_base = types.SimpleNamespace(load=None), None
+    sys.modules.setdefault('vqkd_teacher', stub)
+    sys.path.insert(0, os.path.abspath(root))
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            return importlib.import_module('modeling_pretrain')
+        except ImportError as e:
+            C.die(f'official code needs timm and einops installed: {e}')
+
+
+def official_model(mod, cfg):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return mod.VisionTransformerForMaskedImageModelingCLS(
+            img_size=cfg.img_size, patch_size=cfg.patch_size, vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim,
+            depth=cfg.depth, num_heads=cfg.num_heads, qkv_bias=True, drop_path_rate=0.0,
+            norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), init_values=cfg.layer_scale,
+            use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+            early_layers=cfg.early_layers, head_layers=cfg.head_layers, shared_lm_head=True)
+
+
+def make_step(model, images, mask, targets, amp, scaler, encode=None, tok_images=None, official=False):
+    """One training step as the official engine: forward, CE on both heads (summed), backward,
+    clip at 3.0, AdamW (lr 1.5e-3, wd 0.05 by the official groups). Returns a closure -> loss."""
+    groups = B.param_groups(model, 0.05)
+    opt = torch.optim.AdamW(groups, lr=1.5e-3, betas=(0.9, 0.999))
+    model.train()
+
+    def step():
+        codes = targets
+        if encode is not None:
+            with torch.no_grad(), amp():
+                codes = encode(tok_images)
+        with amp():
+            if official:
+                out = model(images, bool_masked_pos=mask)
+                labels = codes[mask]
+                loss = F.cross_entropy(out[0].float(), labels) + F.cross_entropy(out[1].float(), labels)
+            else:
+                loss = model(images, mask, codes)[1]['loss']
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        scaler.step(opt)
+        scaler.update()
+        return loss.item()
+    return step
+
+
+def timed(fns, cfg, device):
+    """Alternate the step functions; -> name -> (list of ms, first loss, peak memory MiB)."""
+    out = {name: ([], None, 0.0) for name in fns}
+    for i in range(cfg.warmup + cfg.steps):
+        for name, fn in fns.items():
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            loss = fn()
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            ms, first, mem = out[name]
+            mem = max(mem, torch.cuda.max_memory_allocated() / 2 ** 20) if device.type == 'cuda' else mem
+            if i >= cfg.warmup:
+                ms.append((time.perf_counter() - t0) * 1000)
+            out[name] = (ms, loss if first is None else first, mem)
+    return out
+
+
+def report(name, ms, flops, batch, peak, mem):
+    med = statistics.median(ms)
+    line = f'{name:28s} {med:9.1f} ms/step  {batch / med * 1000:8.1f} img/s  {flops / med / 1e9:8.2f} TFLOP/s'
+    if peak:
+        line += f'  MFU {flops / med / 1e9 / peak:6.1%}'
+    if mem:
+        line += f'  peak {mem:.0f} MiB'
+    print(line + f'  (min {min(ms):.1f}, max {max(ms):.1f}, n={len(ms)})', flush=True)
+    return med
+
+
+def main(argv=None):
+    cfg = C.configure(Config(), PRESETS, argv)
+    if cfg.model not in SIZES:
+        C.die(f'--model must be one of {", ".join(SIZES)}')
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device('cuda' if torch.cuda.is_available() and cfg.device != 'cpu' else 'cpu')
+    amp_dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.dtype]
+    ours_amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    name = torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'
+    peak = cfg.peak_tflops or next((v for k, v in PEAKS.items() if k in name), 0.0)
+    print(f'torch {torch.__version__}, {name}, {torch.get_num_threads()} threads, ours {cfg.dtype}'
+          f'{" + compile" if cfg.compile else ""}, batch {cfg.batch_size}, peak {peak or "unknown"} TFLOP/s')
+
+    torch.manual_seed(cfg.seed)
+    mcfg = B.BEiTConfig(img_size=cfg.img_size, patch_size=16, **SIZES[cfg.model])
+    tcfg = B.VQKDConfig(img_size=cfg.img_size, patch_size=16, decoder_depth=1, embed_dim=mcfg.embed_dim,
+                        depth=mcfg.depth if cfg.model != 'large' else 12, num_heads=mcfg.num_heads)
+    grid = (cfg.img_size // 16,) * 2
+    g = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=g).to(device)
+    tok_images = torch.rand(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=g).to(device)
+    masker = B.MaskingGenerator(grid)
+    mask = torch.stack([masker() for _ in range(cfg.batch_size)]).to(device)
+    targets = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, grid[0] * grid[1]), generator=g).to(device)
+    n_mask = masker.num
+
+    if cfg.what in ('pretrain', 'all'):
+        model = B.BEiTv2(mcfg).to(device)
+        tok = B.VQKD(tcfg).to(device).eval()
+        tok.quantize.initted.fill_(1)
+        encode = torch.compile(tok.encode) if cfg.compile else tok.encode
+        run = torch.compile(model) if cfg.compile else model
+        fns = {'ours: student step': make_step(run, images, mask, targets, ours_amp,
+                                               torch.amp.GradScaler(device.type, enabled=cfg.dtype == 'fp16'))}
+        if cfg.official:
+            mod = load_official(cfg.official)
+            off = official_model(mod, mcfg).to(device)
+            off.load_state_dict(B.export_state(model))  # same starting weights as ours
+            off_amp = (lambda: torch.autocast('cuda', dtype=torch.float16)) if device.type == 'cuda' \
+                else contextlib.nullcontext
+            fns['official: student step'] = make_step(off, images, mask, targets, off_amp,
+                                                      torch.amp.GradScaler(device.type, enabled=device.type == 'cuda'),
+                                                      official=True)
+        res = timed(fns, cfg, device)
+        flops = pretrain_flops(mcfg, n_mask, cfg.batch_size)
+        meds = {k: report(k, ms, flops, cfg.batch_size, peak, mem) for k, (ms, _, mem) in res.items()}
+        if cfg.official:
+            print(f'first losses: ours {res["ours: student step"][1]:.6f}, '
+                  f'official {res["official: student step"][1]:.6f}')
+            print(f'ours/official median step time: {meds["ours: student step"] / meds["official: student step"]:.3f}')
+            del off, fns
+        full = timed({'ours: full pretrain step': make_step(run, images, mask, None, ours_amp,
+                                                            torch.amp.GradScaler(device.type, enabled=cfg.dtype == 'fp16'),
+                                                            encode, tok_images)}, cfg, device)
+        tflops = tokenizer_flops(tok, cfg.batch_size, train=False)
+        ms, _, mem = full['ours: full pretrain step']
+        report('ours: full pretrain step', ms, flops + tflops, cfg.batch_size, peak, mem)
+        print(f'  of which tokenizer encode: {tflops / (flops + tflops):.1%} of the FLOPs')
+        del model, tok, run
+
+    if cfg.what in ('tokenizer', 'all'):
+        tok = B.VQKD(tcfg).to(device)
+        tok.quantize.initted.fill_(1)
+        opt = torch.optim.AdamW(B.param_groups(tok, 1e-4), lr=2e-4, betas=(0.9, 0.99))
+        teacher = torch.randn(cfg.batch_size, grid[0] * grid[1], tcfg.teacher_dim, generator=g).to(device)
+        run = torch.compile(tok) if cfg.compile else tok
+
+        def tok_step():
+            with ours_amp():
+                loss = run(tok_images, teacher)[2]['loss']
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss.item()
+        ms, _, mem = timed({'ours: tokenizer step': tok_step}, cfg, device)['ours: tokenizer step']
+        report('ours: tokenizer train step', ms, tokenizer_flops(tok, cfg.batch_size, True), cfg.batch_size, peak, mem)
+
+    if cfg.what in ('loader', 'all'):
+        import pretrain
+        pcfg = pretrain.Config(img_size=cfg.img_size, patch_size=16, batch_size=cfg.batch_size,
+                               workers=cfg.workers, seed=cfg.seed)
+        env = types.SimpleNamespace(world=1, rank=0, device=device)
+        ds = C.DemoShapes('train', size=cfg.img_size)
+        views = pretrain.TwoViews(cfg.img_size, cfg.img_size, 0.2, B.MaskingGenerator(grid))
+        loader, sampler = C.make_loader(ds, views, pcfg, env)
+        it = C.batches(loader, sampler, 0, 0)
+        next(it)  # workers started
+        t0, n = time.perf_counter(), 0
+        for _ in range(cfg.steps):
+            n += next(it)[1].shape[0]
+        print(f'{"loader (demo data, 2 views)":28s} {n / (time.perf_counter() - t0):8.1f} img/s with {cfg.workers} workers')
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f'peak RSS of the process: {rss:.0f} MiB')
+
+
+if __name__ == '__main__':
+    main()
