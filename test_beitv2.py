@@ -601,3 +601,21 @@ torch.save(model.quantize.weight, os.path.join(sys.argv[1], 'codebook_rank' + os
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     w0, w1 = (torch.load(out / f'codebook_rank{r}.pt') for r in range(2))
     assert torch.equal(w0, w1) == sync  # with sync off the same check fails: ranks disagree
+
+
+def test_pretrain_fast_path_equals_full_computation():
+    """forward() computes only [CLS] + masked rows in the last blocks when every image has the
+    same masked count; the result must equal selecting from the full computation."""
+    torch.manual_seed(0)
+    for early in (2, 3):  # early_layers < depth, and = depth (the head then reads the last block)
+        m = tiny_beit(early_layers=early).double().eval()
+        with torch.no_grad():
+            m.rel_pos_bias.relative_position_bias_table.normal_()
+        x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+        mask = torch.stack([B.MaskingGenerator((4, 4))() for _ in range(3)])
+        logits, _ = m(x, mask)
+        full = [m.lm_head(m.norm(t)[:, 1:][mask]) for t in m.branches(x, mask)]
+        for a, b in zip(logits, full):
+            close(a, b)
+    mask[0, mask[0].nonzero()[0]] = False  # unequal counts: the general path
+    assert m(x, mask)[0][0].shape[0] == int(mask.sum())
