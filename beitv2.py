@@ -286,12 +286,12 @@ class ViT(nn.Module):
         keep: (B, K) token indices: the last block computes only these rows."""
         x = self.embed(images, mask)
         rel = self.shared_rel_pos_bias()
-        taken = []
+        taken = {}
         for i, blk in enumerate(self.blocks):
             x = blk(x, rel, keep if i == len(self.blocks) - 1 else None)
             if i in layers:
-                taken.append(x)
-        return x, taken
+                taken[i] = x
+        return x, [taken[i] for i in layers]
 
     def forward_features(self, images):  # (B, D): fc_norm(mean of patch tokens) or norm([CLS])
         x, _ = self.forward_tokens(images)

@@ -193,19 +193,21 @@ class Augmented(Dataset):
     of epoch e is augmented identically whichever worker loads it: a resumed run sees exactly the
     batches of an uninterrupted one. Keys come from ResumableSampler as (epoch, index)."""
 
-    def __init__(self, dataset, transform, seed):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
+    def __init__(self, dataset, transform, seed, joint=False):  # joint: transform(item, rng)
+        self.dataset, self.transform, self.seed, self.joint = dataset, transform, seed, joint
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, key):
         epoch, i = key
-        img, label = self.dataset[i]
+        item = self.dataset[i]
         seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + i
         with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
             torch.manual_seed(seed)
-            return self.transform(rgb(img), random.Random(seed)), label
+            if self.joint:  # e.g. (image, mask) pairs transformed together
+                return self.transform(item, random.Random(seed))
+            return self.transform(rgb(item[0]), random.Random(seed)), item[1]
 
 
 class ResumableSampler(DistributedSampler):
@@ -218,8 +220,8 @@ class ResumableSampler(DistributedSampler):
             yield self.epoch, i
 
 
-def make_loader(dataset, transform, cfg, env, shuffle=True):
-    ds = Augmented(dataset, transform, cfg.seed)
+def make_loader(dataset, transform, cfg, env, shuffle=True, joint=False):
+    ds = Augmented(dataset, transform, cfg.seed, joint)
     sampler = ResumableSampler(ds, num_replicas=env.world, rank=env.rank, shuffle=shuffle,
                                seed=cfg.seed, drop_last=True)
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,

@@ -619,3 +619,95 @@ def test_pretrain_fast_path_equals_full_computation():
             close(a, b)
     mask[0, mask[0].nonzero()[0]] = False  # unequal counts: the general path
     assert m(x, mask)[0][0].shape[0] == int(mask.sum())
+
+# ----------------------------------------------------------------------------- evaluate.py
+
+import evaluate as E  # noqa: E402
+
+
+def test_miou_against_hand_computed_confusion():
+    pred = torch.tensor([0, 0, 1, 1, 2, 2, 2, 0])
+    target = torch.tensor([0, 1, 1, 1, 2, 255, 0, 0])
+    conf = E.confusion(pred, target, 3)
+    assert conf.tolist() == [[2, 0, 1], [1, 2, 0], [0, 0, 1]]  # rows: target, columns: prediction
+    # IoU: class 0: 2 / (3 + 3 - 2), class 1: 2 / (3 + 2 - 2), class 2: 1 / (1 + 2 - 1)
+    assert abs(E.miou(conf) - 100 * (2 / 4 + 2 / 3 + 1 / 2) / 3) < 1e-9
+
+
+def test_knn_on_separable_features_is_exact():
+    torch.manual_seed(0)
+    centres = F.normalize(torch.randn(4, 16), dim=1) * 10
+    train_y = torch.arange(4).repeat_interleave(30)
+    train_f = centres[train_y] + torch.randn(120, 16) * 0.1
+    test_y = torch.arange(4).repeat(5)
+    test_f = centres[test_y] + torch.randn(20, 16) * 0.1
+    acc = E.topk_acc(E.knn_classify(train_f, train_y, test_f, k=20, t=0.07), test_y, ks=(1,))
+    assert acc['top1'] == 100.0
+
+
+def tiny_segmenter():
+    torch.manual_seed(0)
+    vit = B.ViT(B.ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
+                            rel_pos_bias='per_block', mean_pooling=True))
+    return E.Segmenter(vit, (0, 1, 2, 3), num_classes=3, channels=16).eval()
+
+
+def test_sliding_window_equals_whole_image_when_one_window_covers_it():
+    m = tiny_segmenter()
+    img = torch.randn(3, 32, 32)
+    with torch.no_grad():
+        whole = m(img[None])[0][0]
+    close(E.sliding_window(m, img, 3, crop=32, stride=21), whole, atol=1e-6)
+    big = E.sliding_window(m, torch.randn(3, 40, 48), 3, crop=32, stride=21)  # overlapping windows
+    assert big.shape == (3, 40, 48) and torch.isfinite(big).all()
+
+
+def test_segmenter_shapes_and_gradients():
+    m = tiny_segmenter().train()
+    logits, aux = m(torch.randn(2, 3, 32, 32))
+    assert logits.shape == aux.shape == (2, 3, 32, 32)
+    (logits.mean() + aux.mean()).backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+@pytest.fixture(scope='module')
+def pretrain_ckpt(tokenizer_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp('pre')
+    run_script('pretrain.py', *TINY_PRE, '--steps=2', '--workers=0', f'--tokenizer={tokenizer_ckpt}', f'--out_dir={out}')
+    return out / 'ckpt.pt'
+
+
+EVAL_TINY = ['--img_size=16', '--batch_size=8', '--workers=0', '--log_every=1', '--data=demo:48']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mode,extra,metric', [
+    ('linear', ['--steps=3'], 'top1'),
+    ('linear', ['--steps=2', '--linear_recipe=beit', '--lr=1e-3'], 'best_block'),
+    ('knn', [], 'top1'),
+    ('finetune', ['--steps=3', '--lr=1e-3'], 'top1'),
+    ('segment', ['--steps=2', '--seg_layers=(0,0,1,1)', '--lr=1e-3'], 'mIoU'),
+])
+def test_evaluate_modes_run(mode, extra, metric, pretrain_ckpt, tmp_path):
+    p = run_script('evaluate.py', f'--mode={mode}', f'--checkpoint={pretrain_ckpt}', *EVAL_TINY, *extra,
+                   f'--out_dir={tmp_path}')
+    res = json.loads((tmp_path / 'result.json').read_text().splitlines()[-1])
+    assert metric in res, p.stdout[-1000:]
+    if mode == 'finetune':  # the fine-tuned checkpoint scores again with --eval_only
+        run_script('evaluate.py', '--mode=finetune', '--eval_only=True', f'--checkpoint={tmp_path}/ckpt.pt',
+                   *EVAL_TINY, f'--out_dir={tmp_path}/again')
+        again = json.loads((tmp_path / 'again' / 'result.json').read_text())
+        assert again['top1'] == res['top1']
+
+
+@pytest.mark.slow
+def test_evaluate_codebook_png_and_errors(tokenizer_ckpt, pretrain_ckpt, tmp_path):
+    run_script('evaluate.py', '--mode=codebook', f'--checkpoint={tokenizer_ckpt}', '--img_size=16',
+               '--data=demo', f'--out_dir={tmp_path}')
+    from PIL import Image
+    assert Image.open(tmp_path / 'codebook.png').size[0] > 16 and (tmp_path / 'token_maps.png').exists()
+    p = run_script('evaluate.py', '--mode=linear', f'--checkpoint={tokenizer_ckpt}', *EVAL_TINY, ok=False)
+    assert 'is a tokenizer' in p.stderr and 'Traceback' not in p.stderr
+    p = run_script('evaluate.py', '--mode=segment', f'--checkpoint={pretrain_ckpt}', '--data=ade20k:/nonexistent',
+                   *EVAL_TINY[:-1], ok=False)
+    assert 'ADE20K' in p.stderr and 'Traceback' not in p.stderr

@@ -1,0 +1,646 @@
+"""Stage 3: evaluate a pretrained backbone (ours or an official file) by linear probing, k-NN,
+fine-tuning or semantic segmentation, or show what a tokenizer's codes mean.
+
+    python evaluate.py --mode=linear                  # demo: probes out/pretrain/ckpt.pt
+    python evaluate.py --mode=knn | finetune | segment
+    python evaluate.py --mode=codebook --checkpoint=out/tokenizer/ckpt.pt
+    torchrun --nproc_per_node=8 evaluate.py --preset=finetune_base --data=/data/imagenet \\
+        --checkpoint=beitv2_base_patch16_224_pt1k.pth
+Settings are --key=value (see Config); README.md has the recipes.
+"""
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.v2 as T2
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision import tv_tensors
+
+import beitv2 as B
+import common as C
+
+
+@dataclass
+class Config:
+    preset: str = 'demo'
+    mode: str = 'linear'            # linear | knn | finetune | segment | codebook
+    checkpoint: str = 'out/pretrain/ckpt.pt'  # ours or official (pretraining / fine-tuned / tokenizer)
+    data: str = 'demo'              # 'demo', ImageNet-layout folder, cifar10:ROOT, ...; segment: demo,
+    img_size: int = 32              #   ade20k:ROOT or voc:ROOT
+    workers: int = 2
+    # linear / knn features
+    feature: str = 'cls'            # cls: [CLS] after the final norm (paper); mean: mean patch token
+    layer: int = -1                 # block whose tokens are used; -1 = last
+    linear_recipe: str = 'mae'      # mae: BatchNorm + linear, LARS, no wd | beit: AdamW, a head per block
+    knn_k: int = 20
+    knn_t: float = 0.07
+    # fine-tuning
+    layer_decay: float = 0.65
+    drop_path: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    reprob: float = 0.25            # random erasing probability
+    randaug: bool = True            # RandAugment(2 ops, magnitude 9)
+    eval_only: bool = False         # score --checkpoint on the val split, no training
+    # segmentation
+    seg_layers: tuple = (1, 2, 3, 5)  # blocks feeding the 4 scales (official base: 3, 5, 7, 11)
+    seg_stride: int = 0             # sliding-window stride at test time; 0 = 2/3 of img_size
+    # optimisation
+    batch_size: int = 64
+    accum: int = 1
+    epochs: int = 0
+    warmup_epochs: int = 0
+    steps: int = 300
+    warmup_steps: int = 30
+    lr: float = 0.1
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    clip_grad: float = 0.0
+    # run
+    device: str = ''
+    dtype: str = ''
+    compile: bool = False
+    seed: int = 0
+    out_dir: str = 'out/eval'
+    resume: str = ''
+    log_every: int = 50
+    ckpt_every: int = 1000
+    stop_after: int = 0
+
+
+IN1K = dict(data='', checkpoint='', img_size=224, workers=10, log_every=100, ckpt_every=5000)
+PRESETS = {
+    'demo': {},
+    'demo_finetune': dict(mode='finetune', lr=1e-3, weight_decay=0.05, steps=300, warmup_steps=30),
+    'demo_segment': dict(mode='segment', lr=1e-3, weight_decay=0.05, layer_decay=0.9, steps=300),
+    # MAE linear protocol: batch 16384 with LARS, lr 0.1 x batch / 256, 90 epochs, 10 warmup
+    'linear_base': dict(IN1K, mode='linear', batch_size=1024, accum=2, epochs=90, warmup_epochs=10, lr=6.4),
+    'linear_beit': dict(IN1K, mode='linear', linear_recipe='beit', batch_size=128, epochs=100, lr=4e-3,
+                        weight_decay=1e-4),
+    'knn_base': dict(IN1K, mode='knn', batch_size=256),
+    # official: 8 GPUs x 128, lr 5e-4, 100 epochs, layer decay 0.6 (from 1600 ep) / 0.65 (300 ep)
+    'finetune_base': dict(IN1K, mode='finetune', batch_size=128, epochs=100, warmup_epochs=20, lr=5e-4,
+                          min_lr=1e-6, weight_decay=0.05, layer_decay=0.6, drop_path=0.2),
+    'finetune_base_300': dict(IN1K, mode='finetune', batch_size=128, epochs=100, warmup_epochs=20, lr=5e-4,
+                              min_lr=1e-6, weight_decay=0.05, layer_decay=0.65, drop_path=0.1),
+    # official ADE20K UperNet: 8 GPUs x 2 images of 512, 160k iterations, lr 5e-5, layer decay 0.75
+    'segment_base': dict(IN1K, mode='segment', img_size=512, seg_layers=(3, 5, 7, 11), batch_size=2,
+                         steps=160000, warmup_steps=1500, lr=5e-5, weight_decay=0.05, layer_decay=0.75,
+                         drop_path=0.15, seg_stride=341),
+}
+
+# ----------------------------------------------------------------------------- backbones
+
+
+def vit_config_from_state(sd, **over):
+    """ViTConfig for an official / timm / our state dict, read off its shapes (64-dim heads)."""
+    w = sd['patch_embed.proj.weight']
+    D, p = w.shape[0], w.shape[-1]
+    depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+    table = sd.get('rel_pos_bias.relative_position_bias_table', sd.get('blocks.0.attn.relative_position_bias_table'))
+    grid = (int(math.sqrt(table.shape[0] - 3)) + 1) // 2 if table is not None else None
+    cfg = dict(img_size=grid * p if grid else 224, patch_size=p, embed_dim=D, depth=depth, num_heads=D // 64,
+               layer_scale=0.1 if 'blocks.0.gamma_1' in sd else 0.0, abs_pos_emb='pos_embed' in sd,
+               rel_pos_bias='shared' if 'rel_pos_bias.relative_position_bias_table' in sd else
+               'per_block' if table is not None else 'none', mean_pooling='norm.weight' not in sd,
+               num_classes=sd['head.weight'].shape[0] if 'head.weight' in sd else 0)
+    cfg.update(over)
+    return B.ViTConfig(**cfg)
+
+
+def load_weights(path):
+    """-> (state dict, our ViT/BEiT config or None) of a checkpoint; tokenizers are refused."""
+    if not os.path.exists(path):
+        C.die(f'checkpoint {path!r} not found')
+    try:
+        ckpt = B.load_file(path)
+        sd = B.state_dict_of(ckpt)
+    except ValueError as e:
+        C.die(str(e))
+    if any(k.startswith(('encoder.', 'quantize.')) for k in sd):
+        C.die(f'{path} is a tokenizer; this mode needs a pretraining or fine-tuned backbone')
+    if 'patch_embed.proj.weight' not in sd:
+        C.die(f'{path}: no ViT weights in it')
+    return sd, ckpt.get('model_config')
+
+
+def build_backbone(cfg, sd, mcfg, **over):
+    """The checkpoint's ViT as it was trained (final norm and shared bias for pretraining files),
+    without its heads; `over` changes the config (e.g. a classifier layout)."""
+    base = vit_config_from_state(sd)
+    if mcfg:  # ours: the saved config (a BEiTConfig for pretraining checkpoints)
+        base = B.ViTConfig(**{k: v for k, v in mcfg.items() if k in B.ViTConfig.__dataclass_fields__})
+    vcfg = B.ViTConfig(**{**asdict(base), 'img_size': cfg.img_size, **over})
+    drop = ('mask_token', 'lm_head', 'cls_pt_layers') + (('head',) if vcfg.num_classes == 0 else ())
+    if vcfg.mean_pooling:
+        drop += ('norm',) + (('fc_norm',) if 'fc_norm.weight' not in sd else ())
+    if vcfg.num_classes and sd.get('head.weight', torch.empty(0)).shape[:1] != (vcfg.num_classes,):
+        drop += ('head', 'fc_norm')  # a fresh head (official: dropped when the class count differs)
+    model = B.ViT(vcfg)
+    try:
+        B.load_state(model, sd, ignore=drop)
+    except (KeyError, ValueError) as e:
+        C.die(f'{cfg.checkpoint}: {e}')
+    return model
+
+# ----------------------------------------------------------------------------- features, k-NN, linear probe
+
+
+def pooled(backbone, images, cfg, layers=None):
+    """[CLS] or mean patch token of block `cfg.layer` (after the final norm for the last block)."""
+    layer = cfg.layer % backbone.cfg.depth
+    x, taken = backbone.forward_tokens(images, layers=(layer,))
+    x = taken[0]
+    f = x[:, 0] if cfg.feature == 'cls' else x[:, 1:].mean(1)
+    if layer == backbone.cfg.depth - 1:
+        f = (backbone.norm or backbone.fc_norm)(f)
+    return f
+
+
+@torch.no_grad()
+def extract(fn, dataset, cfg, env):
+    """fn(images) -> (B, C) for every image of `dataset` (no augmentation), gathered on all ranks."""
+    idx = list(range(env.rank, len(dataset), env.world))
+    feats, labels = [], []
+    for i in range(0, len(idx), cfg.batch_size):
+        items = [dataset[j] for j in idx[i:i + cfg.batch_size]]
+        x = torch.stack([it[0] for it in items]).to(env.device)
+        with env.autocast():
+            feats.append(fn(x).float())
+        labels.append(torch.tensor([it[1] for it in items], device=env.device))
+    f, y = torch.cat(feats), torch.cat(labels)
+    if env.ddp:  # pad to equal length, gather, drop the padding, restore the dataset order
+        n = math.ceil(len(dataset) / env.world)
+        pad = lambda t: torch.cat([t, t.new_zeros((n - len(t),) + t.shape[1:])])  # noqa: E731
+        gf, gy = [torch.empty_like(pad(f)) for _ in range(env.world)], [torch.empty_like(pad(y)) for _ in range(env.world)]
+        dist.all_gather(gf, pad(f)), dist.all_gather(gy, pad(y))
+        order = torch.stack(gf, 1).flatten(0, 1)[:len(dataset)], torch.stack(gy, 1).flatten(0, 1)[:len(dataset)]
+        f, y = order
+    return f, y
+
+
+def knn_classify(train_f, train_y, test_f, k=20, t=0.07, num_classes=None, chunk=256):
+    """Weighted k-NN (DINO): cosine similarity, top-k neighbours vote with exp(sim / t)."""
+    num_classes = num_classes or int(train_y.max()) + 1
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    scores = []
+    for q in test_f.split(chunk):
+        sim, nn_idx = (q @ train_f.t()).topk(min(k, len(train_f)), dim=1)
+        votes = torch.zeros(len(q), num_classes, device=q.device)
+        scores.append(votes.scatter_add_(1, train_y[nn_idx], (sim / t).exp()))
+    return torch.cat(scores)
+
+
+def topk_acc(scores, y, ks=(1, 5)):
+    top = scores.topk(max(ks), dim=1).indices
+    return {f'top{k}': (top[:, :k] == y[:, None]).any(1).float().mean().item() * 100 for k in ks}
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with layer-wise adaptive rate scaling (MAE's linear probe); 1-D parameters plain SGD."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g['params']:
+                if p.grad is None:
+                    continue
+                d = p.grad.add(p, alpha=g['weight_decay']) if p.ndim > 1 else p.grad
+                if p.ndim > 1:
+                    pn, dn = p.norm(), d.norm()
+                    d = d * torch.where((pn > 0) & (dn > 0), g['trust'] * pn / dn, torch.ones_like(pn))
+                buf = self.state[p].setdefault('mu', torch.zeros_like(p))
+                p.add_(buf.mul_(g['momentum']).add_(d), alpha=-g['lr'])
+
+
+class Probe(nn.Module):
+    """Frozen backbone + trainable heads. mae: BatchNorm (no affine) + Linear on one feature.
+    beit (official BEiT v1 linear eval): a Linear on [CLS; mean patch] of every block."""
+
+    def __init__(self, backbone, cfg, num_classes):
+        super().__init__()
+        self.backbone, self.cfg = backbone.requires_grad_(False), cfg
+        D, L = backbone.cfg.embed_dim, backbone.cfg.depth
+        if cfg.linear_recipe == 'beit':
+            self.heads = nn.ModuleList(nn.Linear(2 * D, num_classes) for _ in range(L))
+        else:
+            self.heads = nn.ModuleList([nn.Sequential(nn.BatchNorm1d(D, affine=False), nn.Linear(D, num_classes))])
+        for m in self.heads.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.01), nn.init.zeros_(m.bias)
+
+    def forward(self, images):  # -> list of logits, one per head
+        self.backbone.eval()
+        with torch.no_grad():
+            if self.cfg.linear_recipe == 'beit':
+                _, xs = self.backbone.forward_tokens(images, layers=range(self.backbone.cfg.depth))
+                feats = [torch.cat([x[:, 0], x[:, 1:].mean(1)], 1) for x in xs]
+            else:
+                feats = [pooled(self.backbone, images, self.cfg)]
+        return [h(f.float()) for h, f in zip(self.heads, feats)]
+
+# ----------------------------------------------------------------------------- segmentation
+
+
+def conv_bn_relu(cin, cout, k):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
+
+
+class Segmenter(nn.Module):
+    """Official BEiT segmentation: block features -> 4 scales (strides 4, 8, 16, 32) -> UperNet
+    (pyramid pooling 1/2/3/6 + FPN fusion) and an auxiliary FCN head on the stride-16 scale."""
+
+    def __init__(self, backbone, layers, num_classes, channels=None):
+        super().__init__()
+        D = backbone.cfg.embed_dim
+        c = channels or D
+        self.backbone, self.layers = backbone, tuple(layers)
+        # no final norm, no blocks past the last one read: every parameter gets a gradient (DDP)
+        backbone.norm = backbone.fc_norm = None
+        del backbone.blocks[max(layers) + 1:]
+        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), nn.BatchNorm2d(D), nn.GELU(), nn.ConvTranspose2d(D, D, 2, 2))
+        self.fpn2 = nn.ConvTranspose2d(D, D, 2, 2)
+        self.fpn4 = nn.MaxPool2d(2)
+        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(D, c, 1)) for s in (1, 2, 3, 6))
+        self.bottleneck = conv_bn_relu(D + 4 * c, c, 3)
+        self.lateral = nn.ModuleList(conv_bn_relu(D, c, 1) for _ in range(3))
+        self.fpn_convs = nn.ModuleList(conv_bn_relu(c, c, 3) for _ in range(3))
+        self.fuse = conv_bn_relu(4 * c, c, 3)
+        self.cls = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(c, num_classes, 1))
+        self.aux = nn.Sequential(conv_bn_relu(D, 256, 3), nn.Dropout2d(0.1), nn.Conv2d(256, num_classes, 1))
+
+    def forward(self, images):  # -> (logits, aux logits), each (B, classes, H, W)
+        _, xs = self.backbone.forward_tokens(images, layers=self.layers)
+        h, w = self.backbone.grid
+        f = [x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w) for x in xs]   # (B, D, h, w)
+        f = [self.fpn1(f[0]), self.fpn2(f[1]), f[2], self.fpn4(f[3])]              # strides 4..32
+        top = f[3]
+        lat = [conv(x) for conv, x in zip(self.lateral, f[:3])]
+        lat.append(self.bottleneck(torch.cat([top] + [F.interpolate(p(top), top.shape[2:], mode='bilinear')
+                                                     for p in self.ppm], 1)))
+        for i in range(3, 0, -1):                                                  # top-down path
+            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], lat[i - 1].shape[2:], mode='bilinear')
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, lat[:3])] + [lat[3]]
+        outs = [F.interpolate(o, outs[0].shape[2:], mode='bilinear') for o in outs]
+        size = images.shape[2:]
+        up = lambda t: F.interpolate(t, size, mode='bilinear')  # noqa: E731
+        return up(self.cls(self.fuse(torch.cat(outs, 1)))), up(self.aux(f[2]))
+
+
+@torch.no_grad()
+def sliding_window(model, image, num_classes, crop, stride):
+    """Logits (classes, H, W) of one image: windows of crop x crop every `stride`, averaged."""
+    _, H, W = image.shape
+    ph, pw = max(crop - H, 0), max(crop - W, 0)
+    image = F.pad(image, (0, pw, 0, ph))
+    Hp, Wp = image.shape[1:]
+    out = image.new_zeros(num_classes, Hp, Wp)
+    count = image.new_zeros(1, Hp, Wp)
+    for y in sorted({min(y, Hp - crop) for y in range(0, max(Hp - crop, 0) + stride, stride)}):
+        for x in sorted({min(x, Wp - crop) for x in range(0, max(Wp - crop, 0) + stride, stride)}):
+            out[:, y:y + crop, x:x + crop] += model(image[None, :, y:y + crop, x:x + crop])[0][0].float()
+            count[:, y:y + crop, x:x + crop] += 1
+    return (out / count)[:, :H, :W]
+
+
+def confusion(pred, target, num_classes, ignore=255):
+    keep = target != ignore
+    return torch.bincount(target[keep] * num_classes + pred[keep], minlength=num_classes ** 2).view(num_classes, -1)
+
+
+def miou(conf):
+    """Mean IoU over the classes that occur (in the target or the prediction)."""
+    conf = conf.double()
+    inter, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
+    return (inter[union > 0] / union[union > 0]).mean().item() * 100
+
+
+class SegData(torch.utils.data.Dataset):
+    """(image, mask) pairs: demo shapes, ADE20K (ROOT/images|annotations/training|validation,
+    150 classes with reduce_zero_label: 0 -> ignore 255) or torchvision's VOCSegmentation."""
+
+    def __init__(self, spec, split, img_size):
+        name, _, root = spec.partition(':')
+        self.reduce_zero = name == 'ade20k'
+        if name == 'demo':
+            self.items, self.num_classes = C.DemoShapes(split, size=img_size, masks=True), len(C.DemoShapes.classes) + 1
+        elif name == 'ade20k':
+            sub = 'training' if split == 'train' else 'validation'
+            folder = os.path.join(root, 'images', sub)
+            if not os.path.isdir(folder):
+                C.die(f'ADE20K: {folder} does not exist (expected ROOT/images/{sub} and ROOT/annotations/{sub})')
+            names = sorted(f[:-4] for f in os.listdir(folder) if f.endswith('.jpg'))
+            self.items = [(os.path.join(folder, n + '.jpg'), os.path.join(root, 'annotations', sub, n + '.png'))
+                          for n in names]
+            self.num_classes = 150
+        elif name == 'voc':
+            import torchvision.datasets as tvd
+            try:
+                self.items = tvd.VOCSegmentation(root, image_set='train' if split == 'train' else 'val')
+            except RuntimeError as e:
+                C.die(f'VOC: {e}')
+            self.num_classes = 21
+        else:
+            C.die(f'segmentation data must be demo, ade20k:ROOT or voc:ROOT, got {spec!r}')
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        if isinstance(item[0], str):
+            item = C.load_image(item[0]), Image.open(item[1])
+        img, mask = item
+        mask = torch.as_tensor(np.array(mask), dtype=torch.long)
+        if self.reduce_zero:  # ADE20K: 0 = "other" is ignored, classes 1..150 -> 0..149
+            mask = torch.where(mask == 0, 255, mask - 1)
+        return C.rgb(img), mask
+
+
+class SegTransform:
+    """Train: random scale 0.5-2 of the crop size, crop (pad: 0 / ignore), flip, colour jitter
+    (a stand-in for mmseg's PhotoMetricDistortion). Eval: the image resized to the crop size."""
+
+    def __init__(self, size, train):
+        self.size, self.train = size, train
+        self.norm = T.Normalize(C.IMAGENET_MEAN, C.IMAGENET_STD)
+
+    def __call__(self, item, rng):
+        img, mask = T2.ToImage()(C.rgb(item[0])), tv_tensors.Mask(item[1][None])
+        if self.train:
+            s = int(self.size * rng.uniform(0.5, 2.0))
+            t = T2.Compose([T2.Resize(s), T2.RandomCrop(self.size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}),
+                            T2.RandomHorizontalFlip(), T2.ColorJitter(0.3, 0.3, 0.3)])
+        else:
+            t = T2.Resize(self.size)
+        img, mask = t(img, mask)
+        return self.norm(img.float() / 255), mask[0]
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score):
+    """The training loop of the three trained modes (the stage scripts' loop): per-step lr with
+    warmup + cosine, scaled per group, accumulation, clipping, logging, atomic checkpoints, resume.
+    loss_fn(model, batch) -> loss; score(model) -> dict of metrics, run at the end."""
+    steps_per_epoch, per_step = C.steps_from_epochs(cfg, env, n_train)
+    C.print_setup(cfg, env, steps_per_epoch, per_step)
+    step = C.resume(cfg, env, model, optimizer)
+    ddp_model = DDP(model, broadcast_buffers=False) if env.ddp else model
+    run = torch.compile(ddp_model) if cfg.compile else ddp_model
+    log = C.Logger(cfg, env)
+    start, t0 = step, time.time()
+    epoch, it = divmod(step, steps_per_epoch)
+    data = C.batches(loader, sampler, epoch, it * cfg.accum)
+    while step < cfg.steps:
+        if it == steps_per_epoch:
+            epoch, it = epoch + 1, 0
+            data = C.batches(loader, sampler, epoch, 0)
+        lr = C.get_lr(step, cfg)
+        for g in optimizer.param_groups:
+            g['lr'] = lr * g.get('lr_scale', 1.0)
+        model.train()
+        for micro in range(cfg.accum):
+            batch = next(data)
+            sync = micro == cfg.accum - 1 or not env.ddp
+            with (ddp_model.no_sync() if not sync else torch.enable_grad()), env.autocast():
+                loss = loss_fn(run, batch)
+                env.scaler.scale(loss / cfg.accum).backward()
+        env.scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g['params']]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float('inf'))
+        env.scaler.step(optimizer)
+        env.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step, it = step + 1, it + 1
+        C.check_finite(loss.item(), step, cfg)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.time() - t0
+            log(step, cfg.steps, per_step, loss=loss.item(), lr=lr, gnorm=gnorm.item(),
+                img_per_s=(step - start) * per_step / elapsed)
+        stop = cfg.stop_after and step - start >= cfg.stop_after
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
+            C.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
+                              optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
+                              config=asdict(cfg), model_config=asdict(model.cfg) if isinstance(model, B.ViT) else None)
+        if stop:
+            return None
+    return score(model)
+
+
+def classification_data(cfg, split):
+    ds = C.build_dataset(cfg.data, split, cfg.img_size)
+    classes = len(getattr(ds, 'classes', None) or C.DemoShapes.classes)
+    return ds, classes
+
+
+@torch.no_grad()
+def classify(model, val, cfg, env):
+    """Top-1 / top-5 on the val split (resize 1/0.875 + centre crop); the best head of a probe."""
+    model.eval()
+
+    def fn(x):  # -> (B, heads, classes)
+        out = model(x)
+        return torch.stack(out, 1) if isinstance(out, list) else out[:, None]
+    scores, y = extract(fn, _Mapped(val, C.eval_transform(cfg.img_size)), cfg, env)
+    res = [topk_acc(scores[:, h], y) for h in range(scores.shape[1])]
+    best = max(range(len(res)), key=lambda h: res[h]['top1'])
+    return dict(res[best], **({'best_block': best} if len(res) > 1 else {}))
+
+
+class _Mapped(torch.utils.data.Dataset):  # dataset with a per-image transform (evaluation)
+    def __init__(self, ds, t):
+        self.ds, self.t = ds, t
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        img, y = self.ds[i]
+        return self.t(C.rgb(img)), y
+
+
+class TrainTransform:
+    """Linear probe: RandomResizedCrop + flip (MAE). Fine-tuning adds RandAugment(2, 9) and random
+    erasing (torchvision's versions of timm's rand-m9-mstd0.5-inc1 and reprob 0.25, pixel mode)."""
+
+    def __init__(self, cfg, finetune):
+        t = [T.RandomResizedCrop(cfg.img_size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()]
+        if finetune and cfg.randaug:
+            t.append(T.RandAugment(2, 9))
+        t += [T.ToTensor(), T.Normalize(C.IMAGENET_MEAN, C.IMAGENET_STD)]
+        if finetune and cfg.reprob > 0:
+            t.append(T.RandomErasing(cfg.reprob, value='random'))
+        self.t = T.Compose(t)
+
+    def __call__(self, img, rng):
+        return self.t(img)
+
+
+def run_linear(cfg, env):
+    sd, mcfg = load_weights(cfg.checkpoint)
+    train, classes = classification_data(cfg, 'train')
+    val, _ = classification_data(cfg, 'val')
+    model = Probe(build_backbone(cfg, sd, mcfg, num_classes=0, drop_path=0.0), cfg, classes).to(env.device)
+    heads = [p for p in model.heads.parameters()]
+    if cfg.linear_recipe == 'beit':
+        optimizer = torch.optim.AdamW([dict(params=heads, weight_decay=cfg.weight_decay)], lr=cfg.lr)
+    else:
+        optimizer = LARS([dict(params=heads, weight_decay=cfg.weight_decay)], lr=cfg.lr)
+    loader, sampler = C.make_loader(train, TrainTransform(cfg, False), cfg, env)
+
+    def loss_fn(m, batch):
+        x, y = batch[0].to(env.device), batch[1].to(env.device)
+        return sum(F.cross_entropy(lg, y) for lg in m(x))
+    return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
+               lambda m: classify(m, val, cfg, env))
+
+
+def run_knn(cfg, env):
+    sd, mcfg = load_weights(cfg.checkpoint)
+    train, classes = classification_data(cfg, 'train')
+    val, _ = classification_data(cfg, 'val')
+    backbone = build_backbone(cfg, sd, mcfg, num_classes=0, drop_path=0.0).to(env.device).eval()
+    ev = C.eval_transform(cfg.img_size)
+    fn = lambda x: pooled(backbone, x, cfg)  # noqa: E731
+    train_f, train_y = extract(fn, _Mapped(train, ev), cfg, env)
+    val_f, val_y = extract(fn, _Mapped(val, ev), cfg, env)
+    return topk_acc(knn_classify(train_f, train_y, val_f, cfg.knn_k, cfg.knn_t, classes), val_y)
+
+
+def run_finetune(cfg, env):
+    sd, mcfg = load_weights(cfg.checkpoint)
+    train, classes = classification_data(cfg, 'train')
+    val, _ = classification_data(cfg, 'val')
+    model = build_backbone(cfg, sd, mcfg, rel_pos_bias='per_block', mean_pooling=True, num_classes=classes,
+                           drop_path=cfg.drop_path).to(env.device)
+    if cfg.eval_only:
+        return classify(model, val, cfg, env)
+    groups = B.param_groups(model, cfg.weight_decay, cfg.layer_decay, model.cfg.depth)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    loader, sampler = C.make_loader(train, TrainTransform(cfg, True), cfg, env)
+    mixes = [m for a, m in ((cfg.mixup, T2.MixUp(alpha=cfg.mixup or 1.0, num_classes=classes)),
+                            (cfg.cutmix, T2.CutMix(alpha=cfg.cutmix or 1.0, num_classes=classes))) if a > 0]
+    mix = T2.RandomChoice(mixes) if mixes else None  # switch probability 0.5 between the two
+
+    def loss_fn(m, batch):
+        x, y = batch[0].to(env.device), batch[1].to(env.device)
+        x, soft = mix(x, y) if mix else (x, F.one_hot(y, classes).float())  # MixUp or CutMix per batch
+        soft = soft * (1 - cfg.smoothing) + cfg.smoothing / classes  # label smoothing, as timm's Mixup
+        return torch.sum(-soft * F.log_softmax(m(x).float(), -1), -1).mean()
+    return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
+               lambda m: classify(m, val, cfg, env))
+
+
+def run_segment(cfg, env):
+    sd, mcfg = load_weights(cfg.checkpoint)
+    train, val = SegData(cfg.data, 'train', cfg.img_size), SegData(cfg.data, 'val', cfg.img_size)
+    backbone = build_backbone(cfg, sd, mcfg, rel_pos_bias='per_block', mean_pooling=True, num_classes=0,
+                              drop_path=cfg.drop_path)
+    if len(cfg.seg_layers) != 4 or max(cfg.seg_layers) >= backbone.cfg.depth:
+        C.die(f'--seg_layers needs 4 block indices below {backbone.cfg.depth}, got {cfg.seg_layers}')
+    model = Segmenter(backbone, cfg.seg_layers, train.num_classes).to(env.device)
+    if env.ddp and env.device.type == 'cuda':
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    groups = B.param_groups(model, cfg.weight_decay, cfg.layer_decay, backbone.cfg.depth)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    loader, sampler = C.make_loader(train, SegTransform(cfg.img_size, True), cfg, env, joint=True)
+
+    def loss_fn(m, batch):
+        x, y = batch[0].to(env.device), batch[1].to(env.device)
+        top = int(y.masked_fill(y == 255, 0).max())
+        if top >= train.num_classes:
+            C.die(f'mask class {top} exceeds the head ({train.num_classes} classes)')
+        logits, aux = m(x)
+        return F.cross_entropy(logits.float(), y, ignore_index=255) + \
+            0.4 * F.cross_entropy(aux.float(), y, ignore_index=255)  # auxiliary FCN head, weight 0.4
+    return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
+               lambda m: segment_score(m, val, cfg, env))
+
+
+@torch.no_grad()
+def segment_score(model, val, cfg, env):
+    """mIoU on the val split with sliding-window inference at the training crop size."""
+    model.eval()
+    t = SegTransform(cfg.img_size, False)
+    conf = torch.zeros(val.num_classes, val.num_classes, dtype=torch.long, device=env.device)
+    for i in range(env.rank, len(val), env.world):
+        img, mask = t(val[i], None)
+        with env.autocast():
+            logits = sliding_window(model, img.to(env.device), val.num_classes, cfg.img_size,
+                                    cfg.seg_stride or cfg.img_size * 2 // 3)
+        conf += confusion(logits.argmax(0).flatten(), mask.to(env.device).flatten(), val.num_classes)
+    return dict(mIoU=miou(env.all_reduce(conf)))
+
+
+@torch.no_grad()
+def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
+    """The paper's codebook picture: image patches grouped by the code they get (the most used
+    codes, one row each), and token maps (each code a colour) beside a few images."""
+    from torchvision.utils import save_image
+    try:
+        tok = B.load_tokenizer(cfg.checkpoint).to(env.device)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        C.die(f'{cfg.checkpoint}: {e}')
+    val = C.build_dataset(cfg.data, 'val', cfg.img_size)
+    ev = C.eval_transform(tok.cfg.img_size, normalize=False)
+    images = torch.stack([ev(C.rgb(val[i][0])) for i in range(min(n_images, len(val)))]).to(env.device)
+    codes = torch.cat([tok.encode(x) for x in images.split(cfg.batch_size)])   # (n, N)
+    p, (h, w) = tok.cfg.patch_size, tok.grid
+    patches = images.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, p, p)
+    flat = codes.flatten()
+    top = torch.bincount(flat, minlength=tok.cfg.n_embed).topk(n_codes).indices
+    rows = []
+    for c in top:
+        hits = patches[flat == c][:per_code]
+        rows.append(torch.cat([hits, hits.new_ones(per_code - len(hits), 3, p, p)]))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    save_image(torch.cat(rows), os.path.join(cfg.out_dir, 'codebook.png'), nrow=per_code, padding=1, pad_value=1)
+    palette = torch.rand(tok.cfg.n_embed, 3, generator=torch.Generator().manual_seed(0)).to(env.device)
+    maps = palette[codes[:8]].view(-1, h, w, 3).permute(0, 3, 1, 2)
+    maps = F.interpolate(maps, size=images.shape[2:], mode='nearest')
+    pairs = torch.stack([images[:8], maps], 1).flatten(0, 1)
+    save_image(pairs, os.path.join(cfg.out_dir, 'token_maps.png'), nrow=4, padding=2, pad_value=1)
+    used = int((torch.bincount(flat, minlength=tok.cfg.n_embed) > 0).sum())
+    return dict(codes_used=used, images=len(images), png=os.path.join(cfg.out_dir, 'codebook.png'))
+
+
+def main(argv=None):
+    cfg = C.configure(Config(), PRESETS, argv)
+    modes = dict(linear=run_linear, knn=run_knn, finetune=run_finetune, segment=run_segment, codebook=run_codebook)
+    if cfg.mode not in modes:
+        C.die(f'--mode must be one of {", ".join(modes)}')
+    if not cfg.data or not cfg.checkpoint:
+        C.die('--data and --checkpoint are required for this preset')
+    if cfg.img_size % 8:
+        C.die(f'img_size {cfg.img_size} must be a multiple of the patch size')
+    env = C.Env(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    result = modes[cfg.mode](cfg, env)
+    if result is not None:
+        env.print(f'{cfg.mode}: ' + ', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
+                                           for k, v in result.items()))
+        if env.master:
+            with open(os.path.join(cfg.out_dir, 'result.json'), 'a') as f:
+                f.write(json.dumps(dict(mode=cfg.mode, checkpoint=cfg.checkpoint, **result)) + '\n')
+    env.close()
+    return result
+
+
+if __name__ == '__main__':
+    main()
