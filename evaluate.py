@@ -36,6 +36,7 @@ class Config:
     checkpoint: str = 'out/pretrain/ckpt.pt'  # ours or official (pretraining / fine-tuned / tokenizer)
     data: str = 'demo'              # 'demo', ImageNet-layout folder, cifar10:ROOT, ...; segment: demo,
     img_size: int = 32              #   ade20k:ROOT or voc:ROOT
+    min_crop_scale: float = 0.5     # RandomResizedCrop scale range for linear / fine-tune training
     workers: int = 2
     # linear / knn features
     feature: str = 'cls'            # cls: [CLS] after the final norm (paper); mean: mean patch token
@@ -52,6 +53,7 @@ class Config:
     reprob: float = 0.25            # random erasing probability
     randaug: bool = True            # RandAugment(2 ops, magnitude 9)
     eval_only: bool = False         # score --checkpoint on the val split, no training
+    random_init: bool = False       # baseline: the checkpoint's architecture, official init, no weights
     # segmentation
     seg_layers: tuple = (1, 2, 3, 5)  # blocks feeding the 4 scales (official base: 3, 5, 7, 11)
     seg_stride: int = 0             # sliding-window stride at test time; 0 = 2/3 of img_size
@@ -62,7 +64,7 @@ class Config:
     warmup_epochs: int = 0
     steps: int = 300
     warmup_steps: int = 30
-    lr: float = 0.1
+    lr: float = 4.0                 # demo LARS: 300 steps need more than MAE's 0.1 x batch / 256
     min_lr: float = 0.0
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
@@ -79,7 +81,7 @@ class Config:
     stop_after: int = 0
 
 
-IN1K = dict(data='', checkpoint='', img_size=224, workers=10, log_every=100, ckpt_every=5000)
+IN1K = dict(data='', checkpoint='', img_size=224, min_crop_scale=0.08, workers=10, log_every=100, ckpt_every=5000)
 PRESETS = {
     'demo': {},
     'demo_finetune': dict(mode='finetune', lr=1e-3, weight_decay=0.05, steps=300, warmup_steps=30),
@@ -133,6 +135,16 @@ def load_weights(path):
     if 'patch_embed.proj.weight' not in sd:
         C.die(f'{path}: no ViT weights in it')
     return sd, ckpt.get('model_config')
+
+
+def load_backbone_weights(cfg):
+    sd, mcfg = load_weights(cfg.checkpoint)
+    if cfg.random_init:  # what pretraining started from: the official init of the same model
+        if not mcfg or 'vocab_size' not in mcfg:
+            C.die('--random_init needs one of our pretraining checkpoints (it reads the architecture)')
+        torch.manual_seed(cfg.seed)
+        sd = B.BEiTv2(B.BEiTConfig(**mcfg)).state_dict()
+    return sd, mcfg
 
 
 def build_backbone(cfg, sd, mcfg, **over):
@@ -480,7 +492,8 @@ class TrainTransform:
     erasing (torchvision's versions of timm's rand-m9-mstd0.5-inc1 and reprob 0.25, pixel mode)."""
 
     def __init__(self, cfg, finetune):
-        t = [T.RandomResizedCrop(cfg.img_size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()]
+        t = [T.RandomResizedCrop(cfg.img_size, scale=(cfg.min_crop_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+             T.RandomHorizontalFlip()]
         if finetune and cfg.randaug:
             t.append(T.RandAugment(2, 9))
         t += [T.ToTensor(), T.Normalize(C.IMAGENET_MEAN, C.IMAGENET_STD)]
@@ -493,7 +506,7 @@ class TrainTransform:
 
 
 def run_linear(cfg, env):
-    sd, mcfg = load_weights(cfg.checkpoint)
+    sd, mcfg = load_backbone_weights(cfg)
     train, classes = classification_data(cfg, 'train')
     val, _ = classification_data(cfg, 'val')
     model = Probe(build_backbone(cfg, sd, mcfg, num_classes=0, drop_path=0.0), cfg, classes).to(env.device)
@@ -512,7 +525,7 @@ def run_linear(cfg, env):
 
 
 def run_knn(cfg, env):
-    sd, mcfg = load_weights(cfg.checkpoint)
+    sd, mcfg = load_backbone_weights(cfg)
     train, classes = classification_data(cfg, 'train')
     val, _ = classification_data(cfg, 'val')
     backbone = build_backbone(cfg, sd, mcfg, num_classes=0, drop_path=0.0).to(env.device).eval()
@@ -524,7 +537,7 @@ def run_knn(cfg, env):
 
 
 def run_finetune(cfg, env):
-    sd, mcfg = load_weights(cfg.checkpoint)
+    sd, mcfg = load_backbone_weights(cfg)
     train, classes = classification_data(cfg, 'train')
     val, _ = classification_data(cfg, 'val')
     model = build_backbone(cfg, sd, mcfg, rel_pos_bias='per_block', mean_pooling=True, num_classes=classes,
@@ -548,7 +561,7 @@ def run_finetune(cfg, env):
 
 
 def run_segment(cfg, env):
-    sd, mcfg = load_weights(cfg.checkpoint)
+    sd, mcfg = load_backbone_weights(cfg)
     train, val = SegData(cfg.data, 'train', cfg.img_size), SegData(cfg.data, 'val', cfg.img_size)
     backbone = build_backbone(cfg, sd, mcfg, rel_pos_bias='per_block', mean_pooling=True, num_classes=0,
                               drop_path=cfg.drop_path)
@@ -610,11 +623,14 @@ def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
         hits = patches[flat == c][:per_code]
         rows.append(torch.cat([hits, hits.new_ones(per_code - len(hits), 3, p, p)]))
     os.makedirs(cfg.out_dir, exist_ok=True)
-    save_image(torch.cat(rows), os.path.join(cfg.out_dir, 'codebook.png'), nrow=per_code, padding=1, pad_value=1)
+    grid_img = torch.cat(rows)
+    grid_img = F.interpolate(grid_img, scale_factor=max(1, 32 // p), mode='nearest')  # small patches: enlarge
+    save_image(grid_img, os.path.join(cfg.out_dir, 'codebook.png'), nrow=per_code, padding=2, pad_value=1)
     palette = torch.rand(tok.cfg.n_embed, 3, generator=torch.Generator().manual_seed(0)).to(env.device)
     maps = palette[codes[:8]].view(-1, h, w, 3).permute(0, 3, 1, 2)
     maps = F.interpolate(maps, size=images.shape[2:], mode='nearest')
     pairs = torch.stack([images[:8], maps], 1).flatten(0, 1)
+    pairs = F.interpolate(pairs, scale_factor=max(1, 128 // pairs.shape[-1]), mode='nearest')
     save_image(pairs, os.path.join(cfg.out_dir, 'token_maps.png'), nrow=4, padding=2, pad_value=1)
     used = int((torch.bincount(flat, minlength=tok.cfg.n_embed) > 0).sum())
     return dict(codes_used=used, images=len(images), png=os.path.join(cfg.out_dir, 'codebook.png'))

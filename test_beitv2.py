@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import beitv2 as B
+from common import IMAGENET_MEAN, IMAGENET_STD
 
 HERE = Path(__file__).resolve().parent
 FIXTURE = os.environ.get('BEITV2_FIXTURE', str(HERE / 'testdata' / 'official_beitv2_small.pt'))
@@ -645,6 +646,23 @@ def test_knn_on_separable_features_is_exact():
     assert acc['top1'] == 100.0
 
 
+def test_lars_linear_head_learns_separable_features():
+    torch.manual_seed(0)
+    centres = torch.randn(5, 96) * 0.5
+    y = torch.randint(0, 5, (4000,))
+    x = centres[y] + torch.randn(4000, 96)
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(96, affine=False), torch.nn.Linear(96, 5))
+    torch.nn.init.normal_(head[1].weight, std=0.01)
+    opt = E.LARS(head.parameters(), lr=4.0)
+    for _ in range(300):
+        i = torch.randint(0, 4000, (64,))
+        loss = F.cross_entropy(head(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (head.eval()(x).argmax(1) == y).float().mean() > 0.95
+
+
 def tiny_segmenter():
     torch.manual_seed(0)
     vit = B.ViT(B.ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
@@ -711,3 +729,79 @@ def test_evaluate_codebook_png_and_errors(tokenizer_ckpt, pretrain_ckpt, tmp_pat
     p = run_script('evaluate.py', '--mode=segment', f'--checkpoint={pretrain_ckpt}', '--data=ade20k:/nonexistent',
                    *EVAL_TINY[:-1], ok=False)
     assert 'ADE20K' in p.stderr and 'Traceback' not in p.stderr
+
+# ----------------------------------------------------------------------------- teachers (train_tokenizer.py)
+
+import train_tokenizer as TT  # noqa: E402
+
+
+def test_clip_teacher_from_torchscript_file(tmp_path):
+    torch.manual_seed(0)
+    ref = TT.CLIPVisual(width=64, layers=2, patch=8, grid=4, out_dim=16)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.1)
+    holder = torch.nn.Module()
+    holder.visual = ref
+    holder.forward = ref.forward
+    x = torch.rand(2, 3, 32, 32)
+    torch.jit.trace(holder, x).save(str(tmp_path / 'ViT-B-16.pt'))  # the OpenAI file is TorchScript
+    t = TT.load_clip(str(tmp_path / 'ViT-B-16.pt')).eval()
+    with torch.no_grad():
+        close(t(x), ref(x), atol=1e-6)
+    assert t(x).shape == (2, 16, 16)
+
+
+def test_attention_without_k_bias_equals_full_qkv_bias():
+    """Why DINO's qkv.bias loads into q_bias/v_bias: the k bias adds q.b_k to every logit of a
+    query, a constant that softmax removes."""
+    torch.manual_seed(0)
+    attn = B.Attention(32, 2).double()
+    with torch.no_grad():
+        attn.q_bias.normal_(), attn.v_bias.normal_()
+    k_bias = torch.randn(32, dtype=torch.float64)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    qkv = x @ attn.qkv.weight.T + torch.cat([attn.q_bias, k_bias, attn.v_bias])
+    q, k, v = qkv.view(2, 5, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    ref = ((q @ k.transpose(-2, -1) / 4).softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 32)
+    close(attn(x), attn.proj(ref))
+
+
+def test_dino_teacher_from_state_dict_file(tmp_path):
+    torch.manual_seed(0)
+    vit = B.ViT(B.ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1, layer_scale=0.0,
+                            abs_pos_emb=True, rel_pos_bias='none'))
+    sd = vit.state_dict()
+    for i in range(2):  # DINO names: one qkv.bias (with a k part), head.* to be dropped
+        q, v = sd.pop(f'blocks.{i}.attn.q_bias'), sd.pop(f'blocks.{i}.attn.v_bias')
+        sd[f'blocks.{i}.attn.qkv.bias'] = torch.cat([q, torch.randn(64), v])
+    sd['head.weight'] = torch.zeros(3, 64)
+    torch.save(sd, tmp_path / 'dino_vitbase16_pretrain.pth')
+    t = TT.load_dino(str(tmp_path / 'dino_vitbase16_pretrain.pth')).eval()
+    x = torch.rand(2, 3, 32, 32)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        close(t(x), vit.forward_patch_tokens((x - mean) / std), atol=1e-6)
+
+
+
+def test_torchvision_teacher_from_weights_file(tmp_path):
+    import torchvision
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / 'resnet18.pth')
+    cfg = TT.Config(teacher='tv:resnet18', teacher_weights=str(tmp_path / 'resnet18.pth'), img_size=64, patch_size=16)
+    t = TT.build_teacher(cfg)
+    assert t(torch.rand(2, 3, 64, 64)).shape == (2, 16, 256)  # layer3: 256 channels at stride 16
+    assert not any(p.requires_grad for p in t.parameters()) and not t.training
+
+
+def test_hog_teacher_is_structured():
+    t = TT.HOGTeacher(4)
+    img = torch.zeros(1, 3, 16, 16)
+    img[..., :, 8:] = 1.0  # a vertical edge between patch columns 1 and 2
+    f = t(img)
+    assert f.shape == (1, 16, 3 * 9 * 4 + 3)
+    assert torch.allclose(f.mean(1), torch.zeros(1, f.shape[-1]), atol=1e-6)  # centred per image
+    edge = f.view(4, 4, -1)[:, 1:3, :-3].abs().sum()
+    flat = f.view(4, 4, -1)[:, [0, 3], :-3].std(0).sum()
+    assert edge > 10 * flat  # gradients show up where the edge is
