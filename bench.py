@@ -255,7 +255,7 @@ def main(argv=None):
         ds = C.DemoShapes('train', size=cfg.img_size)
         views = pretrain.TwoViews(cfg.img_size, cfg.img_size, 0.2, B.MaskingGenerator(grid))
         loader, sampler = C.make_loader(ds, views, pcfg, env)
-        it = C.batches(loader, sampler, 0, 0)
+        it = C.stream(loader, sampler, 0, len(loader), 1)
         next(it)  # workers started
         t0, n = time.perf_counter(), 0
         for _ in range(cfg.steps):

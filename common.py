@@ -231,22 +231,23 @@ def make_loader(dataset, transform, cfg, env, shuffle=True, joint=False):
     return loader, sampler
 
 
-def batches(loader, sampler, epoch, start_batch):
-    """The batches of `epoch`, starting at batch `start_batch` of this rank; a worker's
-    'unreadable image' error becomes a one-line error."""
-    sampler.set_epoch(epoch)
-    sampler.start = start_batch * loader.batch_size
-    it = iter(loader)
+def stream(loader, sampler, step, steps_per_epoch, accum):
+    """The batches from optimizer step `step` on, epoch after epoch: a resumed run continues
+    mid-epoch at the same sample. A worker's 'unreadable image' error becomes a one-line error."""
+    epoch, it = divmod(step, steps_per_epoch)
     while True:
-        try:
-            yield next(it)
-        except StopIteration:
-            return
-        except RuntimeError as e:
-            line = next((ln for ln in str(e).splitlines() if 'unreadable image' in ln), None)
-            if line is None:
-                raise
-            die(line.split('RuntimeError: ')[-1])
+        sampler.set_epoch(epoch)
+        sampler.start = it * accum * loader.batch_size
+        data = iter(loader)
+        for _ in range((steps_per_epoch - it) * accum):
+            try:
+                yield next(data)
+            except RuntimeError as e:
+                line = next((ln for ln in str(e).splitlines() if 'unreadable image' in ln), None)
+                if line is None:
+                    raise
+                die(line.split('RuntimeError: ')[-1])
+        epoch, it = epoch + 1, 0
 
 
 class CropTransform:
@@ -276,6 +277,22 @@ def get_lr(step, cfg):
         return cfg.lr * step / cfg.warmup_steps
     t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g['lr'] = lr * g.get('lr_scale', 1.0)  # layer-wise lr decay
+
+
+def optimizer_step(env, optimizer, clip_grad):
+    """Unscale (fp16), clip (0 = no clip; the norm is measured anyway), step, zero the grads."""
+    env.scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g['params']]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float('inf'))
+    env.scaler.step(optimizer)
+    env.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return gnorm.item()
 
 
 def steps_from_epochs(cfg, env, n_images):

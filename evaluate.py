@@ -8,6 +8,7 @@ fine-tuning or semantic segmentation, or show what a tokenizer's codes mean.
         --checkpoint=beitv2_base_patch16_224_pt1k.pth
 Settings are --key=value (see Config); README.md has the recipes.
 """
+import contextlib
 import json
 import math
 import os
@@ -417,33 +418,23 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score):
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
     log = C.Logger(cfg, env)
     start, t0 = step, time.time()
-    epoch, it = divmod(step, steps_per_epoch)
-    data = C.batches(loader, sampler, epoch, it * cfg.accum)
+    data = C.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     while step < cfg.steps:
-        if it == steps_per_epoch:
-            epoch, it = epoch + 1, 0
-            data = C.batches(loader, sampler, epoch, 0)
         lr = C.get_lr(step, cfg)
-        for g in optimizer.param_groups:
-            g['lr'] = lr * g.get('lr_scale', 1.0)
+        C.set_lr(optimizer, lr)
         model.train()
         for micro in range(cfg.accum):
             batch = next(data)
             sync = micro == cfg.accum - 1 or not env.ddp
-            with (ddp_model.no_sync() if not sync else torch.enable_grad()), env.autocast():
+            with (ddp_model.no_sync() if not sync else contextlib.nullcontext()), env.autocast():
                 loss = loss_fn(run, batch)
                 env.scaler.scale(loss / cfg.accum).backward()
-        env.scaler.unscale_(optimizer)
-        params = [p for g in optimizer.param_groups for p in g['params']]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float('inf'))
-        env.scaler.step(optimizer)
-        env.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step, it = step + 1, it + 1
+        gnorm = C.optimizer_step(env, optimizer, cfg.clip_grad)
+        step += 1
         C.check_finite(loss.item(), step, cfg)
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.time() - t0
-            log(step, cfg.steps, per_step, loss=loss.item(), lr=lr, gnorm=gnorm.item(),
+            log(step, cfg.steps, per_step, loss=loss.item(), lr=lr, gnorm=gnorm,
                 img_per_s=(step - start) * per_step / elapsed)
         stop = cfg.stop_after and step - start >= cfg.stop_after
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
@@ -540,6 +531,8 @@ def run_finetune(cfg, env):
     sd, mcfg = load_backbone_weights(cfg)
     train, classes = classification_data(cfg, 'train')
     val, _ = classification_data(cfg, 'val')
+    if cfg.eval_only and sd.get('head.weight', torch.empty(0)).shape[:1] != (classes,):
+        C.die(f'--eval_only: {cfg.checkpoint} has no {classes}-class head (the data has {classes} classes)')
     model = build_backbone(cfg, sd, mcfg, rel_pos_bias='per_block', mean_pooling=True, num_classes=classes,
                            drop_path=cfg.drop_path).to(env.device)
     if cfg.eval_only:

@@ -7,6 +7,7 @@ tokenizer; a [CLS] aggregation head predicts them again from [CLS] + layer-9 pat
         --tokenizer=vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth --accum=2
 Settings are --key=value (see Config); README.md has the recipes.
 """
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -84,18 +85,16 @@ class TwoViews:
     def __init__(self, img_size, tok_size, min_scale, masker):
         self.jitter_flip = T.Compose([T.ColorJitter(0.4, 0.4, 0.4), T.RandomHorizontalFlip()])
         self.crop = T.RandomResizedCrop(img_size, scale=(min_scale, 1.0))
-        self.sizes, self.masker = (img_size, tok_size), masker
+        self.img_size, self.tok_size, self.masker = img_size, tok_size, masker
         self.normalize = T.Normalize(C.IMAGENET_MEAN, C.IMAGENET_STD)
 
     def __call__(self, img, rng):
         img = self.jitter_flip(img)
-        box = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
-        views = [TF.to_tensor(TF.resized_crop(img, *box, [s, s], T.InterpolationMode.BICUBIC))
-                 for s in sorted(set(self.sizes))]
-        student, tok = views[0], views[-1] if self.sizes[1] != self.sizes[0] else views[0]
-        if self.sizes[0] > self.sizes[1]:
-            student, tok = tok, student
-        return self.normalize(student), tok.clamp(0, 1), self.masker(rng)
+        box = self.crop.get_params(img, self.crop.scale, self.crop.ratio)  # one box for both views
+        resize = lambda s: TF.to_tensor(TF.resized_crop(img, *box, [s, s], T.InterpolationMode.BICUBIC))  # noqa
+        student = resize(self.img_size)
+        tok = student if self.tok_size == self.img_size else resize(self.tok_size)
+        return self.normalize(student), tok, self.masker(rng)  # normalize makes a new tensor
 
 
 def main(argv=None):
@@ -144,15 +143,10 @@ def main(argv=None):
     log = C.Logger(cfg, env)
     counts = torch.zeros(tokenizer.cfg.n_embed, device=env.device)  # target codes since last log
     start, t0 = step, time.time()
-    epoch, it = divmod(step, steps_per_epoch)
-    data = C.batches(loader, sampler, epoch, it * cfg.accum)
+    data = C.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     while step < cfg.steps:
-        if it == steps_per_epoch:
-            epoch, it = epoch + 1, 0
-            data = C.batches(loader, sampler, epoch, 0)
         lr = C.get_lr(step, cfg)
-        for g in optimizer.param_groups:
-            g['lr'] = lr * g['lr_scale']
+        C.set_lr(optimizer, lr)
         model.train()
         for micro in range(cfg.accum):
             (images, tok_images, mask), _ = next(data)
@@ -160,16 +154,12 @@ def main(argv=None):
             with torch.no_grad(), env.autocast():
                 codes = tokenizer.encode(tok_images.to(env.device, non_blocking=True))  # (B, n) targets
             sync = micro == cfg.accum - 1 or not env.ddp
-            with (ddp_model.no_sync() if not sync else torch.enable_grad()), env.autocast():
+            with (ddp_model.no_sync() if not sync else contextlib.nullcontext()), env.autocast():
                 logits, losses = run(images, mask, codes)
                 env.scaler.scale(losses['loss'] / cfg.accum).backward()
             counts += torch.bincount(codes.flatten(), minlength=len(counts))
-        env.scaler.unscale_(optimizer)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float('inf'))
-        env.scaler.step(optimizer)
-        env.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step, it = step + 1, it + 1
+        gnorm = C.optimizer_step(env, optimizer, cfg.clip_grad)
+        step += 1
         loss = losses['loss'].item()
         C.check_finite(loss, step, cfg)
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -179,7 +169,7 @@ def main(argv=None):
             elapsed = time.time() - t0
             log(step, cfg.steps, per_step, loss=loss, loss_1=losses['loss_1'].item(),
                 loss_2=losses.get('loss_2', losses['loss_1']).item(), mlm_acc_1=acc[0], mlm_acc_2=acc[-1],
-                unused_codes=usage['unused'], lr=lr, gnorm=gnorm.item(),
+                unused_codes=usage['unused'], lr=lr, gnorm=gnorm,
                 img_per_s=(step - start) * per_step / elapsed,
                 eta_min=(cfg.steps - step) * elapsed / (step - start) / 60)
             counts.zero_()

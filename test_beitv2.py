@@ -6,7 +6,6 @@
 test_official_* compare against golden outputs of the official code (testdata/README.md); set
 BEITV2_FIXTURE to check another fixture made the same way with other sizes.
 """
-import io
 import json
 import math
 import os
@@ -729,6 +728,9 @@ def test_evaluate_codebook_png_and_errors(tokenizer_ckpt, pretrain_ckpt, tmp_pat
     p = run_script('evaluate.py', '--mode=segment', f'--checkpoint={pretrain_ckpt}', '--data=ade20k:/nonexistent',
                    *EVAL_TINY[:-1], ok=False)
     assert 'ADE20K' in p.stderr and 'Traceback' not in p.stderr
+    p = run_script('evaluate.py', '--mode=finetune', '--eval_only=True', f'--checkpoint={pretrain_ckpt}',
+                   *EVAL_TINY, ok=False)
+    assert 'class head' in p.stderr and 'Traceback' not in p.stderr
 
 # ----------------------------------------------------------------------------- teachers (train_tokenizer.py)
 
@@ -805,3 +807,52 @@ def test_hog_teacher_is_structured():
     edge = f.view(4, 4, -1)[:, 1:3, :-3].abs().sum()
     flat = f.view(4, 4, -1)[:, [0, 3], :-3].std(0).sum()
     assert edge > 10 * flat  # gradients show up where the edge is
+
+
+@pytest.mark.slow
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    """The README's example, with a small tokenizer saved under the official file name."""
+    import re
+    torch.manual_seed(0)
+    cfg = B.VQKDConfig(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_depth=1,
+                       n_embed=8192, code_dim=8)
+    torch.save({'model': B.VQKD(cfg).state_dict(), 'model_config': cfg.__dict__},
+               tmp_path / 'vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth')
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r'```python\n(.*?)```', (HERE / 'README.md').read_text(), re.S)
+    scope = {}
+    exec('\n'.join(blocks), scope)
+    assert scope['codes'].shape == (2, 196) and torch.isfinite(scope['losses']['loss'])
+
+
+def test_fashion_mnist_files_load_as_rgb(tmp_path):
+    """torchvision's FashionMNIST with download=False, on idx files the test writes."""
+    import common
+    raw = tmp_path / 'FashionMNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for split, n in (('train', 6), ('t10k', 3)):
+        imgs = torch.randint(0, 255, (n, 28, 28), dtype=torch.uint8)
+        (raw / f'{split}-images-idx3-ubyte').write_bytes(
+            (2051).to_bytes(4, 'big') + n.to_bytes(4, 'big') + (28).to_bytes(4, 'big') * 2 + imgs.numpy().tobytes())
+        (raw / f'{split}-labels-idx1-ubyte').write_bytes(
+            (2049).to_bytes(4, 'big') + n.to_bytes(4, 'big') + bytes(range(n)))
+    ds = common.build_dataset(f'fashion_mnist:{tmp_path}', 'train', 32)
+    assert len(ds) == 6 and len(common.build_dataset(f'fashion_mnist:{tmp_path}', 'val', 32)) == 3
+    x, y = common.Augmented(ds, common.CropTransform(32), seed=0)[(0, 2)]
+    assert x.shape == (3, 32, 32) and y == 2
+
+
+def test_ade20k_layout_and_reduce_zero_label(tmp_path):
+    from PIL import Image
+    for sub in ('training', 'validation'):
+        (tmp_path / 'images' / sub).mkdir(parents=True)
+        (tmp_path / 'annotations' / sub).mkdir(parents=True)
+        Image.new('RGB', (40, 30), (10, 20, 30)).save(tmp_path / 'images' / sub / 'ADE_1.jpg')
+        mask = torch.zeros(30, 40, dtype=torch.uint8)
+        mask[:, 20:] = 150  # class 150 -> 149; 0 ("other") -> ignore
+        Image.fromarray(mask.numpy()).save(tmp_path / 'annotations' / sub / 'ADE_1.png')
+    ds = E.SegData(f'ade20k:{tmp_path}', 'train', 32)
+    img, mask = ds[0]
+    assert ds.num_classes == 150 and set(mask.unique().tolist()) == {149, 255}
+    x, y = E.SegTransform(32, train=True)((img, mask), random.Random(0))
+    assert x.shape == (3, 32, 32) and y.shape == (32, 32) and set(y.unique().tolist()) <= {149, 255}

@@ -6,6 +6,7 @@ teacher's patch features from the codes alone (cosine loss).
     torchrun --nproc_per_node=8 train_tokenizer.py --preset=clip_3x --data=/data/imagenet
 Settings are --key=value (see Config); README.md has the recipes.
 """
+import contextlib
 import os
 import time
 from collections import OrderedDict
@@ -295,15 +296,10 @@ def main(argv=None):
     log = C.Logger(cfg, env)
     counts = torch.zeros(cfg.n_embed, device=env.device)          # code histogram since last log
     start, t0 = step, time.time()
-    epoch, it = divmod(step, steps_per_epoch)
-    data = C.batches(loader, sampler, epoch, it * cfg.accum)
+    data = C.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     while step < cfg.steps:
-        if it == steps_per_epoch:                                  # next epoch
-            epoch, it = epoch + 1, 0
-            data = C.batches(loader, sampler, epoch, 0)
         lr = C.get_lr(step, cfg)
-        for g in optimizer.param_groups:
-            g['lr'] = lr * g['lr_scale']
+        C.set_lr(optimizer, lr)
         model.train()
         for micro in range(cfg.accum):
             images, _ = next(data)
@@ -311,16 +307,12 @@ def main(argv=None):
             with torch.no_grad(), env.autocast():
                 target = teacher(images)
             sync = micro == cfg.accum - 1 or not env.ddp
-            with (ddp_model.no_sync() if not sync else torch.enable_grad()), env.autocast():
+            with (ddp_model.no_sync() if not sync else contextlib.nullcontext()), env.autocast():
                 _, codes, losses = run(images, target)
                 env.scaler.scale(losses['loss'] / cfg.accum).backward()
             counts += torch.bincount(codes.flatten(), minlength=cfg.n_embed)
-        env.scaler.unscale_(optimizer)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float('inf'))
-        env.scaler.step(optimizer)
-        env.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step, it = step + 1, it + 1
+        gnorm = C.optimizer_step(env, optimizer, cfg.clip_grad)
+        step += 1
         loss = losses['loss'].item()
         C.check_finite(loss, step, cfg)
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -328,7 +320,7 @@ def main(argv=None):
             elapsed = time.time() - t0
             log(step, cfg.steps, per_step, loss=loss, rec_loss=losses['rec_loss'].item(),
                 quant_loss=losses['quant_loss'].item(), unused_codes=usage['unused'],
-                perplexity=usage['perplexity'], lr=lr, gnorm=gnorm.item(),
+                perplexity=usage['perplexity'], lr=lr, gnorm=gnorm,
                 img_per_s=(step - start) * per_step / elapsed,
                 eta_min=(cfg.steps - step) * elapsed / (step - start) / 60)
             counts.zero_()
