@@ -221,9 +221,9 @@ def main(argv=None):
                   f'official {res["official: student step"][1]:.6f}')
             print(f'ours/official median step time: {meds["ours: student step"] / meds["official: student step"]:.3f}')
             del off, fns
-        full = timed({'ours: full pretrain step': make_step(run, images, mask, None, ours_amp,
-                                                            torch.amp.GradScaler(device.type, enabled=cfg.dtype == 'fp16'),
-                                                            encode, tok_images)}, cfg, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == 'fp16')
+        step = make_step(run, images, mask, None, ours_amp, scaler, encode, tok_images)
+        full = timed({'ours: full pretrain step': step}, cfg, device)
         tflops = tokenizer_flops(tok, cfg.batch_size, train=False)
         ms, _, mem = full['ours: full pretrain step']
         report('ours: full pretrain step', ms, flops + tflops, cfg.batch_size, peak, mem)
@@ -260,7 +260,8 @@ def main(argv=None):
         t0, n = time.perf_counter(), 0
         for _ in range(cfg.steps):
             n += next(it)[1].shape[0]
-        print(f'{"loader (demo data, 2 views)":28s} {n / (time.perf_counter() - t0):8.1f} img/s with {cfg.workers} workers')
+        rate = n / (time.perf_counter() - t0)
+        print(f'{"loader (demo data, 2 views)":28s} {rate:8.1f} img/s with {cfg.workers} workers')
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f'peak RSS of the process: {rss:.0f} MiB')

@@ -196,7 +196,8 @@ def extract(fn, dataset, cfg, env):
     if env.ddp:  # pad to equal length, gather, drop the padding, restore the dataset order
         n = math.ceil(len(dataset) / env.world)
         pad = lambda t: torch.cat([t, t.new_zeros((n - len(t),) + t.shape[1:])])  # noqa: E731
-        gf, gy = [torch.empty_like(pad(f)) for _ in range(env.world)], [torch.empty_like(pad(y)) for _ in range(env.world)]
+        gf = [torch.empty_like(pad(f)) for _ in range(env.world)]
+        gy = [torch.empty_like(pad(y)) for _ in range(env.world)]
         dist.all_gather(gf, pad(f)), dist.all_gather(gy, pad(y))
         order = torch.stack(gf, 1).flatten(0, 1)[:len(dataset)], torch.stack(gy, 1).flatten(0, 1)[:len(dataset)]
         f, y = order
@@ -285,7 +286,8 @@ class Segmenter(nn.Module):
         # no final norm, no blocks past the last one read: every parameter gets a gradient (DDP)
         backbone.norm = backbone.fc_norm = None
         del backbone.blocks[max(layers) + 1:]
-        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), nn.BatchNorm2d(D), nn.GELU(), nn.ConvTranspose2d(D, D, 2, 2))
+        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), nn.BatchNorm2d(D), nn.GELU(),
+                                  nn.ConvTranspose2d(D, D, 2, 2))
         self.fpn2 = nn.ConvTranspose2d(D, D, 2, 2)
         self.fpn4 = nn.MaxPool2d(2)
         self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(D, c, 1)) for s in (1, 2, 3, 6))
@@ -396,7 +398,8 @@ class SegTransform:
         img, mask = T2.ToImage()(C.rgb(item[0])), tv_tensors.Mask(item[1][None])
         if self.train:
             s = int(self.size * rng.uniform(0.5, 2.0))
-            t = T2.Compose([T2.Resize(s), T2.RandomCrop(self.size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}),
+            fill = {tv_tensors.Image: 0, tv_tensors.Mask: 255}
+            t = T2.Compose([T2.Resize(s), T2.RandomCrop(self.size, pad_if_needed=True, fill=fill),
                             T2.RandomHorizontalFlip(), T2.ColorJitter(0.3, 0.3, 0.3)])
         else:
             t = T2.Resize(self.size)
@@ -483,8 +486,8 @@ class TrainTransform:
     erasing (torchvision's versions of timm's rand-m9-mstd0.5-inc1 and reprob 0.25, pixel mode)."""
 
     def __init__(self, cfg, finetune):
-        t = [T.RandomResizedCrop(cfg.img_size, scale=(cfg.min_crop_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-             T.RandomHorizontalFlip()]
+        t = [T.RandomResizedCrop(cfg.img_size, scale=(cfg.min_crop_scale, 1.0),
+                                 interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()]
         if finetune and cfg.randaug:
             t.append(T.RandAugment(2, 9))
         t += [T.ToTensor(), T.Normalize(C.IMAGENET_MEAN, C.IMAGENET_STD)]

@@ -174,11 +174,12 @@ def random_state(lay):
 
 
 def full_size_models():
+    tok = lambda n: B.VQKD(B.PRESETS['vqkd_encoder_base_decoder_' + n])  # noqa: E731
     base = B.PRESETS['beitv2_base_patch16_224']
     large = B.PRESETS['beitv2_large_patch16_224']
-    yield 'tokenizer/vqkd_encoder_base_decoder_1x768x12_clip', lambda: B.VQKD(B.PRESETS['vqkd_encoder_base_decoder_1x768x12_clip'])
-    yield 'tokenizer/vqkd_encoder_base_decoder_3x768x12_clip', lambda: B.VQKD(B.PRESETS['vqkd_encoder_base_decoder_3x768x12_clip'])
-    yield 'tokenizer/vqkd_encoder_base_decoder_1x768x12_dino', lambda: B.VQKD(B.PRESETS['vqkd_encoder_base_decoder_1x768x12_dino'])
+    yield 'tokenizer/vqkd_encoder_base_decoder_1x768x12_clip', lambda: tok('1x768x12_clip')
+    yield 'tokenizer/vqkd_encoder_base_decoder_3x768x12_clip', lambda: tok('3x768x12_clip')
+    yield 'tokenizer/vqkd_encoder_base_decoder_1x768x12_dino', lambda: tok('1x768x12_dino')
     yield 'pretrain/beit_base_patch16_224_8k_vocab_cls_pt', lambda: B.BEiTv2(base)
     yield 'pretrain/beit_large_patch16_224_8k_vocab_cls_pt', lambda: B.BEiTv2(large)
     yield 'finetune/beit_base_patch16_224', lambda: B.ViT(B.classifier_config(base, 1000))
@@ -546,7 +547,8 @@ def opt_tensors(opt):
 @pytest.mark.parametrize('script', ['train_tokenizer.py', 'pretrain.py'])
 def test_resume_mid_epoch_is_bit_exact(script, tokenizer_ckpt, tmp_path):
     # demo train split of 40 images, batch 8 -> 5 steps/epoch; stop at step 3, resume to step 7
-    extra = TINY_TOK if script == 'train_tokenizer.py' else TINY_PRE + [f'--tokenizer={tokenizer_ckpt}', '--drop_path=0.1']
+    pre = TINY_PRE + [f'--tokenizer={tokenizer_ckpt}', '--drop_path=0.1']
+    extra = TINY_TOK if script == 'train_tokenizer.py' else pre
     common = [*extra, '--steps=7', '--workers=1', '--ckpt_every=100']
     common.append('--data=demo:40')
     run_script(script, *common, f'--out_dir={tmp_path / "full"}')
@@ -690,7 +692,8 @@ def test_segmenter_shapes_and_gradients():
 @pytest.fixture(scope='module')
 def pretrain_ckpt(tokenizer_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp('pre')
-    run_script('pretrain.py', *TINY_PRE, '--steps=2', '--workers=0', f'--tokenizer={tokenizer_ckpt}', f'--out_dir={out}')
+    run_script('pretrain.py', *TINY_PRE, '--steps=2', '--workers=0', f'--tokenizer={tokenizer_ckpt}',
+               f'--out_dir={out}')
     return out / 'ckpt.pt'
 
 
