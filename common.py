@@ -272,11 +272,13 @@ def eval_transform(img_size, normalize=True):
 
 
 def get_lr(step, cfg):
-    """Linear warmup from 0, then cosine to min_lr, per step (official cosine_scheduler)."""
+    """Linear warmup from 0, then to min_lr by cosine (official cosine_scheduler), or linearly
+    with schedule='poly' (mmseg's poly, power 1, used for segmentation); per step."""
     if step < cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    decay = 1 - t if getattr(cfg, 'schedule', 'cosine') == 'poly' else 0.5 * (1 + math.cos(math.pi * t))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * decay
 
 
 def set_lr(optimizer, lr):

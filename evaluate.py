@@ -66,6 +66,7 @@ class Config:
     steps: int = 300
     warmup_steps: int = 30
     lr: float = 4.0                 # demo LARS: 300 steps need more than MAE's 0.1 x batch / 256
+    schedule: str = 'cosine'        # cosine | poly (linear decay: the official segmentation schedule)
     min_lr: float = 0.0
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
@@ -86,7 +87,7 @@ IN1K = dict(data='', checkpoint='', img_size=224, min_crop_scale=0.08, workers=1
 PRESETS = {
     'demo': {},
     'demo_finetune': dict(mode='finetune', lr=1e-3, weight_decay=0.05, steps=300, warmup_steps=30),
-    'demo_segment': dict(mode='segment', lr=1e-3, weight_decay=0.05, layer_decay=0.9, steps=300),
+    'demo_segment': dict(mode='segment', lr=1e-3, weight_decay=0.05, layer_decay=0.9, steps=300, schedule='poly'),
     # MAE linear protocol: batch 16384 with LARS, lr 0.1 x batch / 256, 90 epochs, 10 warmup
     'linear_base': dict(IN1K, mode='linear', batch_size=1024, accum=2, epochs=90, warmup_epochs=10, lr=6.4),
     'linear_beit': dict(IN1K, mode='linear', linear_recipe='beit', batch_size=128, epochs=100, lr=4e-3,
@@ -100,7 +101,7 @@ PRESETS = {
     # official ADE20K UperNet: 8 GPUs x 2 images of 512, 160k iterations, lr 5e-5, layer decay 0.75
     'segment_base': dict(IN1K, mode='segment', img_size=512, seg_layers=(3, 5, 7, 11), batch_size=2,
                          steps=160000, warmup_steps=1500, lr=5e-5, weight_decay=0.05, layer_decay=0.75,
-                         drop_path=0.15, seg_stride=341),
+                         drop_path=0.15, seg_stride=341, schedule='poly'),
 }
 
 # ----------------------------------------------------------------------------- backbones

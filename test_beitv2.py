@@ -362,6 +362,16 @@ def test_kmeans_needs_enough_vectors():
         B.kmeans(F.normalize(torch.randn(10, 8), dim=-1), 16)
 
 
+def test_lr_schedules():
+    import types
+    from common import get_lr
+    cfg = types.SimpleNamespace(lr=1.0, min_lr=0.0, warmup_steps=10, steps=110, schedule='cosine')
+    assert get_lr(0, cfg) == 0 and get_lr(5, cfg) == 0.5 and get_lr(10, cfg) == 1.0
+    assert abs(get_lr(60, cfg) - 0.5) < 1e-12 and get_lr(110, cfg) == 0.0
+    cfg.schedule = 'poly'
+    assert abs(get_lr(35, cfg) - 0.75) < 1e-12 and get_lr(110, cfg) == 0.0
+
+
 def test_code_usage():
     u = B.code_usage(torch.tensor([2.0, 2.0, 0.0, 0.0]))
     assert u['unused'] == 2 and u['usage'] == 0.5 and abs(u['perplexity'] - 2.0) < 1e-9
