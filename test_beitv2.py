@@ -869,3 +869,21 @@ def test_ade20k_layout_and_reduce_zero_label(tmp_path):
     assert ds.num_classes == 150 and set(mask.unique().tolist()) == {149, 255}
     x, y = E.SegTransform(32, train=True)((img, mask), random.Random(0))
     assert x.shape == (3, 32, 32) and y.shape == (32, 32) and set(y.unique().tolist()) <= {149, 255}
+
+
+def test_evaluate_reads_official_pretraining_file(tmp_path):
+    import argparse
+    torch.manual_seed(0)
+    pre = tiny_beit(embed_dim=64, num_heads=1).eval()
+    with torch.no_grad():
+        pre.rel_pos_bias.relative_position_bias_table.normal_()
+    torch.save({'model': B.export_state(pre), 'args': argparse.Namespace(model='beit_base_patch16_224_8k_vocab_cls_pt'),
+                'epoch': 3}, tmp_path / 'official_pt.pth')
+    cfg = E.Config(checkpoint=str(tmp_path / 'official_pt.pth'), img_size=32)
+    sd, mcfg = E.load_weights(cfg.checkpoint)
+    assert mcfg is None  # no config of ours: read off the shapes
+    probe = E.build_backbone(cfg, sd, mcfg, num_classes=0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    close(E.pooled(probe, x, cfg), pre.norm(pre.forward_tokens(x)[0][:, 0]), atol=1e-6)  # [CLS] after norm
+    clf = E.build_backbone(cfg, sd, mcfg, rel_pos_bias='per_block', mean_pooling=True, num_classes=5).eval()
+    close(clf.forward_tokens(x)[0], pre.forward_tokens(x)[0], atol=1e-5)
