@@ -185,14 +185,12 @@ def pooled(backbone, images, cfg, layers=None):
 @torch.no_grad()
 def extract(fn, dataset, cfg, env):
     """fn(images) -> (B, C) for every image of `dataset` (no augmentation), gathered on all ranks."""
-    idx = list(range(env.rank, len(dataset), env.world))
+    shard = torch.utils.data.Subset(dataset, range(env.rank, len(dataset), env.world))
     feats, labels = [], []
-    for i in range(0, len(idx), cfg.batch_size):
-        items = [dataset[j] for j in idx[i:i + cfg.batch_size]]
-        x = torch.stack([it[0] for it in items]).to(env.device)
+    for x, y in torch.utils.data.DataLoader(shard, cfg.batch_size, num_workers=cfg.workers):
         with env.autocast():
-            feats.append(fn(x).float())
-        labels.append(torch.tensor([it[1] for it in items], device=env.device))
+            feats.append(fn(x.to(env.device)).float())
+        labels.append(y.to(env.device))
     f, y = torch.cat(feats), torch.cat(labels)
     if env.ddp:  # pad to equal length, gather, drop the padding, restore the dataset order
         n = math.ceil(len(dataset) / env.world)
@@ -418,7 +416,7 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score):
     steps_per_epoch, per_step = C.steps_from_epochs(cfg, env, n_train)
     C.print_setup(cfg, env, steps_per_epoch, per_step)
     step = C.resume(cfg, env, model, optimizer)
-    ddp_model = DDP(model, broadcast_buffers=False) if env.ddp else model
+    ddp_model = DDP(model) if env.ddp else model  # broadcast buffers: one set of BatchNorm statistics
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
     log = C.Logger(cfg, env)
     start, t0 = step, time.time()

@@ -887,3 +887,14 @@ def test_evaluate_reads_official_pretraining_file(tmp_path):
     close(E.pooled(probe, x, cfg), pre.norm(pre.forward_tokens(x)[0][:, 0]), atol=1e-6)  # [CLS] after norm
     clf = E.build_backbone(cfg, sd, mcfg, rel_pos_bias='per_block', mean_pooling=True, num_classes=5).eval()
     close(clf.forward_tokens(x)[0], pre.forward_tokens(x)[0], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    p = run_script('train_tokenizer.py', *TINY_TOK, '--steps=6', '--workers=0', '--lr=1e30', '--ckpt_every=1',
+                   f'--out_dir={tmp_path}', ok=False)
+    assert p.returncode == 2 and 'loss is nan' in p.stderr and 'Traceback' not in p.stderr, p.stderr[-800:]
+    ckpt = B.load_file(tmp_path / 'ckpt.pt')
+    bad_step = int(p.stderr.split('at step ')[1].split(':')[0])
+    assert ckpt['step'] == bad_step - 1
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
