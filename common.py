@@ -364,16 +364,19 @@ def resume(cfg, env, model, optimizer):
 class Logger:
     """Rank 0: one fixed-format line per log step, and the same numbers in OUT_DIR/log.jsonl."""
 
-    def __init__(self, cfg, env):
+    def __init__(self, cfg, env, start_step):
         self.env, self.path = env, os.path.join(cfg.out_dir, 'log.jsonl')
-        self.t0 = time.time()
+        self.start, self.t_start = start_step, time.time()
+        self.t0 = self.t_start
 
     def __call__(self, step, total, images_per_step, **metrics):
         if not self.env.master:
             return
-        dt = time.time() - self.t0
-        self.t0 = time.time()
-        metrics.update(step=step, time=round(dt, 3))
+        now = time.time()
+        elapsed, done = now - self.t_start, max(1, step - self.start)  # since this run started
+        metrics.update(img_per_s=done * images_per_step / elapsed, eta_min=(total - step) * elapsed / done / 60,
+                       step=step, time=round(now - self.t0, 3))
+        self.t0 = now
         with open(self.path, 'a') as f:
             f.write(json.dumps(metrics) + '\n')
         shown = ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'

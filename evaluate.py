@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -418,8 +417,8 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score):
     step = C.resume(cfg, env, model, optimizer)
     ddp_model = DDP(model) if env.ddp else model  # broadcast buffers: one set of BatchNorm statistics
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
-    log = C.Logger(cfg, env)
-    start, t0 = step, time.time()
+    start = step
+    log = C.Logger(cfg, env, step)
     data = C.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     while step < cfg.steps:
         lr = C.get_lr(step, cfg)
@@ -435,9 +434,7 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score):
         step += 1
         C.check_finite(loss.item(), step, cfg)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.time() - t0
-            log(step, cfg.steps, per_step, loss=loss.item(), lr=lr, gnorm=gnorm,
-                img_per_s=(step - start) * per_step / elapsed)
+            log(step, cfg.steps, per_step, loss=loss.item(), lr=lr, gnorm=gnorm)
         stop = cfg.stop_after and step - start >= cfg.stop_after
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
             C.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),

@@ -140,9 +140,9 @@ def main(argv=None):
                           optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
                           config=asdict(cfg), model_config=asdict(mcfg))
 
-    log = C.Logger(cfg, env)
     counts = torch.zeros(tokenizer.cfg.n_embed, device=env.device)  # target codes since last log
     start, t0 = step, time.time()
+    log = C.Logger(cfg, env, step)
     data = C.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     while step < cfg.steps:
         lr = C.get_lr(step, cfg)
@@ -166,12 +166,9 @@ def main(argv=None):
             labels = codes[mask]
             acc = [(lg.argmax(-1) == labels).float().mean().item() for lg in logits]
             usage = B.code_usage(env.all_reduce(counts))
-            elapsed = time.time() - t0
             log(step, cfg.steps, per_step, loss=loss, loss_1=losses['loss_1'].item(),
                 loss_2=losses.get('loss_2', losses['loss_1']).item(), mlm_acc_1=acc[0], mlm_acc_2=acc[-1],
-                unused_codes=usage['unused'], lr=lr, gnorm=gnorm,
-                img_per_s=(step - start) * per_step / elapsed,
-                eta_min=(cfg.steps - step) * elapsed / (step - start) / 60)
+                unused_codes=usage['unused'], lr=lr, gnorm=gnorm)
             counts.zero_()
         stop = cfg.stop_after and step - start >= cfg.stop_after
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:

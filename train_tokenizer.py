@@ -293,9 +293,9 @@ def main(argv=None):
                           optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
                           config=asdict(cfg), model_config=asdict(mcfg))
 
-    log = C.Logger(cfg, env)
     counts = torch.zeros(cfg.n_embed, device=env.device)          # code histogram since last log
     start, t0 = step, time.time()
+    log = C.Logger(cfg, env, step)
     data = C.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     while step < cfg.steps:
         lr = C.get_lr(step, cfg)
@@ -317,12 +317,9 @@ def main(argv=None):
         C.check_finite(loss, step, cfg)
         if step % cfg.log_every == 0 or step == cfg.steps:
             usage = B.code_usage(env.all_reduce(counts))
-            elapsed = time.time() - t0
             log(step, cfg.steps, per_step, loss=loss, rec_loss=losses['rec_loss'].item(),
                 quant_loss=losses['quant_loss'].item(), unused_codes=usage['unused'],
-                perplexity=usage['perplexity'], lr=lr, gnorm=gnorm,
-                img_per_s=(step - start) * per_step / elapsed,
-                eta_min=(cfg.steps - step) * elapsed / (step - start) / 60)
+                perplexity=usage['perplexity'], lr=lr, gnorm=gnorm)
             counts.zero_()
         stop = cfg.stop_after and step - start >= cfg.stop_after
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
