@@ -170,7 +170,7 @@ def build_backbone(cfg, sd, mcfg, **over):
 # ----------------------------------------------------------------------------- features, k-NN, linear probe
 
 
-def pooled(backbone, images, cfg, layers=None):
+def pooled(backbone, images, cfg):
     """[CLS] or mean patch token of block `cfg.layer` (after the final norm for the last block)."""
     layer = cfg.layer % backbone.cfg.depth
     x, taken = backbone.forward_tokens(images, layers=(layer,))
@@ -197,8 +197,8 @@ def extract(fn, dataset, cfg, env):
         gf = [torch.empty_like(pad(f)) for _ in range(env.world)]
         gy = [torch.empty_like(pad(y)) for _ in range(env.world)]
         dist.all_gather(gf, pad(f)), dist.all_gather(gy, pad(y))
-        order = torch.stack(gf, 1).flatten(0, 1)[:len(dataset)], torch.stack(gy, 1).flatten(0, 1)[:len(dataset)]
-        f, y = order
+        f = torch.stack(gf, 1).flatten(0, 1)[:len(dataset)]  # rank r held items r, r + world, ...
+        y = torch.stack(gy, 1).flatten(0, 1)[:len(dataset)]
     return f, y
 
 
