@@ -898,3 +898,28 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     bad_step = int(p.stderr.split('at step ')[1].split(':')[0])
     assert ckpt['step'] == bad_step - 1
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_large_batch(tokenizer_ckpt, tmp_path):
+    """2 micro-batches of 8 are the same 16 samples as one batch of 16 (same sampler order)."""
+    args = [*TINY_PRE, f'--tokenizer={tokenizer_ckpt}', '--steps=3', '--workers=0', '--data=demo:64']
+    run_script('pretrain.py', *args, '--batch_size=16', f'--out_dir={tmp_path / "big"}')
+    run_script('pretrain.py', *args, '--batch_size=8', '--accum=2', f'--out_dir={tmp_path / "acc"}')
+    a, b = B.load_file(tmp_path / 'big' / 'ckpt.pt')['model'], B.load_file(tmp_path / 'acc' / 'ckpt.pt')['model']
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # AdamW ignores the gradient's scale; the logged norm does not (a missing 1/accum shows here)
+    norms = [[json.loads(line)['gnorm'] for line in (tmp_path / d / 'log.jsonl').read_text().splitlines()]
+             for d in ('big', 'acc')]
+    assert all(abs(x - y) < 1e-4 * x for x, y in zip(*norms)) and len(norms[0]) == 3
+
+
+@pytest.mark.slow
+def test_torchrun_knn_equals_one_process(pretrain_ckpt, tmp_path):
+    args = ['evaluate.py', '--mode=knn', f'--checkpoint={pretrain_ckpt}', *EVAL_TINY[:-1], '--data=demo:50']
+    run_script(*args, f'--out_dir={tmp_path / "one"}')
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
+                        *args, f'--out_dir={tmp_path / "two"}'], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    one, two = (json.loads((tmp_path / d / 'result.json').read_text()) for d in ('one', 'two'))
+    assert one['top1'] == two['top1'] and one['top5'] == two['top5']
