@@ -67,6 +67,7 @@ PRESETS = {  # official names; the tokenizers are those of the official model zo
     'vqkd_encoder_base_decoder_1x768x12_clip': VQKDConfig(decoder_depth=1),
     'vqkd_encoder_base_decoder_3x768x12_clip': VQKDConfig(decoder_depth=3),
     'vqkd_encoder_base_decoder_1x768x12_dino': VQKDConfig(decoder_depth=1, teacher_dim=768),
+    'vqkd_encoder_base_decoder_3x768x12_dino': VQKDConfig(decoder_depth=3, teacher_dim=768),  # not released
     'beitv2_base_patch16_224': BEiTConfig(),
     'beitv2_large_patch16_224': BEiTConfig(embed_dim=1024, depth=24, num_heads=16,
                                            layer_scale=1e-5, early_layers=21),

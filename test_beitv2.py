@@ -923,3 +923,22 @@ def test_torchrun_knn_equals_one_process(pretrain_ckpt, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     one, two = (json.loads((tmp_path / d / 'result.json').read_text()) for d in ('one', 'two'))
     assert one['top1'] == two['top1'] and one['top5'] == two['top5']
+
+
+def test_every_preset_parses_and_holds_the_paper_recipe():
+    import bench
+    import common
+    import pretrain
+    for mod in (TT, pretrain, E, bench):
+        for name in mod.PRESETS:
+            common.configure(mod.Config(), mod.PRESETS, [f'--preset={name}'])  # dies on a type error
+    p = common.configure(pretrain.Config(), pretrain.PRESETS, ['--preset=base_1600', '--accum=2'])
+    assert (p.lr, p.weight_decay, p.clip_grad, p.betas, p.epochs, p.warmup_epochs) == \
+        (1.5e-3, 0.05, 3.0, (0.9, 0.999), 1600, 10)
+    assert (p.min_crop_scale, p.layer_scale, p.early_layers, p.drop_path, p.batch_size, p.accum) == \
+        (0.2, 0.1, 9, 0.1, 128, 2)
+    p = common.configure(pretrain.Config(), pretrain.PRESETS, ['--preset=large_300'])
+    assert (p.betas, p.drop_path, p.layer_scale, p.early_layers, p.depth) == ((0.9, 0.98), 0.0, 1e-5, 21, 24)
+    t = common.configure(TT.Config(), TT.PRESETS, ['--preset=clip_3x'])
+    assert (t.lr, t.betas, t.weight_decay, t.epochs, t.n_embed, t.code_dim, t.decoder_depth) == \
+        (5e-5, (0.9, 0.99), 1e-4, 100, 8192, 32, 3)

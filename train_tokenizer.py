@@ -73,6 +73,7 @@ PRESETS = {  # the paper's ImageNet-1k recipes (official TOKENIZER.md): 8 GPUs x
     'clip_3x': dict(IMAGENET, decoder_depth=3, teacher='clip'),
     'clip_1x': dict(IMAGENET, decoder_depth=1, teacher='clip'),
     'dino_1x': dict(IMAGENET, decoder_depth=1, teacher='dino'),
+    'dino_3x': dict(IMAGENET, decoder_depth=3, teacher='dino'),  # not in the official model zoo
 }
 
 # ----------------------------------------------------------------------------- teachers
