@@ -942,3 +942,14 @@ def test_every_preset_parses_and_holds_the_paper_recipe():
     t = common.configure(TT.Config(), TT.PRESETS, ['--preset=clip_3x'])
     assert (t.lr, t.betas, t.weight_decay, t.epochs, t.n_embed, t.code_dim, t.decoder_depth) == \
         (5e-5, (0.9, 0.99), 1e-4, 100, 8192, 32, 3)
+
+
+@pytest.mark.slow
+def test_tokenizer_vocabulary_mismatch_on_resume_is_a_clear_error(tokenizer_ckpt, tmp_path):
+    other = tmp_path / 'tok16'
+    run_script('train_tokenizer.py', *TINY_TOK, '--n_embed=16', '--steps=1', '--workers=0', f'--out_dir={other}')
+    args = [*TINY_PRE, '--steps=2', '--workers=0', f'--out_dir={tmp_path / "pre"}']
+    run_script('pretrain.py', *args, f'--tokenizer={tokenizer_ckpt}')  # vocabulary 32
+    p = run_script('pretrain.py', *args, '--steps=3', f'--tokenizer={other / "ckpt.pt"}', ok=False)  # 16
+    assert p.returncode == 2 and 'cannot resume' in p.stderr and 'lm_head' in p.stderr, p.stderr[-800:]
+    assert 'Traceback' not in p.stderr
