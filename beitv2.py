@@ -106,7 +106,8 @@ def add_rel_pos_table(module, grid, num_heads):
     h, w = grid
     rows = (2 * h - 1) * (2 * w - 1) + 3
     module.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))  # official: 0
-    module.register_buffer('relative_position_index', relative_position_index(h, w), persistent=False)
+    index = relative_position_index(h, w)
+    module.register_buffer('relative_position_index', index, persistent=False)
 
 
 def rel_pos_bias_of(module):  # (nh, N, N) from a module holding a table
@@ -146,7 +147,8 @@ class Attention(nn.Module):
         if self.own_rel_pos:
             rel_pos_bias = rel_pos_bias_of(self)
         if keep is not None:
-            q = q.gather(2, keep[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # (B, nh, K, hs)
+            nh, hs = q.shape[1], q.shape[3]
+            q = q.gather(2, keep[:, None, :, None].expand(-1, nh, -1, hs))  # (B, nh, K, hs)
             if rel_pos_bias is not None:
                 rel_pos_bias = rel_pos_bias[:, keep].transpose(0, 1)  # (B, nh, K, N)
             N = keep.shape[1]
@@ -185,7 +187,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential()  # official names mlp.fc1 / mlp.fc2, exact (erf) GELU
-        self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.mlp.fc1, self.mlp.act = nn.Linear(dim, hidden), nn.GELU()
+        self.mlp.fc2 = nn.Linear(hidden, dim)
         self.drop_path = drop_path
         if layer_scale > 0:
             self.gamma_1 = nn.Parameter(layer_scale * torch.ones(dim))
@@ -526,8 +529,8 @@ class BEiTv2(ViT):
         n_dpr = max(cfg.depth, cfg.early_layers + cfg.head_layers)
         dpr = torch.linspace(0, cfg.drop_path, n_dpr).tolist()
         self.cls_pt_layers = nn.ModuleList(  # official name; shares rel_pos_bias, norm and lm_head
-            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.layer_scale, dpr[cfg.early_layers + i])
-            for i in range(cfg.head_layers))
+            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.layer_scale,
+                  dpr[cfg.early_layers + i]) for i in range(cfg.head_layers))
         self.init_weights()
 
     @torch.no_grad()
@@ -608,7 +611,8 @@ def param_groups(model, weight_decay, layer_decay=1.0, depth=None):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_wd = p.ndim <= 1 or name.endswith('.bias') or name.split('.')[-1] in ('cls_token', 'pos_embed')
+        leaf = name.split('.')[-1]
+        no_wd = p.ndim <= 1 or name.endswith('.bias') or leaf in ('cls_token', 'pos_embed')
         lid = layer_id(name, depth) if depth is not None else 0
         scale = layer_decay ** (depth + 1 - lid) if depth is not None else 1.0
         g = groups.setdefault((lid, no_wd), dict(params=[], weight_decay=0.0 if no_wd else weight_decay,
@@ -660,8 +664,8 @@ def _spline_matrix(x, xq):
     i = (torch.searchsorted(x, xq) - 1).clamp(0, n - 2)
     a, b, hi = x[i + 1] - xq, xq - x[i], h[i]
     eye = torch.eye(n, dtype=torch.float64)
-    return (M[i] * (a ** 3 / (6 * hi) - a * hi / 6)[:, None] + M[i + 1] * (b ** 3 / (6 * hi) - b * hi / 6)[:, None]
-            + eye[i] * (a / hi)[:, None] + eye[i + 1] * (b / hi)[:, None])
+    ca, cb = (a ** 3 / (6 * hi) - a * hi / 6)[:, None], (b ** 3 / (6 * hi) - b * hi / 6)[:, None]
+    return M[i] * ca + M[i + 1] * cb + eye[i] * (a / hi)[:, None] + eye[i + 1] * (b / hi)[:, None]
 
 
 def resize_rel_pos_table(table, dst_rows):
@@ -753,12 +757,13 @@ def export_state(model, layout='official'):
 
 def vqkd_config_from_state(sd):
     """VQKDConfig of an official tokenizer state dict, read off its shapes (64-dim heads assumed)."""
-    D, p = sd['encoder.patch_embed.proj.weight'].shape[0], sd['encoder.patch_embed.proj.weight'].shape[-1]
+    w = sd['encoder.patch_embed.proj.weight']
+    D, p = w.shape[0], w.shape[-1]
     count = lambda pre: len({k.split('.')[2] for k in sd if k.startswith(pre + '.blocks.')})  # noqa: E731
     grid = int(math.sqrt(sd['encoder.pos_embed'].shape[1] - 1))
-    return VQKDConfig(img_size=grid * p, patch_size=p, embed_dim=D, depth=count('encoder'), num_heads=D // 64,
-                      decoder_depth=count('decoder'), n_embed=sd['quantize.embedding.weight'].shape[0],
-                      code_dim=sd['quantize.embedding.weight'].shape[1],
+    K, d = sd['quantize.embedding.weight'].shape
+    return VQKDConfig(img_size=grid * p, patch_size=p, embed_dim=D, depth=count('encoder'),
+                      num_heads=D // 64, decoder_depth=count('decoder'), n_embed=K, code_dim=d,
                       teacher_dim=sd['decode_task_layer.2.weight'].shape[0])
 
 

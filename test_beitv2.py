@@ -953,3 +953,16 @@ def test_tokenizer_vocabulary_mismatch_on_resume_is_a_clear_error(tokenizer_ckpt
     p = run_script('pretrain.py', *args, '--steps=3', f'--tokenizer={other / "ckpt.pt"}', ok=False)  # 16
     assert p.returncode == 2 and 'cannot resume' in p.stderr and 'lm_head' in p.stderr, p.stderr[-800:]
     assert 'Traceback' not in p.stderr
+
+
+def test_load_tokenizer_reads_the_config_off_an_official_file(tmp_path):
+    torch.manual_seed(0)
+    tok = tiny_vqkd(embed_dim=128, num_heads=2, decoder_depth=2, teacher_dim=40).eval()  # 64-dim heads
+    torch.save({'model': B.export_state(tok)}, tmp_path / 'vqkd_official_layout.pth')
+    loaded = B.load_tokenizer(tmp_path / 'vqkd_official_layout.pth')
+    assert loaded.cfg == tok.cfg and not any(p.requires_grad for p in loaded.parameters())
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(loaded.encode(x), tok.encode(x))
+    with pytest.raises(ValueError, match='not a tokenizer'):
+        torch.save({'model': tiny_beit().state_dict()}, tmp_path / 'pre.pth')
+        B.load_tokenizer(tmp_path / 'pre.pth')
