@@ -386,7 +386,7 @@ class NormEMACodebook(nn.Module):
     @torch.compiler.disable
     @torch.no_grad()
     def init_codebook(self, z):
-        means, counts = kmeans(z, self.K, self.kmeans_iters, sync=self.sync)
+        means, _ = kmeans(z, self.K, self.kmeans_iters, sync=self.sync)
         self.weight.copy_(means)
         self.initted.fill_(1)
 
@@ -685,13 +685,12 @@ def resize_rel_pos_table(table, dst_rows):
     return torch.cat([out, table[-3:]])
 
 
-def _convert(model, sd):
-    """Official/timm layouts -> ours (a dict with new keys; nothing is loaded here)."""
+def _convert(own, sd):
+    """Official/timm layouts -> ours, given our state dict `own` (a new dict; nothing is loaded)."""
     sd = {k: v for k, v in sd.items() if not k.startswith(('teacher', 'scaling', 'loss'))}
     rename = {'quantize.embedding.weight': 'quantize.weight', 'quantize.embedding.initted': 'quantize.initted'}
     sd = {rename.get(k, k): v for k, v in sd.items()
           if k not in ('quantize.embedding.cluster_size', 'quantize.embedding.embed_avg')}  # never read
-    own = model.state_dict()
     shared = sd.pop('rel_pos_bias.relative_position_bias_table', None)
     if shared is not None and 'rel_pos_bias.relative_position_bias_table' in own:
         sd['rel_pos_bias.relative_position_bias_table'] = shared
@@ -715,14 +714,14 @@ def load_state(model, sd, ignore=()):
     `ignore`: key prefixes that may be absent from the model (dropped) or from sd (left at
     init), e.g. PRETRAIN_ONLY + ('fc_norm', 'head') to fine-tune from a pretraining file.
     relative_position_index buffers are derived: absent ones are fine, present ones must match."""
-    sd = _convert(model, sd)
+    own = model.state_dict()
+    sd = _convert(own, sd)
     buffers = dict(model.named_buffers())
     for k in [k for k in sd if k.endswith('relative_position_index')]:
         v = sd.pop(k)
         if k in buffers and not torch.equal(v.to(buffers[k]), buffers[k]):
             raise ValueError(f'{k}: relative_position_index differs from the one of this grid')
     skip = lambda k: any(k == p or k.startswith(p + '.') for p in ignore)  # noqa: E731
-    own = model.state_dict()
     missing = [k for k in own if k not in sd and not skip(k)]
     unexpected = [k for k in sd if k not in own and not skip(k)]
     wrong = [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}' for k in sd
