@@ -252,7 +252,7 @@ def main(argv=None):
         pcfg = pretrain.Config(img_size=cfg.img_size, patch_size=16, batch_size=cfg.batch_size,
                                workers=cfg.workers, seed=cfg.seed)
         env = types.SimpleNamespace(world=1, rank=0, device=device)
-        ds = C.DemoShapes('train', size=cfg.img_size)
+        ds = C.DemoTextures('train', size=cfg.img_size)
         views = pretrain.TwoViews(cfg.img_size, cfg.img_size, 0.2, B.MaskingGenerator(grid))
         loader, sampler = C.make_loader(ds, views, pcfg, env)
         it = C.stream(loader, sampler, 0, len(loader), 1)

@@ -55,7 +55,7 @@ class Config:
     clip_grad: float = 3.0
     # run
     device: str = ''
-    dtype: str = ''                 # fp32 | bf16 | fp16; '' = bf16 on CUDA, fp32 on CPU
+    dtype: str = ''                 # fp32 | bf16 | fp16; '' = bf16 on CUDA and on CPUs with bf16 units
     compile: bool = False
     seed: int = 0
     out_dir: str = 'out/pretrain'

@@ -38,7 +38,7 @@ class Config:
     n_embed: int = 512              # codebook size K
     code_dim: int = 16              # codebook dimension
     decay: float = 0.99             # codebook EMA decay
-    # teacher: 'hog' (demo, no weights), 'clip', 'dino', or 'tv:MODEL[:NODE]' (torchvision)
+    # teacher: 'hog' / 'hog_colour' (demo, no weights), 'clip', 'dino', or 'tv:MODEL[:NODE]' (torchvision)
     teacher: str = 'hog'
     teacher_weights: str = ''       # local weights file for clip / dino / tv teachers
     # optimisation
@@ -55,7 +55,7 @@ class Config:
     clip_grad: float = 0.0          # 0 = no clipping (official)
     # run
     device: str = ''                # '' = cuda if available; 'cpu' forces the CPU
-    dtype: str = ''                 # fp32 | bf16 | fp16; '' = bf16 on CUDA, fp32 on CPU
+    dtype: str = ''                 # fp32 | bf16 | fp16; '' = bf16 on CUDA and on CPUs with bf16 units
     compile: bool = False           # torch.compile the tokenizer
     seed: int = 0
     out_dir: str = 'out/tokenizer'
@@ -80,32 +80,38 @@ PRESETS = {  # the paper's ImageNet-1k recipes (official TOKENIZER.md): 8 GPUs x
 
 
 class HOGTeacher(nn.Module):
-    """Demo target that needs no weights: per patch, histograms of oriented gradients per colour
-    channel (2x2 cells, 9 unsigned orientations, as MaskFeat's target) and the mean colour.
+    """Demo target that needs no weights: per patch, histograms of oriented gradients (2x2 cells,
+    9 unsigned orientations, as MaskFeat's target) of the colour channel with the strongest
+    gradient at each pixel (Dalal and Triggs): the patch's geometry, blind to its colours.
+    colour=True adds the mean colour and takes the histograms per channel instead.
     Centred over the image's patches and not normalised per patch (the cosine loss does that):
     non-negative targets would let a constant prediction score cos ~0.7, and a flat patch's
     direction would be its noise. Not the paper's teacher."""
 
-    def __init__(self, patch_size, bins=9):
+    def __init__(self, patch_size, bins=9, colour=False):
         super().__init__()
-        self.p, self.bins = patch_size, bins
+        self.p, self.bins, self.colour = patch_size, bins, colour
         sobel = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]])
         self.register_buffer('kernel', torch.stack([sobel, sobel.t()])[:, None].repeat(3, 1, 1, 1))
 
     def forward(self, images):                                     # (B, 3, H, W) in [0, 1]
         g = F.conv2d(F.pad(images, (1, 1, 1, 1), mode='reflect'), self.kernel, groups=3)
         gx, gy = g[:, 0::2], g[:, 1::2]                             # (B, 3, H, W) each
-        mag, ang = torch.hypot(gx, gy), torch.atan2(gy, gx) % torch.pi
-        b = ang / torch.pi * self.bins                              # soft-assign to 2 nearest bins
+        mag = torch.hypot(gx, gy)
+        if not self.colour:                                         # the strongest channel per pixel
+            top = mag.argmax(1, keepdim=True)
+            gx, gy, mag = gx.gather(1, top), gy.gather(1, top), mag.gather(1, top)  # (B, 1, H, W)
+        b = (torch.atan2(gy, gx) % torch.pi) / torch.pi * self.bins  # soft-assign to 2 nearest bins
         lo, frac = b.floor().long() % self.bins, b - b.floor()
         hist = F.one_hot(lo, self.bins) * (1 - frac)[..., None] + \
             F.one_hot((lo + 1) % self.bins, self.bins) * frac[..., None]
-        hist = (hist * mag[..., None]).permute(0, 1, 4, 2, 3).flatten(1, 2)  # (B, 3*bins, H, W)
+        hist = (hist * mag[..., None]).permute(0, 1, 4, 2, 3).flatten(1, 2)  # (B, c*bins, H, W)
         cells = F.avg_pool2d(hist, self.p // 2)                     # 2x2 cells per patch
-        B_, C_, h, w = cells.shape
-        hog = cells.view(B_, C_, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).flatten(3)
-        colour = F.avg_pool2d(images, self.p).permute(0, 2, 3, 1)   # (B, h, w, 3)
-        f = torch.cat([hog, colour], -1).flatten(1, 2)              # (B, n, 3*bins*4 + 3)
+        n, c, h, w = cells.shape
+        f = cells.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).flatten(3)  # (n, h/2, w/2, 4c)
+        if self.colour:
+            f = torch.cat([f, F.avg_pool2d(images, self.p).permute(0, 2, 3, 1)], -1)  # + mean colour
+        f = f.flatten(1, 2)                                         # (B, patches, features)
         return f - f.mean(1, keepdim=True)  # centred per image: a constant guess scores cos 0
 
 
@@ -242,8 +248,8 @@ class TorchvisionTeacher(nn.Module):
 def build_teacher(cfg):
     """Frozen, eval mode; called under no_grad. -> module mapping [0, 1] images to (B, n, C)."""
     grid = cfg.img_size // cfg.patch_size
-    if cfg.teacher == 'hog':
-        t = HOGTeacher(cfg.patch_size)
+    if cfg.teacher in ('hog', 'hog_colour'):
+        t = HOGTeacher(cfg.patch_size, colour=cfg.teacher == 'hog_colour')
     elif cfg.teacher == 'clip':
         t = load_clip(cfg.teacher_weights)
     elif cfg.teacher == 'dino':
@@ -252,7 +258,7 @@ def build_teacher(cfg):
         name, _, node = cfg.teacher[3:].partition(':')
         t = TorchvisionTeacher(name, node or 'layer3', cfg.teacher_weights, (grid, grid))
     else:
-        C.die(f"unknown teacher {cfg.teacher!r}: use hog, clip, dino or tv:MODEL[:NODE]")
+        C.die(f"unknown teacher {cfg.teacher!r}: use hog, hog_colour, clip, dino or tv:MODEL[:NODE]")
     return t.eval().requires_grad_(False)
 
 # ----------------------------------------------------------------------------- training
