@@ -1,9 +1,11 @@
 """Stage 3: evaluate a pretrained backbone (ours or an official file) by linear probing, k-NN,
 fine-tuning or semantic segmentation, or show what a tokenizer's codes mean.
 
-    python evaluate.py --mode=linear                  # demo: probes out/pretrain/ckpt.pt
-    python evaluate.py --mode=knn | finetune | segment
+    python evaluate.py                                # demo: pretrained vs random init vs pixels
+    python evaluate.py --mode=linear | knn | finetune | segment
     python evaluate.py --mode=codebook --checkpoint=out/tokenizer/ckpt.pt
+    python evaluate.py --mode=attention --image=PATH --query=3,4   # a patch's attention, per head
+    python evaluate.py --mode=codes --checkpoint=out/tokenizer/ckpt.pt --image=PATH
     torchrun --nproc_per_node=8 evaluate.py --preset=finetune_base --data=/data/imagenet \\
         --checkpoint=beitv2_base_patch16_224_pt1k.pth
 Settings are --key=value (see Config); README.md has the recipes.
@@ -12,7 +14,7 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -32,7 +34,8 @@ import common as C
 @dataclass
 class Config:
     preset: str = 'demo'
-    mode: str = 'linear'            # linear | knn | finetune | segment | codebook
+    mode: str = 'compare'           # compare (linear + knn of 3 backbones) | linear | knn | finetune |
+    #                                 segment | codebook | attention | codes
     checkpoint: str = 'out/pretrain/ckpt.pt'  # ours or official (pretraining / fine-tuned / tokenizer)
     data: str = 'demo'              # 'demo', ImageNet-layout folder, cifar10:ROOT, ...; segment: demo,
     img_size: int = 32              #   ade20k:ROOT or voc:ROOT
@@ -53,10 +56,16 @@ class Config:
     reprob: float = 0.25            # random erasing probability
     randaug: bool = True            # RandAugment(2 ops, magnitude 9)
     eval_only: bool = False         # score --checkpoint on the val split, no training
-    random_init: bool = False       # baseline: the checkpoint's architecture, official init, no weights
+    backbone: str = 'checkpoint'    # checkpoint | random: its architecture at the official init
+    #                                 (what pretraining started from) | pixels: raw pixels, no network
+    backbones: tuple = ('checkpoint', 'random', 'pixels')  # compare: the backbones set side by side
+    seeds: int = 1                  # compare: probes with seeds seed, seed+1, ... (mean reported)
     # segmentation
     seg_layers: tuple = (1, 2, 3, 5)  # blocks feeding the 4 scales (official base: 3, 5, 7, 11)
     seg_stride: int = 0             # sliding-window stride at test time; 0 = 2/3 of img_size
+    # attention / codes pictures
+    image: str = ''                 # image file; '' = the first val image of --data
+    query: str = 'cls'              # attention of: cls, or a patch ROW,COL (0-based)
     # optimisation
     batch_size: int = 64
     accum: int = 1
@@ -72,7 +81,7 @@ class Config:
     clip_grad: float = 0.0
     # run
     device: str = ''
-    dtype: str = ''
+    dtype: str = ''                 # as pretrain.py
     compile: bool = False
     seed: int = 0
     out_dir: str = 'out/eval'
@@ -139,13 +148,26 @@ def load_weights(path):
 
 
 def load_backbone_weights(cfg):
+    if cfg.backbone not in ('checkpoint', 'random', 'pixels'):
+        C.die(f'--backbone must be checkpoint, random or pixels, got {cfg.backbone!r}')
     sd, mcfg = load_weights(cfg.checkpoint)
-    if cfg.random_init:  # what pretraining started from: the official init of the same model
+    if cfg.backbone == 'random':  # what pretraining started from: the official init of the same model
         if not mcfg or 'vocab_size' not in mcfg:
-            C.die('--random_init needs one of our pretraining checkpoints (it reads the architecture)')
+            C.die('--backbone=random needs one of our pretraining checkpoints (it reads the architecture)')
         torch.manual_seed(cfg.seed)
         sd = B.BEiTv2(B.BEiTConfig(**mcfg)).state_dict()
     return sd, mcfg
+
+
+class Pixels(nn.Module):
+    """The raw-pixel baseline: the (normalised) image itself as the feature vector."""
+
+    def __init__(self, img_size):
+        super().__init__()
+        self.dim = 3 * img_size * img_size
+
+    def forward(self, images):
+        return images.flatten(1)
 
 
 def build_backbone(cfg, sd, mcfg, **over):
@@ -172,6 +194,8 @@ def build_backbone(cfg, sd, mcfg, **over):
 
 def pooled(backbone, images, cfg):
     """[CLS] or mean patch token of block `cfg.layer` (after the final norm for the last block)."""
+    if isinstance(backbone, Pixels):
+        return backbone(images)
     layer = cfg.layer % backbone.cfg.depth
     x, taken = backbone.forward_tokens(images, layers=(layer,))
     x = taken[0]
@@ -246,8 +270,11 @@ class Probe(nn.Module):
     def __init__(self, backbone, cfg, num_classes):
         super().__init__()
         self.backbone, self.cfg = backbone.requires_grad_(False), cfg
-        D, L = backbone.cfg.embed_dim, backbone.cfg.depth
-        if cfg.linear_recipe == 'beit':
+        if isinstance(backbone, Pixels):
+            D, L = backbone.dim, 1
+        else:
+            D, L = backbone.cfg.embed_dim, backbone.cfg.depth
+        if cfg.linear_recipe == 'beit' and not isinstance(backbone, Pixels):
             self.heads = nn.ModuleList(nn.Linear(2 * D, num_classes) for _ in range(L))
         else:
             self.heads = nn.ModuleList([nn.Sequential(nn.BatchNorm1d(D, affine=False), nn.Linear(D, num_classes))])
@@ -258,7 +285,7 @@ class Probe(nn.Module):
     def forward(self, images):  # -> list of logits, one per head
         self.backbone.eval()
         with torch.no_grad():
-            if self.cfg.linear_recipe == 'beit':
+            if len(self.heads) > 1:
                 _, xs = self.backbone.forward_tokens(images, layers=range(self.backbone.cfg.depth))
                 feats = [torch.cat([x[:, 0], x[:, 1:].mean(1)], 1) for x in xs]
             else:
@@ -350,7 +377,7 @@ class SegData(torch.utils.data.Dataset):
         name, _, root = spec.partition(':')
         self.reduce_zero = name == 'ade20k'
         if name == 'demo':
-            self.items, self.num_classes = C.DemoShapes(split, size=img_size, masks=True), len(C.DemoShapes.classes) + 1
+            self.items, self.num_classes = C.DemoTextures(split, size=img_size, masks=True), len(C.DemoTextures.classes) + 1
         elif name == 'ade20k':
             sub = 'training' if split == 'train' else 'validation'
             folder = os.path.join(root, 'images', sub)
@@ -408,12 +435,13 @@ class SegTransform:
 # ----------------------------------------------------------------------------- modes
 
 
-def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score):
+def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, quiet=False):
     """The training loop of the three trained modes (the stage scripts' loop): per-step lr with
     warmup + cosine, scaled per group, accumulation, clipping, logging, atomic checkpoints, resume.
     loss_fn(model, batch) -> loss; score(model) -> dict of metrics, run at the end."""
     steps_per_epoch, per_step = C.steps_from_epochs(cfg, env, n_train)
-    C.print_setup(cfg, env, steps_per_epoch, per_step)
+    if not quiet:
+        C.print_setup(cfg, env, steps_per_epoch, per_step)
     step = C.resume(cfg, env, model, optimizer)
     ddp_model = DDP(model) if env.ddp else model  # broadcast buffers: one set of BatchNorm statistics
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
@@ -433,7 +461,7 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score):
         gnorm = C.optimizer_step(env, optimizer, cfg.clip_grad)
         step += 1
         C.check_finite(loss.item(), step, cfg)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if (step % cfg.log_every == 0 or step == cfg.steps) and not quiet:
             log(step, cfg.steps, per_step, loss=loss.item(), lr=lr, gnorm=gnorm)
         stop = cfg.stop_after and step - start >= cfg.stop_after
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
@@ -447,7 +475,7 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score):
 
 def classification_data(cfg, split):
     ds = C.build_dataset(cfg.data, split, cfg.img_size)
-    classes = len(getattr(ds, 'classes', None) or C.DemoShapes.classes)
+    classes = len(getattr(ds, 'classes', None) or C.DemoTextures.classes)
     return ds, classes
 
 
@@ -495,11 +523,20 @@ class TrainTransform:
         return self.t(img)
 
 
-def run_linear(cfg, env):
+def feature_backbone(cfg):
+    """What linear probing and k-NN read features from: the checkpoint's ViT, the same ViT at its
+    random init, or raw pixels (--backbone)."""
+    if cfg.backbone == 'pixels':
+        return Pixels(cfg.img_size)
     sd, mcfg = load_backbone_weights(cfg)
+    return build_backbone(cfg, sd, mcfg, num_classes=0, drop_path=0.0)
+
+
+def run_linear(cfg, env, quiet=False):
+    backbone = feature_backbone(cfg)
     train, classes = classification_data(cfg, 'train')
     val, _ = classification_data(cfg, 'val')
-    model = Probe(build_backbone(cfg, sd, mcfg, num_classes=0, drop_path=0.0), cfg, classes).to(env.device)
+    model = Probe(backbone, cfg, classes).to(env.device)
     heads = [p for p in model.heads.parameters()]
     if cfg.linear_recipe == 'beit':
         optimizer = torch.optim.AdamW([dict(params=heads, weight_decay=cfg.weight_decay)], lr=cfg.lr)
@@ -511,19 +548,53 @@ def run_linear(cfg, env):
         x, y = batch[0].to(env.device), batch[1].to(env.device)
         return sum(F.cross_entropy(lg, y) for lg in m(x))
     return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
-               lambda m: classify(m, val, cfg, env))
+               lambda m: classify(m, val, cfg, env), quiet)
 
 
 def run_knn(cfg, env):
-    sd, mcfg = load_backbone_weights(cfg)
+    backbone = feature_backbone(cfg).to(env.device).eval()
     train, classes = classification_data(cfg, 'train')
     val, _ = classification_data(cfg, 'val')
-    backbone = build_backbone(cfg, sd, mcfg, num_classes=0, drop_path=0.0).to(env.device).eval()
     ev = C.eval_transform(cfg.img_size)
-    fn = lambda x: pooled(backbone, x, cfg)  # noqa: E731
-    train_f, train_y = extract(fn, _Mapped(train, ev), cfg, env)
-    val_f, val_y = extract(fn, _Mapped(val, ev), cfg, env)
+
+    def features(x):
+        return pooled(backbone, x, cfg)
+    train_f, train_y = extract(features, _Mapped(train, ev), cfg, env)
+    val_f, val_y = extract(features, _Mapped(val, ev), cfg, env)
     return topk_acc(knn_classify(train_f, train_y, val_f, cfg.knn_k, cfg.knn_t, classes), val_y)
+
+
+def run_compare(cfg, env):
+    """Does pretraining help? Linear probe and k-NN top-1 of the checkpoint, of the same
+    architecture at its random init, and of raw pixels, each probe with --seeds seeds (k-NN is
+    deterministic except for the random init). The probes start afresh every time."""
+    names = dict(checkpoint='pretrained', random='random init', pixels='raw pixels')
+    _, classes = classification_data(cfg, 'val')
+    table = {}
+    for backbone in cfg.backbones:
+        if backbone not in names:
+            C.die(f'--backbones: {backbone!r} is not one of {", ".join(names)}')
+        name = names[backbone]
+        for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+            sub = replace(cfg, backbone=backbone, seed=seed, out_dir=os.path.join(cfg.out_dir, f'{backbone}_{seed}'))
+            os.makedirs(sub.out_dir, exist_ok=True)
+            stale = os.path.join(sub.out_dir, 'ckpt.pt')  # a probe of an earlier checkpoint
+            if env.master and os.path.exists(stale):
+                os.remove(stale)
+            if env.ddp:
+                dist.barrier()
+            runs = [('linear probe', run_linear(sub, env, quiet=True)['top1'])]
+            if seed == cfg.seed or backbone == 'random':
+                runs.append(('k-NN', run_knn(sub, env)['top1']))
+            for probe, top1 in runs:
+                table.setdefault(probe, {}).setdefault(name, []).append(top1)
+                env.print(f'  {probe:12s} {name:11s} seed {seed}: top-1 {top1:.1f}')
+                record(cfg, env, dict(mode='compare_run', backbone=name, probe=probe, seed=seed, top1=top1,
+                                      chance=100 / classes))
+    mean = {p: {n: sum(v) / len(v) for n, v in row.items()} for p, row in table.items()}
+    line = '; '.join(f'{p}: ' + ' | '.join(f'{n} {v:.1f}' for n, v in row.items()) for p, row in mean.items())
+    env.print(f'top-1 % (chance {100 / classes:.1f}), mean of {cfg.seeds} seed(s): {line}')
+    return {f'{p} {n}': v for p, row in mean.items() for n, v in row.items()}
 
 
 def run_finetune(cfg, env):
@@ -628,9 +699,119 @@ def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
     return dict(codes_used=used, images=len(images), png=os.path.join(cfg.out_dir, 'codebook.png'))
 
 
+# ----------------------------------------------------------------------------- look inside: attention, codes
+
+
+def picture_input(cfg, img_size, normalize):
+    """The image of --image (or the first val image of --data), resized to img_size/0.875 and
+    centre-cropped: (1, 3, S, S), and the same in [0, 1] for drawing."""
+    if cfg.image:
+        if not os.path.exists(cfg.image):
+            C.die(f'--image {cfg.image!r} not found')
+        try:
+            img = C.load_image(cfg.image)
+        except RuntimeError as e:
+            C.die(str(e))
+    else:
+        img = C.rgb(C.build_dataset(cfg.data, 'val', img_size)[0][0])
+    shown = C.eval_transform(img_size, normalize=False)(img)[None]
+    return (C.eval_transform(img_size)(img)[None] if normalize else shown), shown
+
+
+@torch.no_grad()
+def attention_probs(backbone, images, layer):
+    """(B, nh, N, N) softmax attention of block `layer` (0-based), token 0 = [CLS]: the same
+    logits the block computes (q/v biases, scale, relative position bias)."""
+    x = backbone.embed(images) if layer == 0 else backbone.forward_tokens(images, layers=(layer - 1,))[1][0]
+    blk = backbone.blocks[layer]
+    attn = blk.attn
+    B_, N, D = x.shape
+    bias = None if attn.q_bias is None else torch.cat((attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias))
+    qkv = F.linear(blk.norm1(x), attn.qkv.weight, bias).view(B_, N, 3, attn.num_heads, D // attn.num_heads)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4)                                  # each (B, nh, N, hs)
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)              # (B, nh, N, N)
+    rel = B.rel_pos_bias_of(attn) if attn.own_rel_pos else backbone.shared_rel_pos_bias()
+    return (logits if rel is None else logits + rel).softmax(-1)
+
+
+def heat(image, a, box=None):
+    """Overlay a map a (h, w) in [0, 1] on image (3, S, S): black -> red -> yellow; box = the
+    (row, col, patch) to outline in cyan."""
+    a = F.interpolate(a[None, None], size=image.shape[1:], mode='nearest')[0, 0]
+    colour = torch.stack([(2 * a).clamp(max=1), (2 * a - 1).clamp(min=0), torch.zeros_like(a)])
+    out = 0.35 * image + 0.65 * colour
+    if box is not None:
+        r, c, p = box
+        edge = torch.zeros_like(a, dtype=torch.bool)
+        edge[r * p:(r + 1) * p, c * p:(c + 1) * p] = True
+        edge[r * p + 1:(r + 1) * p - 1, c * p + 1:(c + 1) * p - 1] = False  # the patch's outline
+        out = torch.where(edge, out.new_tensor([0.0, 1, 1])[:, None, None], out)
+    return out
+
+
+def run_attention(cfg, env):
+    """Official visualize_attention.py (DINO's tool): the attention of one query, [CLS] or a
+    patch, over the patches of block --layer, per head, overlaid on the image (any input size:
+    the relative position tables are resized as for fine-tuning)."""
+    from torchvision.utils import save_image
+    sd, mcfg = load_weights(cfg.checkpoint)
+    backbone = build_backbone(cfg, sd, mcfg, num_classes=0, drop_path=0.0).to(env.device).eval()
+    h, w = backbone.grid
+    p = backbone.cfg.patch_size
+    if cfg.query == 'cls':
+        row = col = None
+    else:
+        try:
+            row, col = (int(v) for v in cfg.query.split(','))
+        except ValueError:
+            C.die(f'--query must be cls or ROW,COL, got {cfg.query!r}')
+        if not (0 <= row < h and 0 <= col < w):
+            C.die(f'--query {row},{col} is outside the {h}x{w} patch grid')
+    layer = cfg.layer % backbone.cfg.depth
+    x, shown = picture_input(cfg, cfg.img_size, normalize=True)
+    probs = attention_probs(backbone, x.to(env.device), layer)[0].float().cpu()  # (nh, N, N)
+    q = 0 if row is None else 1 + row * w + col
+    maps = probs[:, q, 1:].view(-1, h, w)                                  # (nh, h, w) over patches
+    maps = maps / maps.flatten(1).max(1).values[:, None, None]             # each head to [0, 1]
+    box = None if row is None else (row, col, p)
+    tiles = [shown[0]] + [heat(shown[0], m, box) for m in maps]
+    scale = max(1, 128 // cfg.img_size)
+    out = F.interpolate(torch.stack(tiles), scale_factor=scale, mode='nearest')
+    path = os.path.join(cfg.out_dir, 'attention.png')
+    save_image(out, path, nrow=len(tiles), padding=2, pad_value=1)
+    top = [int(m.flatten().argmax()) for m in maps]
+    return dict(png=path, layer=layer, query=cfg.query, heads=len(maps),
+                peak=' '.join(f'{t // w},{t % w}' for t in top))
+
+
+@torch.no_grad()
+def run_codes(cfg, env):
+    """Official test_get_code.py: the tokenizer's code of every patch of one image (resize
+    img_size/0.875, centre crop, values in [0, 1]), printed as a grid, and a picture of the image
+    beside its code map (each code one colour; the colours of --mode=codebook's token maps)."""
+    from torchvision.utils import save_image
+    try:
+        tok = B.load_tokenizer(cfg.checkpoint).to(env.device)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        C.die(f'{cfg.checkpoint}: {e}')
+    _, shown = picture_input(cfg, tok.cfg.img_size, normalize=False)
+    codes = tok.encode(shown.to(env.device))[0].cpu()                      # (n,)
+    h, w = tok.grid
+    width = len(str(tok.cfg.n_embed - 1))
+    env.print('\n'.join(' '.join(f'{c:{width}d}' for c in row) for row in codes.view(h, w).tolist()))
+    palette = torch.rand(tok.cfg.n_embed, 3, generator=torch.Generator().manual_seed(0))
+    code_map = palette[codes].view(h, w, 3).permute(2, 0, 1)
+    code_map = F.interpolate(code_map[None], size=shown.shape[2:], mode='nearest')
+    pair = F.interpolate(torch.cat([shown, code_map]), scale_factor=max(1, 128 // shown.shape[-1]), mode='nearest')
+    path = os.path.join(cfg.out_dir, 'codes.png')
+    save_image(pair, path, nrow=2, padding=2, pad_value=1)
+    return dict(png=path, grid=f'{h}x{w}', distinct_codes=len(codes.unique()))
+
+
 def main(argv=None):
     cfg = C.configure(Config(), PRESETS, argv)
-    modes = dict(linear=run_linear, knn=run_knn, finetune=run_finetune, segment=run_segment, codebook=run_codebook)
+    modes = dict(compare=run_compare, linear=run_linear, knn=run_knn, finetune=run_finetune, segment=run_segment,
+                 codebook=run_codebook, attention=run_attention, codes=run_codes)
     if cfg.mode not in modes:
         C.die(f'--mode must be one of {", ".join(modes)}')
     if not cfg.data or not cfg.checkpoint:
@@ -640,14 +821,19 @@ def main(argv=None):
     env = C.Env(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     result = modes[cfg.mode](cfg, env)
-    if result is not None:
+    if result is not None and cfg.mode != 'compare':  # compare printed its own table
         env.print(f'{cfg.mode}: ' + ', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
                                            for k, v in result.items()))
-        if env.master:
-            with open(os.path.join(cfg.out_dir, 'result.json'), 'a') as f:
-                f.write(json.dumps(dict(mode=cfg.mode, checkpoint=cfg.checkpoint, **result)) + '\n')
+    if result is not None:
+        record(cfg, env, dict(mode=cfg.mode, checkpoint=cfg.checkpoint, backbone=cfg.backbone, **result))
     env.close()
     return result
+
+
+def record(cfg, env, result):  # one line of OUT_DIR/result.json (plot.py draws the compare runs)
+    if env.master:
+        with open(os.path.join(cfg.out_dir, 'result.json'), 'a') as f:
+            f.write(json.dumps(result) + '\n')
 
 
 if __name__ == '__main__':

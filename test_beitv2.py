@@ -810,16 +810,21 @@ def test_torchvision_teacher_from_weights_file(tmp_path):
     assert not any(p.requires_grad for p in t.parameters()) and not t.training
 
 
-def test_hog_teacher_is_structured():
-    t = TT.HOGTeacher(4)
+@pytest.mark.parametrize('colour', [False, True])
+def test_hog_teacher_is_structured(colour):
+    t = TT.HOGTeacher(4, colour=colour)
     img = torch.zeros(1, 3, 16, 16)
     img[..., :, 8:] = 1.0  # a vertical edge between patch columns 1 and 2
     f = t(img)
-    assert f.shape == (1, 16, 3 * 9 * 4 + 3)
+    hog = 3 * 9 * 4 if colour else 9 * 4
+    assert f.shape == (1, 16, hog + (3 if colour else 0))
     assert torch.allclose(f.mean(1), torch.zeros(1, f.shape[-1]), atol=1e-6)  # centred per image
-    edge = f.view(4, 4, -1)[:, 1:3, :-3].abs().sum()
-    flat = f.view(4, 4, -1)[:, [0, 3], :-3].std(0).sum()
+    edge = f.view(4, 4, -1)[:, 1:3, :hog].abs().sum()
+    flat = f.view(4, 4, -1)[:, [0, 3], :hog].std(0).sum()
     assert edge > 10 * flat  # gradients show up where the edge is
+    red = torch.zeros(1, 3, 16, 16)
+    red[:, 0, :, 8:] = 1.0  # the same edge, black to red
+    assert torch.equal(t(red), f) != colour  # the default target sees geometry, not colour
 
 
 @pytest.mark.slow
@@ -903,7 +908,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_gradient_accumulation_equals_the_large_batch(tokenizer_ckpt, tmp_path):
     """2 micro-batches of 8 are the same 16 samples as one batch of 16 (same sampler order)."""
-    args = [*TINY_PRE, f'--tokenizer={tokenizer_ckpt}', '--steps=3', '--workers=0', '--data=demo:64']
+    args = [*TINY_PRE, f'--tokenizer={tokenizer_ckpt}', '--steps=3', '--workers=0', '--data=demo:64',
+            '--dtype=fp32']  # the default is bf16 on CPUs with bf16 hardware
     run_script('pretrain.py', *args, '--batch_size=16', f'--out_dir={tmp_path / "big"}')
     run_script('pretrain.py', *args, '--batch_size=8', '--accum=2', f'--out_dir={tmp_path / "acc"}')
     a, b = B.load_file(tmp_path / 'big' / 'ckpt.pt')['model'], B.load_file(tmp_path / 'acc' / 'ckpt.pt')['model']
@@ -966,3 +972,91 @@ def test_load_tokenizer_reads_the_config_off_an_official_file(tmp_path):
     with pytest.raises(ValueError, match='not a tokenizer'):
         torch.save({'model': tiny_beit().state_dict()}, tmp_path / 'pre.pth')
         B.load_tokenizer(tmp_path / 'pre.pth')
+
+# ----------------------------------------------------------------------------- evaluate.py: attention and code pictures
+
+
+def tiny_pretrain_file(path, table_row=None):
+    """A random tiny BEiTv2 saved as our pretraining checkpoint (16 px, patch 4: a 4x4 grid);
+    table_row: a relative-offset row of the shared table set to +50 in every head."""
+    torch.manual_seed(0)
+    cfg = B.BEiTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, vocab_size=16,
+                       early_layers=1)
+    model = B.BEiTv2(cfg)
+    if table_row is not None:
+        with torch.no_grad():
+            model.rel_pos_bias.relative_position_bias_table[table_row] = 50.0
+    from dataclasses import asdict
+    torch.save(dict(model=model.state_dict(), model_config=asdict(cfg)), path)
+    return model
+
+
+def test_attention_probs_are_the_blocks_softmax(tmp_path):
+    import evaluate
+    model = tiny_pretrain_file(tmp_path / 'p.pt').eval()
+    with torch.no_grad():
+        model.rel_pos_bias.relative_position_bias_table.normal_()
+    x = torch.randn(2, 3, 16, 16)
+    for layer in (0, 1):
+        probs = evaluate.attention_probs(model, x, layer)                  # (2, nh, 17, 17)
+        assert torch.allclose(probs.sum(-1), torch.ones(2, 2, 17), atol=1e-6)
+        blk = model.blocks[layer]
+        inp = model.embed(x) if layer == 0 else model.forward_tokens(x, layers=(0,))[1][0]
+        y = blk.norm1(inp)
+        v = (y @ blk.attn.qkv.weight[64:].t() + blk.attn.v_bias).view(2, 17, 2, 16).transpose(1, 2)
+        mixed = (probs @ v).transpose(1, 2).reshape(2, 17, 32)
+        with torch.no_grad():
+            assert torch.allclose(blk.attn.proj(mixed), blk.attn(y, model.shared_rel_pos_bias()), atol=1e-5)
+
+
+def test_attention_picture_lights_the_forced_key(tmp_path):
+    """A bias of +50 on the offset (query - key) = (-1, +1) makes patch (1, 1) attend to (2, 0)."""
+    import evaluate
+    from PIL import Image
+    row = (-1 + 3) * 7 + (1 + 3)  # (dy + h - 1) * (2w - 1) + dx + w - 1 on the 4x4 grid
+    tiny_pretrain_file(tmp_path / 'p.pt', table_row=row)
+    res = evaluate.main(['--mode=attention', f'--checkpoint={tmp_path / "p.pt"}', '--img_size=16', '--query=1,1',
+                         '--data=demo:8', '--workers=0', f'--out_dir={tmp_path}'])
+    assert res['peak'] == '2,0 2,0' and res['heads'] == 2
+    # image + 2 heads, each 16 px enlarged 8x, 2 px padding around and between the tiles
+    assert Image.open(res['png']).size == (2 + 3 * (128 + 2), 2 + 128 + 2)
+    res = evaluate.main(['--mode=attention', f'--checkpoint={tmp_path / "p.pt"}', '--img_size=32', '--layer=0',
+                         '--data=demo:8', '--workers=0', f'--out_dir={tmp_path}'])  # 8x8 grid: tables resized
+    assert res['query'] == 'cls' and Image.open(res['png']).size == (2 + 3 * (128 + 2), 132)
+
+
+@pytest.mark.slow
+def test_codes_picture_equals_encode(tokenizer_ckpt, tmp_path):
+    import common
+    from PIL import Image
+    img = Image.fromarray((torch.rand(20, 24, 3) * 255).byte().numpy())
+    img.save(tmp_path / 'x.png')
+    p = run_script('evaluate.py', '--mode=codes', f'--checkpoint={tokenizer_ckpt}', f'--image={tmp_path / "x.png"}',
+                   f'--out_dir={tmp_path}')
+    grid = [[int(c) for c in line.split()] for line in p.stdout.splitlines()[:4]]
+    tok = B.load_tokenizer(tokenizer_ckpt)
+    x = common.eval_transform(16, normalize=False)(common.load_image(tmp_path / 'x.png'))[None]
+    assert torch.equal(torch.tensor(grid).flatten(), tok.encode(x)[0])
+    assert Image.open(tmp_path / 'codes.png').size == (2 + 2 * (128 + 2), 132)
+    p = run_script('evaluate.py', '--mode=codes', f'--checkpoint={tokenizer_ckpt}', '--image=/nonexistent.png',
+                   ok=False)
+    assert 'not found' in p.stderr and 'Traceback' not in p.stderr
+
+# ----------------------------------------------------------------------------- plot.py
+
+
+def test_plot_writes_curves_and_results(tmp_path):
+    pytest.importorskip('matplotlib')
+    import plot
+    from PIL import Image
+    rows = [dict(step=s, loss=10 - s, loss_1=5, loss_2=5, mlm_acc_1=0.1 * s, mlm_acc_2=0.1 * s, unused_codes=3,
+                 lr=1e-3, gnorm=1.0, img_per_s=100.0, eta_min=1.0, time=0.1) for s in range(1, 5)]
+    (tmp_path / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    res = [dict(mode='compare_run', backbone=b, probe=p, seed=s, top1=20.0 + s, chance=20.0)
+           for b in ('pretrained', 'random init', 'raw pixels') for p in ('linear probe', 'k-NN') for s in (0, 1)]
+    (tmp_path / 'result.json').write_text(''.join(json.dumps(r) + '\n' for r in res))
+    written = plot.main([str(tmp_path)])
+    assert [Path(w).name for w in written] == ['curves.png', 'results.png']
+    assert all(Image.open(w).size[0] > 300 for w in written)
+    with pytest.raises(SystemExit):
+        plot.main([str(tmp_path / 'nothing')])

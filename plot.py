@@ -1,0 +1,96 @@
+"""Pictures of runs: the training curves of each run from its OUT_DIR/log.jsonl, and the probe
+results of `evaluate.py --mode=compare` from its OUT_DIR/result.json. Needs matplotlib (optional:
+the training scripts never import it).
+
+    python plot.py out/tokenizer out/pretrain out/compare     # writes OUT_DIR/curves.png, results.png
+"""
+import json
+import os
+import sys
+
+# what the logs hold that is not a training curve
+SKIP = {'step', 'time', 'img_per_s', 'eta_min', 'gnorm', 'quant_loss'}
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(plt, rows, title, path):
+    """One panel per logged metric against the step; mlm_acc_1 and mlm_acc_2 share a panel."""
+    keys = [k for k in rows[0] if k not in SKIP and isinstance(rows[0][k], (int, float))]
+    panels = [k for k in keys if k != 'mlm_acc_2' and k != 'loss_2']
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
+    steps = [r['step'] for r in rows]
+    for ax, k in zip(axes[0], panels):
+        pair = {'mlm_acc_1': 'mlm_acc_2', 'loss_1': 'loss_2'}.get(k)
+        for name in [k] + ([pair] if pair in keys else []):
+            ax.plot(steps, [r[name] for r in rows], label=name)
+        ax.set_title(k if pair not in keys else f'{k} / {pair}', fontsize=9)
+        ax.set_xlabel('step', fontsize=8)
+        ax.tick_params(labelsize=7)
+        if k == 'lr':
+            ax.ticklabel_format(axis='y', style='sci', scilimits=(0, 0))
+        if pair in keys:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_results(plt, rows, title, path):
+    """Bars: top-1 of each backbone (pretrained / random init / raw pixels) for each probe,
+    averaged over the seeds in result.json, with every seed as a dot."""
+    rows = [r for r in rows if r.get('mode') == 'compare_run']
+    probes = sorted({r['probe'] for r in rows})
+    backbones = ['pretrained', 'random init', 'raw pixels']
+    fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(probes), 3.2))
+    width = 0.8 / len(backbones)
+    for j, b in enumerate(backbones):
+        for i, p in enumerate(probes):
+            vals = [r['top1'] for r in rows if r['probe'] == p and r['backbone'] == b]
+            if not vals:
+                continue
+            x = i + (j - 1) * width
+            ax.bar(x, sum(vals) / len(vals), width, color=f'C{j}', label=b if i == 0 else None)
+            ax.plot([x] * len(vals), vals, 'k.', markersize=4)
+    chance = rows[0].get('chance') if rows else None
+    if chance:
+        ax.axhline(chance, color='gray', linestyle='--', linewidth=1, label='chance')
+    ax.set_xticks(range(len(probes)), probes)
+    ax.set_ylabel('top-1 (%)')
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(dirs):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit('error: plot.py needs matplotlib (pip install matplotlib); training does not')
+    if not dirs:
+        sys.exit(__doc__)
+    written = []
+    for d in dirs:
+        log, res = os.path.join(d, 'log.jsonl'), os.path.join(d, 'result.json')
+        if os.path.exists(log) and read_jsonl(log):
+            plot_curves(plt, read_jsonl(log), d, os.path.join(d, 'curves.png'))
+            written.append(os.path.join(d, 'curves.png'))
+        if os.path.exists(res) and any(r.get('mode') == 'compare_run' for r in read_jsonl(res)):
+            plot_results(plt, read_jsonl(res), d, os.path.join(d, 'results.png'))
+            written.append(os.path.join(d, 'results.png'))
+        if not os.path.exists(log) and not os.path.exists(res):
+            sys.exit(f'error: {d} has neither log.jsonl nor result.json')
+    print('wrote ' + ', '.join(written))
+    return written
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
