@@ -10,6 +10,7 @@ Parameter names are the official (and timm) ones, so official weights load with 
 """
 import argparse
 import math
+import os
 import pickle
 import random
 import re
@@ -446,7 +447,24 @@ class VQKD(nn.Module):
     def encode(self, images):
         """images (B, 3, H, W) in [0, 1] -> codes (B, n) int64, row-major patch order. Pure: no
         statistics, no collectives (the official eval forward all-reduces usage counts)."""
+        self.check_images(images)
         return self.quantize.lookup(self.features(images))[1]
+
+    def check_images(self, images):
+        """What encode expects, as one-line ValueErrors: shape always; the values on the first
+        call only (a min/max is a device sync, and a training loop's later batches come the same way)."""
+        size = self.cfg.img_size
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
+            raise ValueError(f'encode expects images of shape (B, 3, {size}, {size}), got {tuple(images.shape)}')
+        if getattr(self, 'checked_values', False):
+            return
+        lo, hi = images.aminmax()
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            raise ValueError('encode got non-finite pixel values (NaN or inf)')
+        if lo < -0.01 or hi > 1.01:
+            raise ValueError(f'encode expects RGB values in [0, 1] (as ToTensor gives), got [{lo:.3g}, {hi:.3g}]: '
+                             'not ImageNet-normalised, not 0-255')
+        self.checked_values = True
 
     def decode(self, z_q):  # z_q: (B, n, code_dim) -> (B, n, teacher_dim)
         B, n, d = z_q.shape
@@ -480,9 +498,13 @@ class MaskingGenerator:
         self.num = round(n * 75 / 196) if num_masking_patches is None else num_masking_patches
         self.min_num = max(2, round(16 * n / 196)) if min_num_patches is None else min_num_patches
         self.max_num = self.num if max_num_patches is None else max_num_patches
-        self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
         if not 0 <= self.num <= n:
             raise ValueError(f'cannot mask {self.num} of {n} patches')
+        if not 0 < min_aspect <= 1:
+            raise ValueError(f'min_aspect must be in (0, 1], got {min_aspect}')
+        if not 1 <= self.min_num <= self.max_num:
+            raise ValueError(f'blocks of {self.min_num} to {self.max_num} patches: need 1 <= min <= max')
+        self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
 
     def _block(self, mask, max_patches, rng):
         for _ in range(10):
@@ -625,14 +647,21 @@ def param_groups(model, weight_decay, layer_decay=1.0, depth=None):
 
 def load_file(path):
     """Read a checkpoint without executing code: torch.load(weights_only=True), with
-    argparse.Namespace allowed because the official files carry their `args`."""
+    argparse.Namespace allowed because the official files carry their `args`. A missing,
+    truncated or foreign file, or one that would run code, raises ValueError with one line."""
+    if not os.path.isfile(path):
+        raise ValueError(f'{path}: no such file')
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f'{path}: refused to load, the file needs more than tensors and plain '
-                         f'containers ({reason})') from None
+        code = re.search(r'GLOBAL (\S+)', str(e))  # a pickled object that would call this function
+        if code:
+            raise ValueError(f'{path}: refused to load: it would run code ({code.group(1)}); a checkpoint '
+                             'holds only tensors and plain containers') from None
+        raise ValueError(f'{path}: not a readable checkpoint (truncated, or not a PyTorch file)') from None
+    except (RuntimeError, OSError, EOFError, KeyError, IndexError, ValueError):  # what torch raises on junk
+        raise ValueError(f'{path}: not a readable checkpoint (truncated, or not a PyTorch file)') from None
 
 
 def state_dict_of(ckpt):
@@ -771,11 +800,12 @@ def load_tokenizer(path):
     file (config read off the shapes); e.g. vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth."""
     ckpt = load_file(path)
     sd = state_dict_of(ckpt)
+    if not any(k in sd for k in ('quantize.weight', 'quantize.embedding.weight')):
+        what = 'a backbone (pretraining or fine-tuning) checkpoint' if 'patch_embed.proj.weight' in sd else 'not one'
+        raise ValueError(f'{path}: not a tokenizer checkpoint (no codebook in it): {what}')
     if isinstance(ckpt.get('model_config'), dict):
         cfg = VQKDConfig(**ckpt['model_config'])
-    elif 'quantize.embedding.weight' in sd:
-        cfg = vqkd_config_from_state(sd)
     else:
-        raise ValueError(f'{path}: not a tokenizer checkpoint (no codebook in it)')
+        cfg = vqkd_config_from_state(sd)
     model = load_state(VQKD(cfg), sd).eval()
     return model.requires_grad_(False)

@@ -2,14 +2,18 @@
 generator, ImageFolder, torchvision datasets), resumable sampling, the lr schedule,
 checkpoints and logging. No model code: that is beitv2.py."""
 import ast
+import atexit
 import contextlib
 import json
 import math
 import os
 import random
+import re
+import shutil
+import socket
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, field, fields
 
 import numpy as np
 import torch
@@ -27,6 +31,16 @@ def die(msg):
     raise SystemExit(2)
 
 # ----------------------------------------------------------------------------- config
+
+
+def at_least(lowest, default):
+    """A setting that must be >= lowest (checked by configure): `batch_size: int = at_least(1, 64)`."""
+    return field(default=default, metadata=dict(rule=(f'>= {lowest}', lambda v: v >= lowest)))
+
+
+def above(lowest, default):
+    """A setting that must be > lowest (checked by configure)."""
+    return field(default=default, metadata=dict(rule=(f'> {lowest}', lambda v: v > lowest)))
 
 
 def configure(cfg, presets, argv=None):
@@ -56,6 +70,9 @@ def configure(cfg, presets, argv=None):
         if type(val) is not type(old):
             die(f'--{key}={val!r}: expected {type(old).__name__}')
         setattr(cfg, key, val)
+    for f in fields(cfg):  # the ranges written beside the fields (at_least, above)
+        if 'rule' in f.metadata and not f.metadata['rule'][1](getattr(cfg, f.name)):
+            die(f'--{f.name}={getattr(cfg, f.name)!r}: must be {f.metadata["rule"][0]}')
     return cfg
 
 # ----------------------------------------------------------------------------- distributed / device / dtype
@@ -76,12 +93,17 @@ class Env:
     """Who and where this process is. Under torchrun: DDP (nccl on CUDA, gloo on CPU)."""
 
     def __init__(self, cfg):
+        if cfg.device not in ('', 'cpu') and not re.fullmatch(r'cuda(:\d+)?', cfg.device):
+            die(f"--device must be cpu, cuda or cuda:N ('' = cuda when there is one), got {cfg.device!r}")
+        if cfg.device.startswith('cuda') and not torch.cuda.is_available():
+            die(f'--device={cfg.device}: this machine has no CUDA device (use --device=cpu)')
         self.ddp = 'RANK' in os.environ
         self.rank = int(os.environ.get('RANK', 0))
         self.world = int(os.environ.get('WORLD_SIZE', 1))
         local = int(os.environ.get('LOCAL_RANK', 0))
         cuda = torch.cuda.is_available() and cfg.device != 'cpu'
         self.device = torch.device(f'cuda:{local}' if cuda else 'cpu')
+        self.lock = None  # OUT_DIR/lock while this process holds it (claim_out_dir)
         if cuda:
             torch.cuda.set_device(self.device)
         if self.ddp:
@@ -113,8 +135,63 @@ class Env:
         return t
 
     def close(self):
+        release_lock(self.lock)
+        self.lock = None
         if self.ddp:
             dist.destroy_process_group()
+
+def claim_out_dir(cfg, env):
+    """Create OUT_DIR and hold OUT_DIR/lock ('pid@host') while this run writes there, so that a
+    second run on the same folder stops at start instead of interleaving checkpoints and logs.
+    The lock goes at exit; one left by a process that no longer runs (this host) is taken over."""
+    if not env.master:
+        return
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        die(f'--out_dir={cfg.out_dir}: cannot create it ({e.strerror})')
+    if not os.access(cfg.out_dir, os.W_OK | os.X_OK):
+        die(f'--out_dir={cfg.out_dir}: not writable')
+    lock, me = os.path.join(cfg.out_dir, 'lock'), f'{os.getpid()}@{socket.gethostname()}'
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            with open(lock) as f:
+                owner = f.read().strip()
+            pid, _, host = owner.partition('@')
+            if owner == me:  # this process again (scripts called as functions, e.g. by the tests)
+                return
+            if host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid)):
+                die(f'{cfg.out_dir} is in use by another run (process {owner}): choose another --out_dir, '
+                    f'or delete {lock} if no run uses it')
+            env.print(f'note: {lock} was left by process {pid}, which is gone: taking it over')
+            os.remove(lock)
+    os.write(fd, me.encode())
+    os.close(fd)
+    env.lock = lock
+    atexit.register(release_lock, lock)  # also on die() and on errors
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def release_lock(lock):
+    me = f'{os.getpid()}@{socket.gethostname()}'
+    try:
+        with open(lock) as f:
+            if f.read().strip() == me:
+                os.remove(lock)
+    except (OSError, TypeError):  # already gone, or no lock
+        pass
 
 # ----------------------------------------------------------------------------- data
 
@@ -261,11 +338,11 @@ def stream(loader, sampler, step, steps_per_epoch, accum):
         for _ in range((steps_per_epoch - it) * accum):
             try:
                 yield next(data)
-            except RuntimeError as e:
-                line = next((ln for ln in str(e).splitlines() if 'unreadable image' in ln), None)
-                if line is None:
+            except RuntimeError as e:  # in a worker, the message is the last line of its traceback
+                lines = [ln for ln in str(e).splitlines() if ln.startswith(('unreadable image', 'RuntimeError: '))]
+                if not lines or 'unreadable image' not in lines[-1]:
                     raise
-                die(line.split('RuntimeError: ')[-1])
+                die(lines[-1].removeprefix('RuntimeError: '))
         epoch, it = epoch + 1, 0
 
 
@@ -353,8 +430,37 @@ def save_checkpoint(path, env, **state):
         rngs = [rng_state()]
     if env.master:
         tmp = path + '.tmp'
-        torch.save(dict(state, rng=rngs, world=env.world), tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(dict(state, rng=rngs, world=env.world), tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # a full disk reads "unexpected pos" in torch's words
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
+            die(f'could not write {path}: {str(e).splitlines()[0][:120]}; {free:.0f} MiB free on its disk '
+                f'(no space left?); the previous checkpoint, if any, is intact')
+
+
+# how a run is run, not what it computes: these may differ on resume; any other setting that
+# differs from the checkpoint's is refused unless named in --allow_change
+RUN_ONLY = ('preset', 'out_dir', 'resume', 'allow_change', 'log_every', 'ckpt_every', 'stop_after', 'workers',
+            'device', 'compile')
+
+
+def check_same_run(cfg, env, saved, path):
+    """One-line error naming the first setting that differs from the checkpoint's config."""
+    now = dict(asdict(cfg), world=env.world)
+    allowed = {k.strip() for k in cfg.allow_change.split(',') if k.strip()}
+    for key, value in now.items():
+        if key in RUN_ONLY or key in allowed or key not in saved:
+            continue
+        old = saved[key]
+        if isinstance(value, tuple) and isinstance(old, (list, tuple)):
+            old = tuple(old)
+        if old != value:
+            name = 'ranks (world size)' if key == 'world' else f'--{key}'
+            die(f'{name} is {value!r} but {path} was written with {old!r}: resume with the same setting, start '
+                f'a new --out_dir, or pass --allow_change={key} if the change is intended (e.g. more --steps)')
 
 
 def resume(cfg, env, model, optimizer):
@@ -367,6 +473,8 @@ def resume(cfg, env, model, optimizer):
     import beitv2 as B
     try:
         ckpt = B.load_file(path)
+        if isinstance(ckpt.get('config'), dict):
+            check_same_run(cfg, env, dict(ckpt['config'], world=ckpt.get('world', env.world)), path)
         B.load_state(model, ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as e:
@@ -387,6 +495,11 @@ class Logger:
         self.env, self.path = env, os.path.join(cfg.out_dir, 'log.jsonl')
         self.start, self.t_start = start_step, time.time()
         self.t0 = self.t_start
+        if env.master and os.path.exists(self.path):  # a resumed run: drop the lines after its checkpoint
+            with open(self.path) as f:
+                kept = [ln for ln in f if ln.strip() and json.loads(ln).get('step', 0) <= start_step]
+            with open(self.path, 'w') as f:
+                f.writelines(kept)
 
     def __call__(self, step, total, images_per_step, **metrics):
         if not self.env.master:
@@ -405,7 +518,9 @@ class Logger:
 
 def check_finite(loss, step, cfg):
     if not math.isfinite(loss):
-        die(f'loss is {loss} at step {step}: stopping; the last good checkpoint is in {cfg.out_dir}')
+        path = os.path.join(cfg.out_dir, 'ckpt.pt')
+        where = f'the last good checkpoint is {path}' if os.path.exists(path) else 'no checkpoint was written yet'
+        die(f'loss is {loss} at step {step}: stopping; {where} (lower --lr?)')
 
 
 def print_setup(cfg, env, steps_per_epoch, per_step):

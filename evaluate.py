@@ -38,14 +38,14 @@ class Config:
     #                                 segment | codebook | attention | codes
     checkpoint: str = 'out/pretrain/ckpt.pt'  # ours or official (pretraining / fine-tuned / tokenizer)
     data: str = 'demo'              # 'demo', ImageNet-layout folder, cifar10:ROOT, ...; segment: demo,
-    img_size: int = 32              #   ade20k:ROOT or voc:ROOT
-    min_crop_scale: float = 0.5     # RandomResizedCrop scale range for linear / fine-tune training
-    workers: int = 2
+    img_size: int = C.at_least(1, 32)  #   ade20k:ROOT or voc:ROOT
+    min_crop_scale: float = C.above(0, 0.5)  # RandomResizedCrop scale range for linear / fine-tune training
+    workers: int = C.at_least(0, 2)
     # linear / knn features
     feature: str = 'cls'            # cls: [CLS] after the final norm (paper); mean: mean patch token
     layer: int = -1                 # block whose tokens are used; -1 = last
     linear_recipe: str = 'mae'      # mae: BatchNorm + linear, LARS, no wd | beit: AdamW, a head per block
-    knn_k: int = 20
+    knn_k: int = C.at_least(1, 20)
     knn_t: float = 0.07
     # fine-tuning
     layer_decay: float = 0.65
@@ -59,7 +59,7 @@ class Config:
     backbone: str = 'checkpoint'    # checkpoint | random: its architecture at the official init
     #                                 (what pretraining started from) | pixels: raw pixels, no network
     backbones: tuple = ('checkpoint', 'random', 'pixels')  # compare: the backbones set side by side
-    seeds: int = 1                  # compare: probes with seeds seed, seed+1, ... (mean reported)
+    seeds: int = C.at_least(1, 1)   # compare: probes with seeds seed, seed+1, ... (mean reported)
     # segmentation
     seg_layers: tuple = (1, 2, 3, 5)  # blocks feeding the 4 scales (official base: 3, 5, 7, 11)
     seg_stride: int = 0             # sliding-window stride at test time; 0 = 2/3 of img_size
@@ -67,18 +67,18 @@ class Config:
     image: str = ''                 # image file; '' = the first val image of --data
     query: str = 'cls'              # attention of: cls, or a patch ROW,COL (0-based)
     # optimisation
-    batch_size: int = 64
-    accum: int = 1
-    epochs: int = 0
-    warmup_epochs: int = 0
-    steps: int = 300
-    warmup_steps: int = 30
-    lr: float = 4.0                 # demo LARS: 300 steps need more than MAE's 0.1 x batch / 256
+    batch_size: int = C.at_least(1, 64)
+    accum: int = C.at_least(1, 1)
+    epochs: int = C.at_least(0, 0)
+    warmup_epochs: int = C.at_least(0, 0)
+    steps: int = C.at_least(1, 300)
+    warmup_steps: int = C.at_least(0, 30)
+    lr: float = C.above(0, 4.0)     # demo LARS: 300 steps need more than MAE's 0.1 x batch / 256
     schedule: str = 'cosine'        # cosine | poly (linear decay: the official segmentation schedule)
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
+    min_lr: float = C.at_least(0, 0.0)
+    weight_decay: float = C.at_least(0, 0.0)
     betas: tuple = (0.9, 0.999)
-    clip_grad: float = 0.0
+    clip_grad: float = C.at_least(0, 0.0)
     # run
     device: str = ''
     dtype: str = ''                 # as pretrain.py
@@ -86,9 +86,10 @@ class Config:
     seed: int = 0
     out_dir: str = 'out/eval'
     resume: str = ''
-    log_every: int = 50
-    ckpt_every: int = 1000
-    stop_after: int = 0
+    allow_change: str = ''          # resume: settings that may differ from the checkpoint's, e.g. steps
+    log_every: int = C.at_least(1, 50)
+    ckpt_every: int = C.at_least(1, 1000)
+    stop_after: int = C.at_least(0, 0)
 
 
 IN1K = dict(data='', checkpoint='', img_size=224, min_crop_scale=0.08, workers=10, log_every=100, ckpt_every=5000)
@@ -177,6 +178,8 @@ def build_backbone(cfg, sd, mcfg, **over):
     if mcfg:  # ours: the saved config (a BEiTConfig for pretraining checkpoints)
         base = B.ViTConfig(**{k: v for k, v in mcfg.items() if k in B.ViTConfig.__dataclass_fields__})
     vcfg = B.ViTConfig(**{**asdict(base), 'img_size': cfg.img_size, **over})
+    if cfg.img_size % vcfg.patch_size:
+        C.die(f'--img_size={cfg.img_size} is not a multiple of the patch size {vcfg.patch_size} of {cfg.checkpoint}')
     drop = ('mask_token', 'lm_head', 'cls_pt_layers') + (('head',) if vcfg.num_classes == 0 else ())
     if vcfg.mean_pooling:
         drop += ('norm',) + (('fc_norm',) if 'fc_norm.weight' not in sd else ())
@@ -583,6 +586,7 @@ def run_compare(cfg, env):
                 os.remove(stale)
             if env.ddp:
                 dist.barrier()
+            torch.manual_seed(seed + env.rank)  # each probe as if run alone: 1 seed or 3, the same numbers
             runs = [('linear probe', run_linear(sub, env, quiet=True)['top1'])]
             if seed == cfg.seed or backbone == 'random':
                 runs.append(('k-NN', run_knn(sub, env)['top1']))
@@ -816,10 +820,8 @@ def main(argv=None):
         C.die(f'--mode must be one of {", ".join(modes)}')
     if not cfg.data or not cfg.checkpoint:
         C.die('--data and --checkpoint are required for this preset')
-    if cfg.img_size % 8:
-        C.die(f'img_size {cfg.img_size} must be a multiple of the patch size')
     env = C.Env(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    C.claim_out_dir(cfg, env)
     result = modes[cfg.mode](cfg, env)
     if result is not None and cfg.mode != 'compare':  # compare printed its own table
         env.print(f'{cfg.mode}: ' + ', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'

@@ -26,33 +26,33 @@ class Config:
     preset: str = 'demo'
     # data
     data: str = 'demo'              # 'demo', ImageNet-layout folder, or cifar10:ROOT, stl10:ROOT, ...
-    img_size: int = 32
-    min_crop_scale: float = 0.2     # RandomResizedCrop scale range (paper recipe: 0.2)
-    workers: int = 2                # DataLoader processes per rank (masks are made there too)
+    img_size: int = C.at_least(1, 32)
+    min_crop_scale: float = C.above(0, 0.2)  # RandomResizedCrop scale range (paper recipe: 0.2)
+    workers: int = C.at_least(0, 2)  # DataLoader processes per rank (masks are made there too)
     tokenizer: str = 'out/tokenizer/ckpt.pt'  # ours or an official vqkd_*.pth file
     # model (beitv2.BEiTConfig; vocab_size = the tokenizer's codebook size)
-    patch_size: int = 4
-    embed_dim: int = 96
-    depth: int = 6
-    num_heads: int = 3
+    patch_size: int = C.at_least(1, 4)
+    embed_dim: int = C.at_least(1, 96)
+    depth: int = C.at_least(1, 6)
+    num_heads: int = C.at_least(1, 3)
     layer_scale: float = 0.1        # 0.1 base, 1e-5 large
-    early_layers: int = 4           # [CLS] head reads patch tokens after this block (9 base, 21 large)
-    head_layers: int = 2
-    drop_path: float = 0.0
+    early_layers: int = C.at_least(1, 4)  # [CLS] head reads patch tokens after this block (9 base, 21 large)
+    head_layers: int = C.at_least(0, 2)
+    drop_path: float = C.at_least(0, 0.0)
     num_mask: int = -1              # masked patches per image; -1 = round(n * 75 / 196) (75 of 196)
     min_mask_block: int = -1        # smallest mask block; -1 = max(2, round(16 n / 196))
     # optimisation
-    batch_size: int = 64            # per rank; effective = batch_size * accum * world
-    accum: int = 1
-    epochs: int = 0                 # > 0: steps and warmup_steps come from epochs at start
-    warmup_epochs: int = 0
-    steps: int = 500
-    warmup_steps: int = 50
-    lr: float = 1.5e-3              # peak lr, absolute (not scaled by batch size; official)
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
+    batch_size: int = C.at_least(1, 64)  # per rank; effective = batch_size * accum * world
+    accum: int = C.at_least(1, 1)
+    epochs: int = C.at_least(0, 0)  # > 0: steps and warmup_steps come from epochs at start
+    warmup_epochs: int = C.at_least(0, 0)
+    steps: int = C.at_least(1, 500)
+    warmup_steps: int = C.at_least(0, 50)
+    lr: float = C.above(0, 1.5e-3)  # peak lr, absolute (not scaled by batch size; official)
+    min_lr: float = C.at_least(0, 1e-5)
+    weight_decay: float = C.at_least(0, 0.05)
     betas: tuple = (0.9, 0.999)
-    clip_grad: float = 3.0
+    clip_grad: float = C.at_least(0, 3.0)
     # run
     device: str = ''
     dtype: str = ''                 # fp32 | bf16 | fp16; '' = bf16 on CUDA and on CPUs with bf16 units
@@ -60,9 +60,10 @@ class Config:
     seed: int = 0
     out_dir: str = 'out/pretrain'
     resume: str = ''
-    log_every: int = 25
-    ckpt_every: int = 250
-    stop_after: int = 0
+    allow_change: str = ''          # resume: settings that may differ from the checkpoint's, e.g. steps
+    log_every: int = C.at_least(1, 25)
+    ckpt_every: int = C.at_least(1, 250)
+    stop_after: int = C.at_least(0, 0)
 
 
 BASE = dict(data='', tokenizer='', img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
@@ -107,7 +108,7 @@ def main(argv=None):
     if cfg.img_size % cfg.patch_size:
         C.die(f'img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}')
     env = C.Env(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    C.claim_out_dir(cfg, env)
     try:
         tokenizer = B.load_tokenizer(cfg.tokenizer).to(env.device)
     except (ValueError, KeyError) as e:
@@ -115,8 +116,11 @@ def main(argv=None):
     grid = cfg.img_size // cfg.patch_size
     if tokenizer.grid != (grid, grid):
         C.die(f'tokenizer grid {tokenizer.grid} != student grid {(grid, grid)}: match img_size/patch_size')
-    masker = B.MaskingGenerator((grid, grid), None if cfg.num_mask < 0 else cfg.num_mask,
-                                None if cfg.min_mask_block < 0 else cfg.min_mask_block)
+    try:
+        masker = B.MaskingGenerator((grid, grid), None if cfg.num_mask < 0 else cfg.num_mask,
+                                    None if cfg.min_mask_block < 0 else cfg.min_mask_block)
+    except ValueError as e:
+        C.die(f'--num_mask / --min_mask_block: {e} ({grid}x{grid} patches)')
     dataset = C.build_dataset(cfg.data, 'train', cfg.img_size)
     views = TwoViews(cfg.img_size, tokenizer.cfg.img_size, cfg.min_crop_scale, masker)
     loader, sampler = C.make_loader(dataset, views, cfg, env)

@@ -587,12 +587,14 @@ def test_scripts_give_one_line_errors(tmp_path, tokenizer_ckpt):
     cases.append((['train_tokenizer.py', f'--data={empty}'], 'no images found'))
     bad = tmp_path / 'bad'
     (bad / 'train' / 'cls').mkdir(parents=True)
-    (bad / 'train' / 'cls' / 'x.png').write_bytes(b'not a png')
-    cases.append((['train_tokenizer.py', *TINY_TOK, f'--data={bad}', '--batch_size=1', '--workers=1',
+    for name in ('x.png', 'y.png'):
+        (bad / 'train' / 'cls' / name).write_bytes(b'not a png')
+    cases.append((['train_tokenizer.py', *TINY_TOK, f'--data={bad}', '--batch_size=2', '--n_embed=8', '--workers=2',
                    f'--out_dir={tmp_path}/o'], 'unreadable image'))
     for args, msg in cases:
         p = run_script(*args, ok=False)
         assert p.returncode == 2 and msg in p.stderr and 'Traceback' not in p.stderr, (args, p.stderr[-1500:])
+        assert p.stderr.startswith('error: ') and 'raise ' not in p.stderr, p.stderr  # the message, not source
 
 
 @pytest.mark.slow
@@ -728,6 +730,22 @@ def test_evaluate_modes_run(mode, extra, metric, pretrain_ckpt, tmp_path):
                    *EVAL_TINY, f'--out_dir={tmp_path}/again')
         again = json.loads((tmp_path / 'again' / 'result.json').read_text())
         assert again['top1'] == res['top1']
+
+
+@pytest.mark.slow
+def test_compare_sets_three_backbones_side_by_side(pretrain_ckpt, tmp_path):
+    p = run_script('evaluate.py', f'--checkpoint={pretrain_ckpt}', *EVAL_TINY, '--steps=2', '--seeds=2',
+                   f'--out_dir={tmp_path}')
+    rows = [json.loads(line) for line in (tmp_path / 'result.json').read_text().splitlines()]
+    runs = [(r['backbone'], r['probe'], r['seed']) for r in rows if r['mode'] == 'compare_run']
+    assert sorted(runs) == sorted([(b, 'linear probe', s) for b in ('pretrained', 'random init', 'raw pixels')
+                                   for s in (0, 1)] + [('pretrained', 'k-NN', 0), ('random init', 'k-NN', 0),
+                                                       ('random init', 'k-NN', 1), ('raw pixels', 'k-NN', 0)])
+    assert rows[-1]['mode'] == 'compare' and len(rows[-1]) > 6
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith('top-1 % (chance 20.0), mean of 2 seed(s): linear probe: pretrained') and 'raw pixels' in last
+    mean = sum(r['top1'] for r in rows[:-1] if r['backbone'] == 'random init' and r['probe'] == 'k-NN') / 2
+    assert rows[-1]['k-NN random init'] == pytest.approx(mean)
 
 
 @pytest.mark.slow
@@ -1060,3 +1078,182 @@ def test_plot_writes_curves_and_results(tmp_path):
     assert all(Image.open(w).size[0] > 300 for w in written)
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path / 'nothing')])
+
+# ----------------------------------------------------------------------------- bad input: one clear line, nothing lost
+
+
+def junk_files(tmp_path):
+    good = tmp_path / 'good.pt'
+    torch.save({'model': {'w': torch.zeros(5000)}}, good)
+    data = good.read_bytes()
+    files = {'truncated': data[:len(data) // 2], 'random bytes': os.urandom(4000), 'text': b'hello\n', 'empty': b''}
+    for name, content in files.items():
+        (tmp_path / f'{name}.pt').write_bytes(content)
+    return [tmp_path / f'{name}.pt' for name in files]
+
+
+def test_load_file_gives_one_line_for_junk(tmp_path):
+    for path in junk_files(tmp_path):
+        with pytest.raises(ValueError, match='not a readable checkpoint') as e:
+            B.load_file(path)
+        assert 'weights_only' not in str(e.value) and '\n' not in str(e.value)
+    with pytest.raises(ValueError, match='no such file'):
+        B.load_file(tmp_path / 'missing.pt')
+
+
+def test_load_tokenizer_refuses_a_backbone_file(tmp_path):
+    tiny_pretrain_file(tmp_path / 'p.pt')
+    with pytest.raises(ValueError, match='not a tokenizer checkpoint.*backbone'):
+        B.load_tokenizer(tmp_path / 'p.pt')
+
+
+def test_encode_says_what_it_expects():
+    tok = B.VQKD(B.VQKDConfig(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_depth=1,
+                              n_embed=8, code_dim=4, teacher_dim=8)).eval()
+    for bad, msg in [(torch.rand(3, 16, 16), r'shape \(B, 3, 16, 16\)'), (torch.rand(2, 3, 32, 32), 'shape'),
+                     (torch.rand(2, 1, 16, 16), 'shape'), (torch.rand(2, 3, 16, 16) * 255, r'\[0, 1\]'),
+                     ((torch.rand(2, 3, 16, 16) - 0.45) / 0.225, r'\[0, 1\]'),
+                     (torch.full((2, 3, 16, 16), float('nan')), 'non-finite')]:
+        tok.checked_values = False
+        with pytest.raises(ValueError, match=msg):
+            tok.encode(bad)
+    assert tok.encode(torch.rand(2, 3, 16, 16)).shape == (2, 16)
+
+
+def test_masking_generator_rejects_impossible_settings():
+    for kwargs in [dict(min_aspect=0), dict(num_masking_patches=100), dict(min_num_patches=0),
+                   dict(min_num_patches=10, max_num_patches=5)]:
+        with pytest.raises(ValueError):
+            B.MaskingGenerator((8, 8), **kwargs)
+
+
+@pytest.mark.parametrize('arg,msg', [('--batch_size=0', 'must be >= 1'), ('--lr=-1e-3', 'must be > 0'),
+                                     ('--log_every=0', 'must be >= 1'), ('--accum=0', 'must be >= 1'),
+                                     ('--workers=-1', 'must be >= 0'), ('--steps=-1', 'must be >= 1')])
+def test_ranges_beside_the_fields_are_checked(arg, msg, capsys):
+    import common
+    import pretrain
+    with pytest.raises(SystemExit):
+        common.configure(pretrain.Config(), pretrain.PRESETS, [arg])
+    err = capsys.readouterr().err
+    assert msg in err and arg.split('=')[0] in err and err.count('\n') == 1
+
+
+@pytest.mark.parametrize('device', ['gpu0', 'cuda', 'cuda:1'])
+def test_unknown_or_missing_device_is_an_error(device, capsys):
+    import common
+    import pretrain
+    if torch.cuda.is_available() and device != 'gpu0':
+        pytest.skip('this machine has CUDA')
+    cfg = common.configure(pretrain.Config(), pretrain.PRESETS, [f'--device={device}'])
+    with pytest.raises(SystemExit):
+        common.Env(cfg)
+    assert 'device' in capsys.readouterr().err
+
+
+def test_out_dir_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path, capsys):
+    import socket
+    import types
+    import common
+    env = types.SimpleNamespace(master=True, lock=None, print=print)
+    cfg = types.SimpleNamespace(out_dir=str(tmp_path / 'run'))
+    (tmp_path / 'run').mkdir()
+    other = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        (tmp_path / 'run' / 'lock').write_text(f'{other.pid}@{socket.gethostname()}')
+        with pytest.raises(SystemExit):
+            common.claim_out_dir(cfg, env)
+        assert 'in use by another run' in capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+    common.claim_out_dir(cfg, env)  # the owner is gone: a stale lock
+    assert 'taking it over' in capsys.readouterr().out
+    assert (tmp_path / 'run' / 'lock').read_text() == f'{os.getpid()}@{socket.gethostname()}'
+    common.release_lock(env.lock)
+    assert not (tmp_path / 'run' / 'lock').exists()
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(SystemExit):
+        common.claim_out_dir(types.SimpleNamespace(out_dir=str(tmp_path / 'file')), env)
+    assert 'cannot create it' in capsys.readouterr().err
+
+
+def test_full_disk_removes_the_temp_file_and_says_so(tmp_path, monkeypatch, capsys):
+    import types
+    import common
+    env = types.SimpleNamespace(master=True, ddp=False, world=1)
+    (tmp_path / 'ckpt.pt').write_bytes(b'previous')
+
+    def full(obj, f):
+        Path(f).write_bytes(b'partial')
+        raise RuntimeError('[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0')
+    monkeypatch.setattr(torch, 'save', full)
+    with pytest.raises(SystemExit):
+        common.save_checkpoint(str(tmp_path / 'ckpt.pt'), env, step=1)
+    err = capsys.readouterr().err
+    assert 'no space left?' in err and 'intact' in err and err.count('\n') == 1
+    assert not (tmp_path / 'ckpt.pt.tmp').exists() and (tmp_path / 'ckpt.pt').read_bytes() == b'previous'
+
+
+def test_resumed_log_is_cut_back_to_the_checkpoint(tmp_path):
+    import types
+    import common
+    (tmp_path / 'log.jsonl').write_text(''.join(json.dumps(dict(step=s, loss=1.0)) + '\n' for s in range(1, 8)))
+    common.Logger(types.SimpleNamespace(out_dir=str(tmp_path)), types.SimpleNamespace(master=True), 4)
+    steps = [json.loads(line)['step'] for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_scripts_refuse_bad_files_and_changed_settings(tmp_path, tokenizer_ckpt, pretrain_ckpt):
+    junk = junk_files(tmp_path)
+    pre = [*TINY_PRE, '--workers=0', '--steps=2']
+    cases = [(['pretrain.py', *pre, f'--tokenizer={j}', f'--out_dir={tmp_path / "o"}'], 'not a readable checkpoint')
+             for j in junk]
+    cases += [
+        (['pretrain.py', *pre, f'--tokenizer={pretrain_ckpt}', f'--out_dir={tmp_path / "o"}'], 'not a tokenizer'),
+        (['evaluate.py', '--mode=codebook', f'--checkpoint={pretrain_ckpt}', f'--out_dir={tmp_path / "o"}'],
+         'not a tokenizer'),
+        (['evaluate.py', '--mode=knn', f'--checkpoint={junk[0]}', f'--out_dir={tmp_path / "o"}'],
+         'not a readable checkpoint'),
+        (['pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', f'--resume={junk[1]}', f'--out_dir={tmp_path / "o"}'],
+         'not a readable checkpoint'),
+        (['pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', '--num_mask=100', f'--out_dir={tmp_path / "o"}'],
+         'cannot mask 100 of 16'),
+        (['train_tokenizer.py', *TINY_TOK, '--batch_size=1', '--n_embed=64', f'--out_dir={tmp_path / "o"}'],
+         'k-means init needs at least n_embed=64'),
+        (['pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', f'--out_dir={junk[2]}'], 'cannot create it'),
+    ]
+    for args, msg in cases:
+        p = run_script(*args, ok=False)
+        assert p.returncode == 2 and msg in p.stderr and 'Traceback' not in p.stderr, (args, p.stderr[-1500:])
+        assert p.stderr.strip().count('\n') == 0, p.stderr
+    # a resume with settings that change the run's meaning is refused, naming the setting
+    out = tmp_path / 'resume'
+    run_script('pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', f'--out_dir={out}')
+    for arg, name in [('--batch_size=4', '--batch_size'), ('--steps=3', '--steps'), ('--seed=1', '--seed'),
+                      (f'--tokenizer={tmp_path / "copy.pt"}', '--tokenizer')]:
+        (tmp_path / 'copy.pt').write_bytes(tokenizer_ckpt.read_bytes())
+        args = [a for a in [*pre, f'--tokenizer={tokenizer_ckpt}'] if a.split('=')[0] != arg.split('=')[0]]
+        p = run_script('pretrain.py', *args, arg, f'--out_dir={out}', ok=False)
+        assert name in p.stderr and 'allow_change' in p.stderr and 'Traceback' not in p.stderr, p.stderr
+    p = run_script('pretrain.py', *pre, '--steps=3', '--allow_change=steps', f'--tokenizer={tokenizer_ckpt}',
+                   f'--out_dir={out}')
+    assert 'resumed from' in p.stdout and B.load_file(out / 'ckpt.pt')['step'] == 3
+    steps = [json.loads(line)['step'] for line in (out / 'log.jsonl').read_text().splitlines()]
+    assert steps == [1, 2, 3] and not (out / 'lock').exists()
+
+
+@pytest.mark.slow
+def test_nan_without_a_checkpoint_says_so(tmp_path):
+    p = run_script('train_tokenizer.py', *TINY_TOK, '--steps=6', '--workers=0', '--lr=1e30', '--ckpt_every=100',
+                   f'--out_dir={tmp_path}', ok=False)
+    assert 'loss is nan' in p.stderr and 'no checkpoint was written yet' in p.stderr, p.stderr[-800:]
+
+
+def test_attention_at_a_size_that_is_not_a_multiple_of_8(tmp_path):
+    import evaluate
+    tiny_pretrain_file(tmp_path / 'p.pt')  # patch 4
+    res = evaluate.main(['--mode=attention', f'--checkpoint={tmp_path / "p.pt"}', '--img_size=36', '--query=8,8',
+                         '--data=demo:8', '--workers=0', f'--out_dir={tmp_path}'])
+    assert res['heads'] == 2

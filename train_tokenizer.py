@@ -26,33 +26,33 @@ class Config:
     preset: str = 'demo'
     # data
     data: str = 'demo'              # 'demo', ImageNet-layout folder, or cifar10:ROOT, stl10:ROOT, ...
-    img_size: int = 32              # crop size seen by tokenizer and teacher
-    min_crop_scale: float = 0.08    # RandomResizedCrop scale range (min_crop_scale, 1)
-    workers: int = 2                # DataLoader processes per rank
+    img_size: int = C.at_least(1, 32)  # crop size seen by tokenizer and teacher
+    min_crop_scale: float = C.above(0, 0.08)  # RandomResizedCrop scale range (min_crop_scale, 1)
+    workers: int = C.at_least(0, 2)  # DataLoader processes per rank
     # tokenizer (beitv2.VQKDConfig)
-    patch_size: int = 4
-    embed_dim: int = 96
-    depth: int = 4
-    num_heads: int = 3
-    decoder_depth: int = 1
-    n_embed: int = 512              # codebook size K
-    code_dim: int = 16              # codebook dimension
-    decay: float = 0.99             # codebook EMA decay
+    patch_size: int = C.at_least(2, 4)
+    embed_dim: int = C.at_least(1, 96)
+    depth: int = C.at_least(1, 4)
+    num_heads: int = C.at_least(1, 3)
+    decoder_depth: int = C.at_least(1, 1)
+    n_embed: int = C.at_least(1, 512)  # codebook size K
+    code_dim: int = C.at_least(1, 16)  # codebook dimension
+    decay: float = C.at_least(0, 0.99)  # codebook EMA decay (< 1: checked in main)
     # teacher: 'hog' / 'hog_colour' (demo, no weights), 'clip', 'dino', or 'tv:MODEL[:NODE]' (torchvision)
     teacher: str = 'hog'
     teacher_weights: str = ''       # local weights file for clip / dino / tv teachers
     # optimisation
-    batch_size: int = 64            # per rank; effective = batch_size * accum * world
-    accum: int = 1                  # gradient accumulation steps
-    epochs: int = 0                 # > 0: steps and warmup_steps come from epochs at start
-    warmup_epochs: int = 0
-    steps: int = 600
-    warmup_steps: int = 50
-    lr: float = 1e-3                # per 128 images: peak lr = lr * effective batch / 128 (official)
-    min_lr: float = 1e-5
-    weight_decay: float = 1e-4
+    batch_size: int = C.at_least(1, 64)  # per rank; effective = batch_size * accum * world
+    accum: int = C.at_least(1, 1)   # gradient accumulation steps
+    epochs: int = C.at_least(0, 0)  # > 0: steps and warmup_steps come from epochs at start
+    warmup_epochs: int = C.at_least(0, 0)
+    steps: int = C.at_least(1, 600)
+    warmup_steps: int = C.at_least(0, 50)
+    lr: float = C.above(0, 1e-3)    # per 128 images: peak lr = lr * effective batch / 128 (official)
+    min_lr: float = C.at_least(0, 1e-5)
+    weight_decay: float = C.at_least(0, 1e-4)
     betas: tuple = (0.9, 0.99)
-    clip_grad: float = 0.0          # 0 = no clipping (official)
+    clip_grad: float = C.at_least(0, 0.0)  # 0 = no clipping (official)
     # run
     device: str = ''                # '' = cuda if available; 'cpu' forces the CPU
     dtype: str = ''                 # fp32 | bf16 | fp16; '' = bf16 on CUDA and on CPUs with bf16 units
@@ -60,9 +60,10 @@ class Config:
     seed: int = 0
     out_dir: str = 'out/tokenizer'
     resume: str = ''                # checkpoint to continue from; default OUT_DIR/ckpt.pt if present
-    log_every: int = 20
-    ckpt_every: int = 100
-    stop_after: int = 0             # > 0: checkpoint and exit after this many steps of this run
+    allow_change: str = ''          # resume: settings that may differ from the checkpoint's, e.g. steps,lr
+    log_every: int = C.at_least(1, 20)
+    ckpt_every: int = C.at_least(1, 100)
+    stop_after: int = C.at_least(0, 0)  # > 0: checkpoint and exit after this many steps of this run
 
 
 IMAGENET = dict(data='', lr=5e-5, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
@@ -270,8 +271,14 @@ def main(argv=None):
         C.die('--data is required for this preset (ImageNet folder with train/ and val/)')
     if cfg.img_size % cfg.patch_size or cfg.patch_size % 2:
         C.die(f'img_size {cfg.img_size} must be divisible by patch_size {cfg.patch_size} (even)')
+    if cfg.decay >= 1:
+        C.die(f'--decay={cfg.decay}: must be < 1 (an EMA that never moves)')
+    if cfg.batch_size * (cfg.img_size // cfg.patch_size) ** 2 < cfg.n_embed:
+        C.die(f'k-means init needs at least n_embed={cfg.n_embed} patch vectors in the first batch; '
+              f'{cfg.batch_size} images give {cfg.batch_size * (cfg.img_size // cfg.patch_size) ** 2}: '
+              'raise --batch_size or lower --n_embed')
     env = C.Env(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    C.claim_out_dir(cfg, env)
     dataset = C.build_dataset(cfg.data, 'train', cfg.img_size)
     loader, sampler = C.make_loader(dataset, C.CropTransform(cfg.img_size, cfg.min_crop_scale), cfg, env)
     steps_per_epoch, per_step = C.steps_from_epochs(cfg, env, len(dataset))
