@@ -625,16 +625,16 @@ def layer_id(name, depth):
     return depth + 1
 
 
-def param_groups(model, weight_decay, layer_decay=1.0, depth=None):
+def param_groups(model, weight_decay, layer_decay=1.0, depth=None, no_decay=('cls_token', 'pos_embed')):
     """AdamW groups as the official optim_factory: no weight decay for 1-D parameters, biases,
-    cls_token and pos_embed (mask_token and the shared relative position table ARE decayed);
-    each group carries lr_scale = layer_decay ** (depth + 1 - layer_id)."""
+    and the parameters named in no_decay (mask_token and the shared relative position table ARE
+    decayed); each group carries lr_scale = layer_decay ** (depth + 1 - layer_id)."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         leaf = name.split('.')[-1]
-        no_wd = p.ndim <= 1 or name.endswith('.bias') or leaf in ('cls_token', 'pos_embed')
+        no_wd = p.ndim <= 1 or name.endswith('.bias') or leaf in no_decay
         lid = layer_id(name, depth) if depth is not None else 0
         scale = layer_decay ** (depth + 1 - lid) if depth is not None else 1.0
         g = groups.setdefault((lid, no_wd), dict(params=[], weight_decay=0.0 if no_wd else weight_decay,

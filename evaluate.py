@@ -325,6 +325,13 @@ class Segmenter(nn.Module):
         self.fuse = conv_bn_relu(4 * c, c, 3)
         self.cls = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(c, num_classes, 1))
         self.aux = nn.Sequential(conv_bn_relu(D, 256, 3), nn.Dropout2d(0.1), nn.Conv2d(256, num_classes, 1))
+        for name, m in self.named_modules():  # mmseg's init of the heads; the backbone keeps its weights
+            if isinstance(m, nn.Conv2d) and not name.startswith('backbone'):
+                if m.out_channels == num_classes:  # conv_seg: N(0, 0.01)
+                    nn.init.normal_(m.weight, std=0.01)
+                    nn.init.zeros_(m.bias)
+                else:                              # ConvModule: kaiming normal, fan_out, relu
+                    nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
 
     def forward(self, images):  # -> (logits, aux logits), each (B, classes, H, W)
         _, xs = self.backbone.forward_tokens(images, layers=self.layers)
@@ -637,7 +644,8 @@ def run_segment(cfg, env):
     model = Segmenter(backbone, cfg.seg_layers, train.num_classes).to(env.device)
     if env.ddp and env.device.type == 'cuda':
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    groups = B.param_groups(model, cfg.weight_decay, cfg.layer_decay, backbone.cfg.depth)
+    # official mmseg run: 'backbone.cls_token' misses its no-decay name test, so it IS decayed
+    groups = B.param_groups(model, cfg.weight_decay, cfg.layer_decay, backbone.cfg.depth, no_decay=())
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     loader, sampler = C.make_loader(train, SegTransform(cfg.img_size, True), cfg, env, joint=True)
 
@@ -647,10 +655,15 @@ def run_segment(cfg, env):
         if top >= train.num_classes:
             C.die(f'mask class {top} exceeds the head ({train.num_classes} classes)')
         logits, aux = m(x)
-        return F.cross_entropy(logits.float(), y, ignore_index=255) + \
-            0.4 * F.cross_entropy(aux.float(), y, ignore_index=255)  # auxiliary FCN head, weight 0.4
+        return seg_loss(logits, y) + 0.4 * seg_loss(aux, y)  # auxiliary FCN head, weight 0.4
     return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
                lambda m: segment_score(m, val, cfg, env))
+
+
+def seg_loss(logits, target):
+    """Cross entropy averaged over ALL pixels, the ignored ones (255) counted as 0: mmseg 0.x's
+    default (avg_non_ignore=False), which the official segmentation code uses."""
+    return F.cross_entropy(logits.float(), target, ignore_index=255, reduction='none').mean()
 
 
 @torch.no_grad()
