@@ -140,6 +140,7 @@ class Env:
         if self.ddp:
             dist.destroy_process_group()
 
+
 def claim_out_dir(cfg, env):
     """Create OUT_DIR and hold OUT_DIR/lock ('pid@host') while this run writes there, so that a
     second run on the same folder stops at start instead of interleaving checkpoints and logs.

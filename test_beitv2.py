@@ -777,18 +777,21 @@ def test_compare_sets_three_backbones_side_by_side(pretrain_ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_demo_pretraining_beats_random_init_on_knn(tmp_path):
-    """The quick start's lesson at 1/3 of its budget: 200 tokenizer and 200 pretraining steps on
-    the demo, then k-NN of the pretrained [CLS] against the same model at its random init.
-    Measured with pretraining seeds 0, 1, 2: SHORTRUNS; the margin asked is MARGIN points."""
-    run_script('train_tokenizer.py', '--steps=200', '--log_every=100', f'--out_dir={tmp_path / "tok"}')
-    run_script('pretrain.py', '--steps=200', '--log_every=100', f'--tokenizer={tmp_path / "tok" / "ckpt.pt"}',
+    """The quick start's lesson at 2/3 of its budget: 400 tokenizer and 300 pretraining steps on
+    the demo, then k-NN of the pretrained [CLS] against the same model at its random init. Measured
+    here (top-1, pretrained vs random init) with --seed=0, 1, 2 for both stages: 57.6 vs 18.5,
+    31.7 vs 18.5, 57.7 vs 18.5. A seed's run is deterministic on one machine; across seeds the gain
+    is 13 to 39 points, so the test (seed 0) asks for 10. (200 + 200 steps gave none: the codebook
+    is still collapsed then.)"""
+    run_script('train_tokenizer.py', '--steps=400', '--log_every=100', f'--out_dir={tmp_path / "tok"}')
+    run_script('pretrain.py', '--steps=300', '--log_every=100', f'--tokenizer={tmp_path / "tok" / "ckpt.pt"}',
                f'--out_dir={tmp_path / "pre"}')
     top1 = {}
     for backbone in ('checkpoint', 'random'):
         run_script('evaluate.py', '--mode=knn', f'--backbone={backbone}', f'--checkpoint={tmp_path / "pre" / "ckpt.pt"}',
                    f'--out_dir={tmp_path / backbone}')
         top1[backbone] = json.loads((tmp_path / backbone / 'result.json').read_text())['top1']
-    assert top1['checkpoint'] >= top1['random'] + MARGIN, top1
+    assert top1['checkpoint'] >= top1['random'] + 10, top1
 
 
 @pytest.mark.slow
