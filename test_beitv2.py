@@ -1021,6 +1021,9 @@ def test_tokenizer_vocabulary_mismatch_on_resume_is_a_clear_error(tokenizer_ckpt
     args = [*TINY_PRE, '--steps=2', '--workers=0', f'--out_dir={tmp_path / "pre"}']
     run_script('pretrain.py', *args, f'--tokenizer={tokenizer_ckpt}')  # vocabulary 32
     p = run_script('pretrain.py', *args, '--steps=3', f'--tokenizer={other / "ckpt.pt"}', ok=False)  # 16
+    assert p.returncode == 2 and '--tokenizer is' in p.stderr, p.stderr[-800:]  # the settings check comes first
+    p = run_script('pretrain.py', *args, '--steps=3', f'--tokenizer={other / "ckpt.pt"}',
+                   '--allow_change=steps,tokenizer', ok=False)  # allowed, but the weights cannot fit
     assert p.returncode == 2 and 'cannot resume' in p.stderr and 'lm_head' in p.stderr, p.stderr[-800:]
     assert 'Traceback' not in p.stderr
 
