@@ -681,15 +681,24 @@ def segment_score(model, val, cfg, env):
     return dict(mIoU=miou(env.all_reduce(conf)))
 
 
+def tokenizer_of(cfg, env):
+    """--checkpoint as a frozen tokenizer, or a one-line error."""
+    try:
+        return B.load_tokenizer(cfg.checkpoint).to(env.device)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        C.die(f'{cfg.checkpoint}: {e}')
+
+
+def code_colours(n_codes):  # (K, 3) one fixed random colour per code, the same in every picture
+    return torch.rand(n_codes, 3, generator=torch.Generator().manual_seed(0))
+
+
 @torch.no_grad()
 def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
     """The paper's codebook picture: image patches grouped by the code they get (the most used
     codes, one row each), and token maps (each code a colour) beside a few images."""
     from torchvision.utils import save_image
-    try:
-        tok = B.load_tokenizer(cfg.checkpoint).to(env.device)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        C.die(f'{cfg.checkpoint}: {e}')
+    tok = tokenizer_of(cfg, env)
     val = C.build_dataset(cfg.data, 'val', cfg.img_size)
     ev = C.eval_transform(tok.cfg.img_size, normalize=False)
     images = torch.stack([ev(C.rgb(val[i][0])) for i in range(min(n_images, len(val)))]).to(env.device)
@@ -706,7 +715,7 @@ def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
     grid_img = torch.cat(rows)
     grid_img = F.interpolate(grid_img, scale_factor=max(1, 32 // p), mode='nearest')  # small patches: enlarge
     save_image(grid_img, os.path.join(cfg.out_dir, 'codebook.png'), nrow=per_code, padding=2, pad_value=1)
-    palette = torch.rand(tok.cfg.n_embed, 3, generator=torch.Generator().manual_seed(0)).to(env.device)
+    palette = code_colours(tok.cfg.n_embed).to(env.device)
     maps = palette[codes[:8]].view(-1, h, w, 3).permute(0, 3, 1, 2)
     maps = F.interpolate(maps, size=images.shape[2:], mode='nearest')
     pairs = torch.stack([images[:8], maps], 1).flatten(0, 1)
@@ -807,16 +816,13 @@ def run_codes(cfg, env):
     img_size/0.875, centre crop, values in [0, 1]), printed as a grid, and a picture of the image
     beside its code map (each code one colour; the colours of --mode=codebook's token maps)."""
     from torchvision.utils import save_image
-    try:
-        tok = B.load_tokenizer(cfg.checkpoint).to(env.device)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        C.die(f'{cfg.checkpoint}: {e}')
+    tok = tokenizer_of(cfg, env)
     _, shown = picture_input(cfg, tok.cfg.img_size, normalize=False)
     codes = tok.encode(shown.to(env.device))[0].cpu()                      # (n,)
     h, w = tok.grid
     width = len(str(tok.cfg.n_embed - 1))
     env.print('\n'.join(' '.join(f'{c:{width}d}' for c in row) for row in codes.view(h, w).tolist()))
-    palette = torch.rand(tok.cfg.n_embed, 3, generator=torch.Generator().manual_seed(0))
+    palette = code_colours(tok.cfg.n_embed)
     code_map = palette[codes].view(h, w, 3).permute(2, 0, 1)
     code_map = F.interpolate(code_map[None], size=shown.shape[2:], mode='nearest')
     pair = F.interpolate(torch.cat([shown, code_map]), scale_factor=max(1, 128 // shown.shape[-1]), mode='nearest')
