@@ -4,6 +4,8 @@
     python bench.py --dtype=bf16                        # bf16 autocast (codebook and losses in fp32)
     python bench.py --official=/scratch/beit2           # alternate with the official model, same process
     python bench.py --model=base --batch_size=128 --dtype=bf16 --compile=True   # a GPU
+    python bench.py --what=maxbatch --model=base --dtype=bf16 --official=...     # largest batch per side
+gpu_check.sh runs the GPU set (tests on CUDA, these benchmarks, torchrun) in one go.
 The official side needs the official beit2/ folder (microsoft/unilm) outside this repository,
 and timm + einops installed; it runs fp32 on CPU and fp16 autocast + GradScaler on CUDA, as the
 official scripts do. Both sides start from the same weights and see the same batch, so their
@@ -40,12 +42,15 @@ class Config:
     device: str = ''            # '' = cuda if available
     steps: int = 10             # timed steps per side (after warmup)
     warmup: int = 3
-    what: str = 'pretrain'      # pretrain | tokenizer | loader | all
+    what: str = 'pretrain'      # pretrain | tokenizer | finetune | loader | all (not maxbatch) | maxbatch | attention
     official: str = ''          # path of the official beit2/ folder: time it beside ours
     peak_tflops: float = 0.0    # device peak for MFU; 0 = known GPUs' dense bf16 peak, else no MFU
     threads: int = 0            # torch.set_num_threads; 0 = torch's default
     seed: int = 0
     workers: int = 4            # loader benchmark
+    max_batch: int = 4096       # maxbatch: double the batch from batch_size up to this
+    profile: bool = False       # pretrain: a kernel table of 3 of our student steps after the timing
+    attention: str = 'auto'     # ours: auto (beitv2's choice) | explicit | sdpa | efficient (SDPA's kernel only)
 
 
 PRESETS = {'cpu': {}}
@@ -158,6 +163,97 @@ def timed(fns, cfg, device):
     return out
 
 
+def use_attention(kind):
+    """Route beitv2's attention through one of its paths (or SDPA's memory-efficient kernel only)."""
+    plain = B.attention
+    if kind == 'explicit' or kind == 'sdpa':
+        B.attention = functools.partial(plain, explicit=kind == 'explicit')
+    elif kind == 'efficient':
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def efficient(q, k, v, bias=None):
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                return plain(q, k, v, bias, explicit=False)
+        B.attention = efficient
+    elif kind != 'auto':
+        C.die(f'--attention must be auto, explicit, sdpa or efficient, got {kind!r}')
+
+
+def attention_backends(cfg, device, n_tokens, dtype):
+    """Time one attention forward + backward (bias trainable, as the shared relative position
+    table) through each way there is, and say why a kernel refuses."""
+    import warnings
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    heads, hs = SIZES[cfg.model]['num_heads'], SIZES[cfg.model]['embed_dim'] // SIZES[cfg.model]['num_heads']
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(cfg.batch_size, heads, n_tokens, hs, device=device, dtype=dtype, generator=g)
+               .requires_grad_() for _ in range(3))
+    table = torch.randn(heads, n_tokens, n_tokens, device=device, generator=g).requires_grad_()
+    ways = {
+        'explicit': lambda b: B.attention(q, k, v, b, explicit=True),
+        'sdpa (auto)': lambda b: B.attention(q, k, v, b, explicit=False),
+        'sdpa bias expanded (B, nh, N, N)': lambda b: B.attention(
+            q, k, v, b.expand(q.shape[0], -1, -1, -1).contiguous(), explicit=False),
+        'sdpa bias without grad': lambda b: B.attention(q, k, v, b.detach(), explicit=False),
+        'sdpa no bias': lambda b: B.attention(q, k, v, None, explicit=False)}
+    for name, backend in (('efficient', SDPBackend.EFFICIENT_ATTENTION), ('cudnn', SDPBackend.CUDNN_ATTENTION),
+                          ('flash', SDPBackend.FLASH_ATTENTION), ('math', SDPBackend.MATH)):
+        def only(b, backend=backend):
+            with sdpa_kernel(backend):
+                return B.attention(q, k, v, b, explicit=False)
+        ways[f'sdpa {name} only'] = only
+    for name, fn in ways.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            try:
+                def step():
+                    with torch.autocast(device.type, dtype=dtype):
+                        fn(table).float().square().mean().backward()
+                for _ in range(3):
+                    step()
+                if device.type == 'cuda':
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    step()
+                if device.type == 'cuda':
+                    torch.cuda.synchronize()
+                line = f'{(time.perf_counter() - t0) * 100:8.2f} ms fwd+bwd'
+            except RuntimeError as e:
+                line = 'refused: ' + str(e).strip().splitlines()[0][:150]
+        why = list(dict.fromkeys(str(w.message).replace('\n', ' ')[:200] for w in caught))
+        print(f'  attention {name:36s} {line}', flush=True)
+        for w in why[:6]:
+            print(f'      {w}', flush=True)
+
+
+def largest_batch(make, cfg, device):
+    """Double the batch from cfg.batch_size while one step (fresh model) fits; -> largest that did."""
+    best, b = 0, cfg.batch_size
+    while b <= cfg.max_batch:
+        try:
+            make(b)()  # step() ends with loss.item(): the step has run
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+        best, b = b, 2 * b
+    return best
+
+
+def profile(step, device, rows=15):
+    """Print where the time of 3 steps goes, kernel by kernel (self time, slowest first)."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == 'cuda':
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(3):
+            step()
+    key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
+
+
 def report(name, ms, flops, batch, peak, mem):
     med = statistics.median(ms)
     line = f'{name:28s} {med:9.1f} ms/step  {batch / med * 1000:8.1f} img/s  {flops / med / 1e9:8.2f} TFLOP/s'
@@ -181,8 +277,10 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'
     peak = cfg.peak_tflops or next((v for k, v in PEAKS.items() if k in name), 0.0)
     print(f'torch {torch.__version__}, {name}, {torch.get_num_threads()} threads, ours {cfg.dtype}'
-          f'{" + compile" if cfg.compile else ""}, batch {cfg.batch_size}, peak {peak or "unknown"} TFLOP/s')
+          f'{" + compile" if cfg.compile else ""}, attention {cfg.attention}, batch {cfg.batch_size}, '
+          f'peak {peak or "unknown"} TFLOP/s')
 
+    use_attention(cfg.attention)
     torch.manual_seed(cfg.seed)
     mcfg = B.BEiTConfig(img_size=cfg.img_size, patch_size=16, **SIZES[cfg.model])
     tcfg = B.VQKDConfig(img_size=cfg.img_size, patch_size=16, decoder_depth=1, embed_dim=mcfg.embed_dim,
@@ -195,6 +293,9 @@ def main(argv=None):
     mask = torch.stack([masker() for _ in range(cfg.batch_size)]).to(device)
     targets = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, grid[0] * grid[1]), generator=g).to(device)
     n_mask = masker.num
+
+    if cfg.what == 'attention':
+        attention_backends(cfg, device, grid[0] * grid[1] + 1, amp_dtype or torch.float32)
 
     if cfg.what in ('pretrain', 'all'):
         model = B.BEiTv2(mcfg).to(device)
@@ -214,6 +315,8 @@ def main(argv=None):
                                                       torch.amp.GradScaler(device.type, enabled=device.type == 'cuda'),
                                                       official=True)
         res = timed(fns, cfg, device)
+        if cfg.profile:
+            profile(fns['ours: student step'], device)
         flops = pretrain_flops(mcfg, n_mask, cfg.batch_size)
         meds = {k: report(k, ms, flops, cfg.batch_size, peak, mem) for k, (ms, _, mem) in res.items()}
         if cfg.official:
@@ -231,21 +334,76 @@ def main(argv=None):
         del model, tok, run
 
     if cfg.what in ('tokenizer', 'all'):
-        tok = B.VQKD(tcfg).to(device)
+        # the stage-1 step: a ViT-B/16-sized teacher stand-in (CLIP ViT-B/16's size) in no_grad,
+        # then encoder, codebook (EMA update), decoder, cosine loss; tokenizer as the official one
+        D = mcfg.embed_dim
+        teacher = B.ViT(B.ViTConfig(img_size=cfg.img_size, patch_size=16, embed_dim=D, depth=12,
+                                    num_heads=mcfg.num_heads)).to(device).eval()
+        tok = B.VQKD(B.VQKDConfig(**{**tcfg.__dict__, 'teacher_dim': D})).to(device)
         tok.quantize.initted.fill_(1)
         opt = torch.optim.AdamW(B.param_groups(tok, 1e-4), lr=2e-4, betas=(0.9, 0.99))
-        teacher = torch.randn(cfg.batch_size, grid[0] * grid[1], tcfg.teacher_dim, generator=g).to(device)
         run = torch.compile(tok) if cfg.compile else tok
+        run_teacher = torch.compile(teacher.forward_patch_tokens) if cfg.compile else teacher.forward_patch_tokens
 
         def tok_step():
             with ours_amp():
-                loss = run(tok_images, teacher)[2]['loss']
+                with torch.no_grad():
+                    target = run_teacher(images)
+                loss = run(tok_images, target)[2]['loss']
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             return loss.item()
         ms, _, mem = timed({'ours: tokenizer step': tok_step}, cfg, device)['ours: tokenizer step']
-        report('ours: tokenizer train step', ms, tokenizer_flops(tok, cfg.batch_size, True), cfg.batch_size, peak, mem)
+        flops = tokenizer_flops(tok, cfg.batch_size, True) + vit_flops(grid[0] * grid[1] + 1, D, 12) * cfg.batch_size
+        report('ours: tokenizer train step', ms, flops, cfg.batch_size, peak, mem)
+        del tok, teacher, run, run_teacher, opt
+
+    if cfg.what in ('finetune', 'all'):
+        # the stage-3 step: classifier (per-block relative position tables, mean pooling), drop path
+        # 0.1, layer decay 0.65, label-free CE on 1000 classes; mixup/augmentation are data-side
+        vit = B.ViT(B.classifier_config(mcfg, 1000, drop_path=0.1)).to(device)
+        opt = torch.optim.AdamW(B.param_groups(vit, 0.05, layer_decay=0.65), lr=5e-4, betas=(0.9, 0.999))
+        run = torch.compile(vit) if cfg.compile else vit
+        labels = torch.randint(0, 1000, (cfg.batch_size,), generator=g).to(device)
+        vit.train()
+
+        def ft_step():
+            with ours_amp():
+                loss = F.cross_entropy(run(images).float(), labels, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss.item()
+        ms, _, mem = timed({'ours: fine-tuning step': ft_step}, cfg, device)['ours: fine-tuning step']
+        flops = 3 * (vit_flops(grid[0] * grid[1] + 1, mcfg.embed_dim, mcfg.depth)
+                     + 2 * grid[0] * grid[1] * 3 * 16 ** 2 * mcfg.embed_dim) * cfg.batch_size
+        report('ours: fine-tuning step', ms, flops, cfg.batch_size, peak, mem)
+        del vit, run, opt
+
+    if cfg.what == 'maxbatch':
+        # the largest batch one pretraining step fits in, each side from scratch (eager unless --compile)
+        def inputs(b):
+            gb = torch.Generator().manual_seed(cfg.seed)
+            x = torch.randn(b, 3, cfg.img_size, cfg.img_size, generator=gb).to(device)
+            m = torch.stack([masker() for _ in range(b)]).to(device)
+            return x, m, torch.randint(0, mcfg.vocab_size, (b, grid[0] * grid[1]), generator=gb).to(device)
+
+        def ours(b):
+            m = B.BEiTv2(mcfg).to(device)
+            return make_step(torch.compile(m) if cfg.compile else m, *inputs(b), ours_amp,
+                             torch.amp.GradScaler(device.type, enabled=cfg.dtype == 'fp16'))
+        print(f'largest batch, ours ({cfg.dtype}): {largest_batch(ours, cfg, device)}', flush=True)
+        if cfg.official:
+            mod = load_official(cfg.official)
+            off_amp = (lambda: torch.autocast('cuda', dtype=torch.float16)) if device.type == 'cuda' \
+                else contextlib.nullcontext
+
+            def official(b):
+                return make_step(official_model(mod, mcfg).to(device), *inputs(b), off_amp,
+                                 torch.amp.GradScaler(device.type, enabled=device.type == 'cuda'), official=True)
+            print(f'largest batch, official (fp16 autocast on CUDA): {largest_batch(official, cfg, device)}',
+                  flush=True)
 
     if cfg.what in ('loader', 'all'):
         import pretrain

@@ -4,7 +4,8 @@
     python -m pytest -q test_beitv2.py -m 'not slow' # unit and parity tests, about a minute
 
 test_official_* compare against golden outputs of the official code (testdata/README.md); set
-BEITV2_FIXTURE to check another fixture made the same way with other sizes.
+BEITV2_FIXTURE to check another fixture made the same way with other sizes, and
+BEITV2_TEST_DEVICE=cuda to run them (and the attention and encode device tests) on a GPU.
 """
 import json
 import math
@@ -26,6 +27,9 @@ HERE = Path(__file__).resolve().parent
 FIXTURE = os.environ.get('BEITV2_FIXTURE', str(HERE / 'testdata' / 'official_beitv2_small.pt'))
 LAYOUTS = HERE / 'testdata' / 'official_layouts.json'
 ATOL = 1e-10  # float64; testdata/README.md
+DEVICE = torch.device(os.environ.get('BEITV2_TEST_DEVICE', 'cpu'))
+if DEVICE.type == 'cuda':  # float32 means float32 in these tests (TF32 convolutions are cuDNN's default)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @pytest.fixture(scope='module')
@@ -35,7 +39,7 @@ def fx():
 
 def close(a, b, atol=ATOL):
     assert a.shape == b.shape, (a.shape, b.shape)
-    diff = (a.double() - b.double()).abs().max().item()
+    diff = (a.double().cpu() - b.double().cpu()).abs().max().item()
     assert diff <= atol, diff
 
 # ----------------------------------------------------------------------------- official configs -> ours
@@ -72,29 +76,30 @@ def pretrain_from_official(c):
 def tok(fx):
     t = fx['tokenizer']
     m = tokenizer_from_official(t['config']).double().eval()
-    return B.load_state(m, t['state_dict'])
+    return B.load_state(m, t['state_dict']).to(DEVICE)
 
 # ----------------------------------------------------------------------------- parity with the official code
 
 
 def test_official_tokenizer_encoder(fx, tok):
     t = fx['tokenizer']
-    x = t['images'].double()
+    x = t['images'].double().to(DEVICE)
     close(tok.encoder.forward_patch_tokens(x * 2 - 1), t['encoder_features'])
     feats = tok.features(x)
     close(feats, t['to_quantizer_features'])
     z, codes = tok.quantize.lookup(feats)
     close(z, t['normed_features'])
     close(tok.quantize.distances(z.flatten(0, 1)), t['distances'])
-    assert torch.equal(codes, t['indices'])
-    assert torch.equal(tok.encode(x), t['indices'])
+    assert torch.equal(codes.cpu(), t['indices'])
+    assert torch.equal(tok.encode(x).cpu(), t['indices'])
 
 
 def test_official_tokenizer_decoder_and_losses(fx, tok):
     t = fx['tokenizer']
     before = tok.quantize.cluster_size.clone()
-    rec, codes, losses = tok(t['images'].double(), t['teacher_features'].double())
-    z_q, _, _ = tok.quantize(tok.features(t['images'].double()))
+    x = t['images'].double().to(DEVICE)
+    rec, codes, losses = tok(x, t['teacher_features'].double().to(DEVICE))
+    z_q, _, _ = tok.quantize(tok.features(x))
     close(z_q.transpose(1, 2).reshape(t['quantized'].shape), t['quantized'])  # official: (B, d, h, w)
     close(rec, t['decoder_output'])
     for k in ('loss', 'rec_loss', 'quant_loss'):
@@ -107,16 +112,16 @@ def test_official_tokenizer_decoder_and_losses(fx, tok):
 def test_official_ema_step(fx):
     e = fx['ema_step']
     c = e['config']
-    q = B.NormEMACodebook(c['n_embed'], c['embedding_dim'], decay=e['decay'], beta=c['beta']).double()
+    q = B.NormEMACodebook(c['n_embed'], c['embedding_dim'], decay=e['decay'], beta=c['beta']).double().to(DEVICE)
     sd = e['state_dict_before']  # official names -> ours (embedding.cluster_size/embed_avg are never read)
     q.load_state_dict(dict(weight=sd['embedding.weight'], initted=sd['embedding.initted'],
                            cluster_size=sd['cluster_size']))
     q.train()
-    z = e['z'].double().permute(0, 2, 3, 1).flatten(1, 2)  # official (B, d, h, w) -> (B, n, d)
+    z = e['z'].double().to(DEVICE).permute(0, 2, 3, 1).flatten(1, 2)  # official (B, d, h, w) -> (B, n, d)
     z_q, codes, loss = q(z)
     n, _, h, w = e['quantized'].shape  # sizes from the fixture: any fixture of this format works
     close(z_q.reshape(n, h, w, -1).permute(0, 3, 1, 2), e['quantized'])
-    assert torch.equal(codes.flatten(), e['indices'])
+    assert torch.equal(codes.flatten().cpu(), e['indices'])
     close(loss, e['loss'])
     after = e['state_dict_after']
     close(q.weight, after['embedding.weight'])
@@ -127,16 +132,16 @@ def test_official_ema_step(fx):
 @pytest.fixture(scope='module')
 def pre(fx):
     p = fx['pretrain']
-    return B.load_state(pretrain_from_official(p['config']).double().eval(), p['state_dict']), p
+    return B.load_state(pretrain_from_official(p['config']).double().eval(), p['state_dict']).to(DEVICE), p
 
 
 def test_official_pretrain_heads(pre):
     m, p = pre
-    x, mask = p['images'].double(), p['bool_masked_pos']
+    x, mask = p['images'].double().to(DEVICE), p['bool_masked_pos'].to(DEVICE)
     tokens = m.branches(x, mask)
     close(m.norm(tokens[0])[:, 1:], p['patch_tokens_mim'])
     close(m.norm(tokens[1])[:, 1:], p['patch_tokens_cls'])
-    logits, losses = m(x, mask, p['target_indices'])
+    logits, losses = m(x, mask, p['target_indices'].to(DEVICE))
     close(logits[0], p['logits_mim'])
     close(logits[1], p['logits_cls'])
     for k in ('loss_1', 'loss_2', 'loss'):
@@ -146,7 +151,7 @@ def test_official_pretrain_heads(pre):
 def test_official_finetune_logits(fx):
     f = fx['finetune']
     m = B.load_state(B.ViT(B.ViTConfig(**vit_from_official(f['config']))).double().eval(), f['state_dict'])
-    x = f['images'].double()
+    m, x = m.to(DEVICE), f['images'].double().to(DEVICE)
     close(m.forward_features(x), f['features'])
     close(m(x), f['logits'])
 
@@ -154,12 +159,91 @@ def test_official_finetune_logits(fx):
 def test_official_float32_tolerance(fx, pre):
     """The same models in float32 stay within the fixture's float32 tolerance (1e-4)."""
     m, p = pre
-    m32 = B.load_state(pretrain_from_official(p['config']).eval(), p['state_dict'])
-    logits, _ = m32(p['images'], p['bool_masked_pos'])
+    m32 = B.load_state(pretrain_from_official(p['config']).eval(), p['state_dict']).to(DEVICE)
+    logits, _ = m32(p['images'].to(DEVICE), p['bool_masked_pos'].to(DEVICE))
     close(logits[0], p['logits_mim'], atol=1e-4)
     t = fx['tokenizer']
-    tok32 = B.load_state(tokenizer_from_official(t['config']).eval(), t['state_dict'])
-    assert torch.equal(tok32.encode(t['images']), t['indices'])
+    tok32 = B.load_state(tokenizer_from_official(t['config']).eval(), t['state_dict']).to(DEVICE)
+    assert torch.equal(tok32.encode(t['images'].to(DEVICE)).cpu(), t['indices'])
+
+# ----------------------------------------------------------------------------- attention paths and devices
+
+
+def rel_err(a, ref):
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize('rows', ['all', 'keep'])
+def test_sdpa_path_equals_explicit_maths(dtype, tol, rows):
+    """attention()'s two paths (explicit maths, fused SDPA), outputs and gradients of q, k, v and the
+    bias, against the explicit maths in float64, on BEITV2_TEST_DEVICE: the SDPA path is what every
+    GPU run takes. rows='keep': the fast path's queries (B, nh, K, hs) with a (B, nh, K, N) bias."""
+    g = torch.Generator().manual_seed(0)
+    b, nh, n, hs = 2, 3, 197, 64  # 197 tokens: ViT-B/16 at 224, not a multiple of 8
+    nq = 76 if rows == 'keep' else n
+    bias_shape = (b, nh, nq, n) if rows == 'keep' else (nh, n, n)
+    inputs = [torch.randn(b, nh, nq, hs, generator=g), torch.randn(b, nh, n, hs, generator=g),
+              torch.randn(b, nh, n, hs, generator=g), torch.randn(bias_shape, generator=g)]
+    grad_out = torch.randn(b, nh, nq, hs, generator=g, dtype=torch.float64)
+
+    def run(dtype, explicit):
+        xs = [t.to(DEVICE, dtype, copy=True).requires_grad_() for t in inputs]
+        out = B.attention(*xs, explicit=explicit)
+        (out.double() * grad_out.to(DEVICE)).sum().backward()
+        return [out] + [t.grad for t in xs]
+
+    ref = run(torch.float64, explicit=True)
+    for explicit in (True, False):
+        got = run(dtype, explicit)
+        for name, a, r in zip(('out', 'dq', 'dk', 'dv', 'dbias'), got, ref):
+            assert a.shape == r.shape and rel_err(a, r) <= tol, (name, explicit, rel_err(a, r))
+
+
+def test_shared_bias_is_contiguous():
+    """SDPA's memory-efficient CUDA kernel refuses a bias with a strided last dim and falls back to
+    the fp32 maths (measured on an H200: ViT-B step 116 instead of 81 ms); keep it contiguous."""
+    m = tiny_beit()
+    assert m.shared_rel_pos_bias().is_contiguous()
+    assert B.rel_pos_bias_of(B.ViT(B.classifier_config(m.cfg, 10)).blocks[0].attn).is_contiguous()
+
+
+def test_model_through_sdpa_equals_explicit(monkeypatch):
+    """The whole pretraining model (both heads, fast path) with attention forced through SDPA."""
+    torch.manual_seed(0)
+    m = tiny_beit().double().to(DEVICE).eval()
+    with torch.no_grad():
+        m.rel_pos_bias.relative_position_bias_table.normal_()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, device=DEVICE)
+    mask = torch.stack([B.MaskingGenerator((4, 4))() for _ in range(3)]).to(DEVICE)
+    explicit, _ = m(x, mask)
+    plain = B.attention
+    monkeypatch.setattr(B, 'attention', lambda *a, **k: plain(*a, explicit=False))
+    fused, _ = m(x, mask)
+    for a, b in zip(fused, explicit):
+        close(a, b)
+
+
+def test_encode_on_device_equals_float64_except_near_ties():
+    """Codes from a float32 encode on BEITV2_TEST_DEVICE equal the float64 CPU codes, except where
+    the two codes are a near-tie in float64 (cosine within 1e-4); the count is printed."""
+    torch.manual_seed(0)
+    tok = tiny_vqkd(n_embed=64, img_size=64).train()
+    x = torch.rand(16, 3, 64, 64)
+    tok(x, torch.randn(16, 64, 24))  # k-means init on this batch
+    tok.eval()
+    tok64 = tok.double()
+    with torch.no_grad():
+        z = tok64.quantize.lookup(tok64.features(x.double()))[0].flatten(0, 1)
+        sims = z @ tok64.quantize.weight.t()  # (M, K) cosines
+        ref = sims.argmax(1)
+        got = tok.float().to(DEVICE).encode(x.to(DEVICE)).flatten().cpu()
+    differ = (got != ref).nonzero().squeeze(1)
+    gap = sims[differ, ref[differ]] - sims[differ, got[differ]]
+    print(f'{DEVICE}: {len(differ)} of {len(ref)} codes differ from float64, '
+          f'largest cosine gap {gap.max() if len(gap) else 0}')
+    assert (gap < 1e-4).all()
+
 
 # ----------------------------------------------------------------------------- full-size layouts
 
@@ -713,7 +797,6 @@ def test_segmentation_loss_counts_ignored_pixels_as_zero():
 
 
 def test_segmenter_heads_have_mmseg_init_and_cls_token_is_decayed():
-    import evaluate
     torch.manual_seed(0)
     m = tiny_segmenter()
     seg = m.cls[1].weight

@@ -1,0 +1,78 @@
+#!/bin/bash
+# The GPU checks in one run (issue: "On a GPU: correct, then fast"), about 6 minutes on one H200 (measured):
+#   1. the fast test tier with the parity and device tests on CUDA (float64 parity, SDPA vs explicit
+#      attention in fp64/fp32/bf16, encode on CUDA vs float64 codes with near-ties counted);
+#   2. torchrun --nproc_per_node=1 (NCCL) of train_tokenizer.py and pretrain.py, 20 steps, bf16,
+#      compile off and on, beside the same runs without torchrun: losses side by side, recompiles counted;
+#   3. bench.py, ViT-B/16 at 224: each attention kernel alone, ours bf16 (+ compile) against the official
+#      fp16 recipe in the same process, the tokenizer and fine-tuning steps, the largest batch each side fits.
+#     OFFICIAL_BEIT2=/path/to/unilm/beit2 OUT=gpu_out bash gpu_check.sh
+#     TEST_DEVICE=cpu MODEL=tiny BATCH=4 bash gpu_check.sh     # a dry run of the script on a CPU
+# The official side needs timm and einops; .official/site is added to PYTHONPATH if they are missing.
+set -u
+OUT=${OUT:-gpu_out}
+OFFICIAL=${OFFICIAL_BEIT2:-.official/beit2}
+TEST_DEVICE=${TEST_DEVICE:-cuda} MODEL=${MODEL:-base} BATCH=${BATCH:-128}
+W=$(mktemp -d)
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+python3 -c 'import timm, einops' 2>/dev/null || export PYTHONPATH=$PWD/.official/site
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c 'import torch, torchvision, timm; print("torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__)'
+  nproc; } 2>&1 | tee "$OUT/env.txt"
+
+# 1 and 2 run together (neither is timed); 3 runs alone afterwards.
+echo "== 1. fast test tier, parity and device tests on CUDA"
+(BEITV2_TEST_DEVICE=$TEST_DEVICE timeout 200 python3 -m pytest -q -s -m 'not slow' -p no:cacheprovider test_beitv2.py \
+    > "$OUT/pytest.log" 2>&1; echo "pytest exit $?" >> "$OUT/pytest.log") &
+
+echo "== 2. torchrun vs one process, 20 steps, bf16"
+TR='python3 -m torch.distributed.run --nproc_per_node=1 --master_port'
+STEPS="--steps=20 --log_every=1 --dtype=bf16 --workers=2"
+(
+  timeout 200 python3 train_tokenizer.py $STEPS --out_dir=$W/tok > $W/tok.log 2>&1; echo "tok exit $?"
+  timeout 200 $TR=29501 train_tokenizer.py $STEPS --out_dir=$W/tok_ddp > $W/tok_ddp.log 2>&1 & p1=$!
+  TORCH_LOGS=recompiles,graph_breaks timeout 240 $TR=29502 train_tokenizer.py $STEPS --compile=True \
+      --out_dir=$W/tok_ddp_compile > $W/tok_ddp_compile.log 2>&1 & p2=$!
+  P="--tokenizer=$W/tok/ckpt.pt"
+  timeout 200 python3 pretrain.py $STEPS $P --out_dir=$W/pre > $W/pre.log 2>&1 & p3=$!
+  timeout 200 $TR=29503 pretrain.py $STEPS $P --out_dir=$W/pre_ddp > $W/pre_ddp.log 2>&1 & p4=$!
+  TORCH_LOGS=recompiles,graph_breaks timeout 240 $TR=29504 pretrain.py $STEPS $P --compile=True \
+      --out_dir=$W/pre_ddp_compile > $W/pre_ddp_compile.log 2>&1 & p5=$!
+  for p in $p1 $p2 $p3 $p4 $p5; do wait $p; echo "exit $?"; done
+) > "$W/torchrun_exits.txt" 2>&1
+wait
+python3 - "$W" <<'EOF' 2>&1 | tee "$OUT/torchrun.txt"
+import json, os, re, sys
+w = sys.argv[1]
+print(open(os.path.join(w, 'torchrun_exits.txt')).read().strip().replace('\n', ', '))
+for stage, key in (('tok', 'loss'), ('pre', 'loss')):
+    runs = {}
+    for tag in ('', '_ddp', '_ddp_compile'):
+        path = os.path.join(w, stage + tag, 'log.jsonl')
+        runs[stage + tag] = [json.loads(l)[key] for l in open(path)] if os.path.exists(path) else []
+        log = open(os.path.join(w, stage + tag + '.log')).read()
+        print(f'{stage + tag:18s} recompiles {len(re.findall("Recompiling function", log))}, '
+              f'graph breaks {len(re.findall("Graph break in user code", log))}, '
+              f'last line: {log.strip().splitlines()[-1:]}')
+    base = runs[stage]
+    for tag, losses in runs.items():
+        n = min(len(base), len(losses))
+        diff = max((abs(a - b) for a, b in zip(base, losses)), default=float('nan'))
+        print(f'  {tag:18s} {len(losses)} logged steps, loss first {losses[:1]}, last {losses[-1:]}, '
+              f'max |diff| vs one process over {n} steps: {diff:.2e}')
+EOF
+tail -3 "$OUT/pytest.log"
+grep -h "codes differ" "$OUT/pytest.log"
+
+echo "== 3. speed, ViT-$MODEL/16 at 224, batch $BATCH"
+BENCH="python3 bench.py --model=$MODEL --batch_size=$BATCH --steps=10 --warmup=3"
+{ timeout 60 $BENCH --dtype=bf16 --what=attention
+  timeout 200 $BENCH --dtype=bf16 --compile=True --what=pretrain --official=$OFFICIAL
+  timeout 100 $BENCH --dtype=bf16 --what=pretrain --official=$OFFICIAL --profile=True
+  timeout 60 $BENCH --dtype=bf16 --what=tokenizer
+  timeout 60 $BENCH --dtype=bf16 --what=finetune
+  timeout 100 $BENCH --dtype=bf16 --what=maxbatch --batch_size=$((2 * BATCH)) --max_batch=$((16 * BATCH)) --official=$OFFICIAL
+} 2>&1 | grep -v Warning | tee "$OUT/bench.log"
+tar czf "$OUT/logs.tgz" -C "$W" .
+echo "== done"
