@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import beitv2 as B
-import common as C
+import beitv2
+import common
 
 
 @dataclass
@@ -79,11 +79,11 @@ def tokenizer_flops(t, batch, train):
     n = (c.img_size // c.patch_size) ** 2
     enc = vit_flops(n + 1, c.embed_dim, c.depth) + 2 * n * (3 * c.patch_size ** 2 * c.embed_dim
                                                             + c.embed_dim ** 2 + c.embed_dim * c.code_dim)
-    enc += 2 * n * c.code_dim * c.n_embed  # codebook distances
+    enc += 2 * n * c.code_dim * c.codebook_size  # codebook distances
     if not train:
         return enc * batch
     dec = vit_flops(n + 1, c.embed_dim, c.decoder_depth) + 2 * n * (c.code_dim * c.embed_dim + c.embed_dim ** 2
-                                                                     + c.embed_dim * c.teacher_dim)
+                                                                    + c.embed_dim * c.teacher_dim)
     return 3 * (enc + dec) * batch
 
 
@@ -91,7 +91,7 @@ def load_official(root):
     """Import the official modules without editing them: stub the two imports that cannot work
     offline on torch 2 (utils: torch._six; vqkd_teacher: downloads), as shared/harness does."""
     if not os.path.isfile(os.path.join(root, 'modeling_pretrain.py')):
-        C.die(f'--official={root} does not contain modeling_pretrain.py')
+        common.die(f'--official={root} does not contain modeling_pretrain.py')
     sys.modules.setdefault('utils', types.ModuleType('utils'))
     stub = types.ModuleType('vqkd_teacher')
     stub.clip, stub.get_dino_vit_base = types.SimpleNamespace(load=None), None
@@ -101,7 +101,7 @@ def load_official(root):
         try:
             return importlib.import_module('modeling_pretrain')
         except ImportError as e:
-            C.die(f'official code needs timm and einops installed: {e}')
+            common.die(f'official code needs timm and einops installed: {e}')
 
 
 def official_model(mod, cfg):
@@ -117,7 +117,7 @@ def official_model(mod, cfg):
 def make_step(model, images, mask, targets, amp, scaler, encode=None, tok_images=None, official=False):
     """One training step as the official engine: forward, CE on both heads (summed), backward,
     clip at 3.0, AdamW (lr 1.5e-3, wd 0.05 by the official groups). Returns a closure -> loss."""
-    groups = B.param_groups(model, 0.05)
+    groups = beitv2.param_groups(model, 0.05)
     opt = torch.optim.AdamW(groups, lr=1.5e-3, betas=(0.9, 0.999))
     model.train()
 
@@ -165,18 +165,18 @@ def timed(fns, cfg, device):
 
 def use_attention(kind):
     """Route beitv2's attention through one of its paths (or SDPA's memory-efficient kernel only)."""
-    plain = B.attention
+    plain = beitv2.attention
     if kind == 'explicit' or kind == 'sdpa':
-        B.attention = functools.partial(plain, explicit=kind == 'explicit')
+        beitv2.attention = functools.partial(plain, explicit=kind == 'explicit')
     elif kind == 'efficient':
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         def efficient(q, k, v, bias=None):
             with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
                 return plain(q, k, v, bias, explicit=False)
-        B.attention = efficient
+        beitv2.attention = efficient
     elif kind != 'auto':
-        C.die(f'--attention must be auto, explicit, sdpa or efficient, got {kind!r}')
+        common.die(f'--attention must be auto, explicit, sdpa or efficient, got {kind!r}')
 
 
 def attention_backends(cfg, device, n_tokens, dtype):
@@ -190,17 +190,17 @@ def attention_backends(cfg, device, n_tokens, dtype):
                .requires_grad_() for _ in range(3))
     table = torch.randn(heads, n_tokens, n_tokens, device=device, generator=g).requires_grad_()
     ways = {
-        'explicit': lambda b: B.attention(q, k, v, b, explicit=True),
-        'sdpa (auto)': lambda b: B.attention(q, k, v, b, explicit=False),
-        'sdpa bias expanded (B, nh, N, N)': lambda b: B.attention(
+        'explicit': lambda b: beitv2.attention(q, k, v, b, explicit=True),
+        'sdpa (auto)': lambda b: beitv2.attention(q, k, v, b, explicit=False),
+        'sdpa bias expanded (B, nh, N, N)': lambda b: beitv2.attention(
             q, k, v, b.expand(q.shape[0], -1, -1, -1).contiguous(), explicit=False),
-        'sdpa bias without grad': lambda b: B.attention(q, k, v, b.detach(), explicit=False),
-        'sdpa no bias': lambda b: B.attention(q, k, v, None, explicit=False)}
+        'sdpa bias without grad': lambda b: beitv2.attention(q, k, v, b.detach(), explicit=False),
+        'sdpa no bias': lambda b: beitv2.attention(q, k, v, None, explicit=False)}
     for name, backend in (('efficient', SDPBackend.EFFICIENT_ATTENTION), ('cudnn', SDPBackend.CUDNN_ATTENTION),
                           ('flash', SDPBackend.FLASH_ATTENTION), ('math', SDPBackend.MATH)):
         def only(b, backend=backend):
             with sdpa_kernel(backend):
-                return B.attention(q, k, v, b, explicit=False)
+                return beitv2.attention(q, k, v, b, explicit=False)
         ways[f'sdpa {name} only'] = only
     for name, fn in ways.items():
         with warnings.catch_warnings(record=True) as caught:
@@ -266,9 +266,9 @@ def report(name, ms, flops, batch, peak, mem):
 
 
 def main(argv=None):
-    cfg = C.configure(Config(), PRESETS, argv)
+    cfg = common.configure(Config(), PRESETS, argv)
     if cfg.model not in SIZES:
-        C.die(f'--model must be one of {", ".join(SIZES)}')
+        common.die(f'--model must be one of {", ".join(SIZES)}')
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device('cuda' if torch.cuda.is_available() and cfg.device != 'cpu' else 'cpu')
@@ -282,14 +282,14 @@ def main(argv=None):
 
     use_attention(cfg.attention)
     torch.manual_seed(cfg.seed)
-    mcfg = B.BEiTConfig(img_size=cfg.img_size, patch_size=16, **SIZES[cfg.model])
-    tcfg = B.VQKDConfig(img_size=cfg.img_size, patch_size=16, decoder_depth=1, embed_dim=mcfg.embed_dim,
-                        depth=mcfg.depth if cfg.model != 'large' else 12, num_heads=mcfg.num_heads)
+    mcfg = beitv2.BEiTConfig(img_size=cfg.img_size, patch_size=16, **SIZES[cfg.model])
+    tcfg = beitv2.VQKDConfig(img_size=cfg.img_size, patch_size=16, decoder_depth=1, embed_dim=mcfg.embed_dim,
+                             depth=mcfg.depth if cfg.model != 'large' else 12, num_heads=mcfg.num_heads)
     grid = (cfg.img_size // 16,) * 2
     g = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=g).to(device)
     tok_images = torch.rand(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=g).to(device)
-    masker = B.MaskingGenerator(grid)
+    masker = beitv2.MaskingGenerator(grid)
     mask = torch.stack([masker() for _ in range(cfg.batch_size)]).to(device)
     targets = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, grid[0] * grid[1]), generator=g).to(device)
     n_mask = masker.num
@@ -298,8 +298,8 @@ def main(argv=None):
         attention_backends(cfg, device, grid[0] * grid[1] + 1, amp_dtype or torch.float32)
 
     if cfg.what in ('pretrain', 'all'):
-        model = B.BEiTv2(mcfg).to(device)
-        tok = B.VQKD(tcfg).to(device).eval()
+        model = beitv2.BEiTv2(mcfg).to(device)
+        tok = beitv2.VQKD(tcfg).to(device).eval()
         tok.quantize.initted.fill_(1)
         encode = torch.compile(tok.encode) if cfg.compile else tok.encode
         run = torch.compile(model) if cfg.compile else model
@@ -308,7 +308,7 @@ def main(argv=None):
         if cfg.official:
             mod = load_official(cfg.official)
             off = official_model(mod, mcfg).to(device)
-            off.load_state_dict(B.export_state(model))  # same starting weights as ours
+            off.load_state_dict(beitv2.export_state(model))  # same starting weights as ours
             off_amp = (lambda: torch.autocast('cuda', dtype=torch.float16)) if device.type == 'cuda' \
                 else contextlib.nullcontext
             fns['official: student step'] = make_step(off, images, mask, targets, off_amp,
@@ -337,11 +337,11 @@ def main(argv=None):
         # the stage-1 step: a ViT-B/16-sized teacher stand-in (CLIP ViT-B/16's size) in no_grad,
         # then encoder, codebook (EMA update), decoder, cosine loss; tokenizer as the official one
         D = mcfg.embed_dim
-        teacher = B.ViT(B.ViTConfig(img_size=cfg.img_size, patch_size=16, embed_dim=D, depth=12,
-                                    num_heads=mcfg.num_heads)).to(device).eval()
-        tok = B.VQKD(B.VQKDConfig(**{**tcfg.__dict__, 'teacher_dim': D})).to(device)
+        teacher = beitv2.ViT(beitv2.ViTConfig(img_size=cfg.img_size, patch_size=16, embed_dim=D, depth=12,
+                                              num_heads=mcfg.num_heads)).to(device).eval()
+        tok = beitv2.VQKD(beitv2.VQKDConfig(**{**tcfg.__dict__, 'teacher_dim': D})).to(device)
         tok.quantize.initted.fill_(1)
-        opt = torch.optim.AdamW(B.param_groups(tok, 1e-4), lr=2e-4, betas=(0.9, 0.99))
+        opt = torch.optim.AdamW(beitv2.param_groups(tok, 1e-4), lr=2e-4, betas=(0.9, 0.99))
         run = torch.compile(tok) if cfg.compile else tok
         run_teacher = torch.compile(teacher.forward_patch_tokens) if cfg.compile else teacher.forward_patch_tokens
 
@@ -362,8 +362,8 @@ def main(argv=None):
     if cfg.what in ('finetune', 'all'):
         # the stage-3 step: classifier (per-block relative position tables, mean pooling), drop path
         # 0.1, layer decay 0.65, label-free CE on 1000 classes; mixup/augmentation are data-side
-        vit = B.ViT(B.classifier_config(mcfg, 1000, drop_path=0.1)).to(device)
-        opt = torch.optim.AdamW(B.param_groups(vit, 0.05, layer_decay=0.65), lr=5e-4, betas=(0.9, 0.999))
+        vit = beitv2.ViT(beitv2.classifier_config(mcfg, 1000, drop_path=0.1)).to(device)
+        opt = torch.optim.AdamW(beitv2.param_groups(vit, 0.05, layer_decay=0.65), lr=5e-4, betas=(0.9, 0.999))
         run = torch.compile(vit) if cfg.compile else vit
         labels = torch.randint(0, 1000, (cfg.batch_size,), generator=g).to(device)
         vit.train()
@@ -390,7 +390,7 @@ def main(argv=None):
             return x, m, torch.randint(0, mcfg.vocab_size, (b, grid[0] * grid[1]), generator=gb).to(device)
 
         def ours(b):
-            m = B.BEiTv2(mcfg).to(device)
+            m = beitv2.BEiTv2(mcfg).to(device)
             return make_step(torch.compile(m) if cfg.compile else m, *inputs(b), ours_amp,
                              torch.amp.GradScaler(device.type, enabled=cfg.dtype == 'fp16'))
         print(f'largest batch, ours ({cfg.dtype}): {largest_batch(ours, cfg, device)}', flush=True)
@@ -410,10 +410,10 @@ def main(argv=None):
         pcfg = pretrain.Config(img_size=cfg.img_size, patch_size=16, batch_size=cfg.batch_size,
                                workers=cfg.workers, seed=cfg.seed)
         env = types.SimpleNamespace(world=1, rank=0, device=device)
-        ds = C.DemoTextures('train', size=cfg.img_size)
-        views = pretrain.TwoViews(cfg.img_size, cfg.img_size, 0.2, B.MaskingGenerator(grid))
-        loader, sampler = C.make_loader(ds, views, pcfg, env)
-        it = C.stream(loader, sampler, 0, len(loader), 1)
+        ds = common.DemoTextures('train', size=cfg.img_size)
+        views = pretrain.TwoViews(cfg.img_size, cfg.img_size, 0.2, beitv2.MaskingGenerator(grid))
+        loader, sampler = common.make_loader(ds, views, pcfg, env)
+        it = common.stream(loader, sampler, 0, len(loader), 1)
         next(it)  # workers started
         t0, n = time.perf_counter(), 0
         for _ in range(cfg.steps):

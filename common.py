@@ -277,7 +277,7 @@ def load_image(path):
     try:
         with open(path, 'rb') as f:
             return Image.open(f).convert('RGB')
-    except Exception as e:  # noqa: BLE001: any decoder error is the same problem for the user
+    except Exception as e:  # any decoder error is the same problem for the user
         raise RuntimeError(f'unreadable image {path}: {e}') from None
 
 
@@ -471,12 +471,12 @@ def resume(cfg, env, model, optimizer):
         if cfg.resume:
             die(f'--resume: {path} does not exist')
         return 0
-    import beitv2 as B
+    import beitv2
     try:
-        ckpt = B.load_file(path)
+        ckpt = beitv2.load_file(path)
         if isinstance(ckpt.get('config'), dict):
             check_same_run(cfg, env, dict(ckpt['config'], world=ckpt.get('world', env.world)), path)
-        B.load_state(model, ckpt['model'])
+        beitv2.load_state(model, ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as e:
         die(f'cannot resume from {path}: {e}')

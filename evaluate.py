@@ -27,8 +27,8 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision import tv_tensors
 
-import beitv2 as B
-import common as C
+import beitv2
+import common
 
 
 @dataclass
@@ -37,15 +37,16 @@ class Config:
     mode: str = 'compare'           # compare (linear + knn of 3 backbones) | linear | knn | finetune |
     #                                 segment | codebook | attention | codes
     checkpoint: str = 'out/pretrain/ckpt.pt'  # ours or official (pretraining / fine-tuned / tokenizer)
-    data: str = 'demo'              # 'demo', ImageNet-layout folder, cifar10:ROOT, ...; segment: demo,
-    img_size: int = C.at_least(1, 32)  #   ade20k:ROOT or voc:ROOT
-    min_crop_scale: float = C.above(0, 0.5)  # RandomResizedCrop scale range for linear / fine-tune training
-    workers: int = C.at_least(0, 2)
+    data: str = 'demo'              # 'demo', ImageNet-layout folder, cifar10:ROOT, ...;
+    #                                 segment: demo, ade20k:ROOT or voc:ROOT
+    img_size: int = common.at_least(1, 32)
+    min_crop_scale: float = common.above(0, 0.5)  # RandomResizedCrop scale range for linear / fine-tune training
+    workers: int = common.at_least(0, 2)
     # linear / knn features
     feature: str = 'cls'            # cls: [CLS] after the final norm (paper); mean: mean patch token
     layer: int = -1                 # block whose tokens are used; -1 = last
     linear_recipe: str = 'mae'      # mae: BatchNorm + linear, LARS, no wd | beit: AdamW, a head per block
-    knn_k: int = C.at_least(1, 20)
+    knn_k: int = common.at_least(1, 20)
     knn_t: float = 0.07
     # fine-tuning
     layer_decay: float = 0.65
@@ -59,7 +60,7 @@ class Config:
     backbone: str = 'checkpoint'    # checkpoint | random: its architecture at the official init
     #                                 (what pretraining started from) | pixels: raw pixels, no network
     backbones: tuple = ('checkpoint', 'random', 'pixels')  # compare: the backbones set side by side
-    seeds: int = C.at_least(1, 1)   # compare: probes with seeds seed, seed+1, ... (mean reported)
+    seeds: int = common.at_least(1, 1)   # compare: probes with seeds seed, seed+1, ... (mean reported)
     # segmentation
     seg_layers: tuple = (1, 2, 3, 5)  # blocks feeding the 4 scales (official base: 3, 5, 7, 11)
     seg_stride: int = 0             # sliding-window stride at test time; 0 = 2/3 of img_size
@@ -67,18 +68,18 @@ class Config:
     image: str = ''                 # image file; '' = the first val image of --data
     query: str = 'cls'              # attention of: cls, or a patch ROW,COL (0-based)
     # optimisation
-    batch_size: int = C.at_least(1, 64)
-    accum: int = C.at_least(1, 1)
-    epochs: int = C.at_least(0, 0)
-    warmup_epochs: int = C.at_least(0, 0)
-    steps: int = C.at_least(1, 300)
-    warmup_steps: int = C.at_least(0, 30)
-    lr: float = C.above(0, 4.0)     # demo LARS: 300 steps need more than MAE's 0.1 x batch / 256
+    batch_size: int = common.at_least(1, 64)
+    accum: int = common.at_least(1, 1)
+    epochs: int = common.at_least(0, 0)
+    warmup_epochs: int = common.at_least(0, 0)
+    steps: int = common.at_least(1, 300)
+    warmup_steps: int = common.at_least(0, 30)
+    lr: float = common.above(0, 4.0)     # demo LARS: 300 steps need more than MAE's 0.1 x batch / 256
     schedule: str = 'cosine'        # cosine | poly (linear decay: the official segmentation schedule)
-    min_lr: float = C.at_least(0, 0.0)
-    weight_decay: float = C.at_least(0, 0.0)
+    min_lr: float = common.at_least(0, 0.0)
+    weight_decay: float = common.at_least(0, 0.0)
     betas: tuple = (0.9, 0.999)
-    clip_grad: float = C.at_least(0, 0.0)
+    clip_grad: float = common.at_least(0, 0.0)
     # run
     device: str = ''
     dtype: str = ''                 # as pretrain.py
@@ -87,9 +88,9 @@ class Config:
     out_dir: str = 'out/eval'
     resume: str = ''
     allow_change: str = ''          # resume: settings that may differ from the checkpoint's, e.g. steps
-    log_every: int = C.at_least(1, 50)
-    ckpt_every: int = C.at_least(1, 1000)
-    stop_after: int = C.at_least(0, 0)
+    log_every: int = common.at_least(1, 50)
+    ckpt_every: int = common.at_least(1, 1000)
+    stop_after: int = common.at_least(0, 0)
 
 
 IN1K = dict(data='', checkpoint='', img_size=224, min_crop_scale=0.08, workers=10, log_every=100, ckpt_every=5000)
@@ -125,38 +126,39 @@ def vit_config_from_state(sd, **over):
     grid = (int(math.sqrt(table.shape[0] - 3)) + 1) // 2 if table is not None else None
     cfg = dict(img_size=grid * p if grid else 224, patch_size=p, embed_dim=D, depth=depth, num_heads=D // 64,
                layer_scale=0.1 if 'blocks.0.gamma_1' in sd else 0.0, abs_pos_emb='pos_embed' in sd,
-               rel_pos_bias='shared' if 'rel_pos_bias.relative_position_bias_table' in sd else
-               'per_block' if table is not None else 'none', mean_pooling='norm.weight' not in sd,
+               rel_pos='shared' if 'rel_pos_bias.relative_position_bias_table' in sd else
+               'per_block' if table is not None else 'none', fc_norm='norm.weight' not in sd,
                num_classes=sd['head.weight'].shape[0] if 'head.weight' in sd else 0)
     cfg.update(over)
-    return B.ViTConfig(**cfg)
+    return beitv2.ViTConfig(**cfg)
 
 
 def load_weights(path):
     """-> (state dict, our ViT/BEiT config or None) of a checkpoint; tokenizers are refused."""
     if not os.path.exists(path):
-        C.die(f'checkpoint {path!r} not found')
+        common.die(f'checkpoint {path!r} not found')
     try:
-        ckpt = B.load_file(path)
-        sd = B.state_dict_of(ckpt)
+        ckpt = beitv2.load_file(path)
+        sd = beitv2.state_dict_of(ckpt)
     except ValueError as e:
-        C.die(str(e))
+        common.die(str(e))
     if any(k.startswith(('encoder.', 'quantize.')) for k in sd):
-        C.die(f'{path} is a tokenizer; this mode needs a pretraining or fine-tuned backbone')
+        common.die(f'{path} is a tokenizer; this mode needs a pretraining or fine-tuned backbone')
     if 'patch_embed.proj.weight' not in sd:
-        C.die(f'{path}: no ViT weights in it')
-    return sd, ckpt.get('model_config')
+        common.die(f'{path}: no ViT weights in it')
+    mcfg = ckpt.get('model_config')  # ours; with older checkpoints' field names read as today's
+    return sd, {beitv2.RENAMED.get(k, k): v for k, v in mcfg.items()} if isinstance(mcfg, dict) else None
 
 
 def load_backbone_weights(cfg):
     if cfg.backbone not in ('checkpoint', 'random', 'pixels'):
-        C.die(f'--backbone must be checkpoint, random or pixels, got {cfg.backbone!r}')
+        common.die(f'--backbone must be checkpoint, random or pixels, got {cfg.backbone!r}')
     sd, mcfg = load_weights(cfg.checkpoint)
     if cfg.backbone == 'random':  # what pretraining started from: the official init of the same model
         if not mcfg or 'vocab_size' not in mcfg:
-            C.die('--backbone=random needs one of our pretraining checkpoints (it reads the architecture)')
+            common.die('--backbone=random needs one of our pretraining checkpoints (it reads the architecture)')
         torch.manual_seed(cfg.seed)
-        sd = B.BEiTv2(B.BEiTConfig(**mcfg)).state_dict()
+        sd = beitv2.BEiTv2(beitv2.BEiTConfig(**mcfg)).state_dict()
     return sd, mcfg
 
 
@@ -176,20 +178,21 @@ def build_backbone(cfg, sd, mcfg, **over):
     without its heads; `over` changes the config (e.g. a classifier layout)."""
     base = vit_config_from_state(sd)
     if mcfg:  # ours: the saved config (a BEiTConfig for pretraining checkpoints)
-        base = B.ViTConfig(**{k: v for k, v in mcfg.items() if k in B.ViTConfig.__dataclass_fields__})
-    vcfg = B.ViTConfig(**{**asdict(base), 'img_size': cfg.img_size, **over})
+        base = beitv2.ViTConfig(**{k: v for k, v in mcfg.items() if k in beitv2.ViTConfig.__dataclass_fields__})
+    vcfg = beitv2.ViTConfig(**{**asdict(base), 'img_size': cfg.img_size, **over})
     if cfg.img_size % vcfg.patch_size:
-        C.die(f'--img_size={cfg.img_size} is not a multiple of the patch size {vcfg.patch_size} of {cfg.checkpoint}')
+        common.die(f'--img_size={cfg.img_size} is not a multiple of the patch size {vcfg.patch_size} '
+                   f'of {cfg.checkpoint}')
     drop = ('mask_token', 'lm_head', 'cls_pt_layers') + (('head',) if vcfg.num_classes == 0 else ())
-    if vcfg.mean_pooling:
+    if vcfg.fc_norm:
         drop += ('norm',) + (('fc_norm',) if 'fc_norm.weight' not in sd else ())
     if vcfg.num_classes and sd.get('head.weight', torch.empty(0)).shape[:1] != (vcfg.num_classes,):
         drop += ('head', 'fc_norm')  # a fresh head (official: dropped when the class count differs)
-    model = B.ViT(vcfg)
+    model = beitv2.ViT(vcfg)
     try:
-        B.load_state(model, sd, ignore=drop)
+        beitv2.load_state(model, sd, ignore=drop)
     except (KeyError, ValueError) as e:
-        C.die(f'{cfg.checkpoint}: {e}')
+        common.die(f'{cfg.checkpoint}: {e}')
     return model
 
 # ----------------------------------------------------------------------------- features, k-NN, linear probe
@@ -220,10 +223,13 @@ def extract(fn, dataset, cfg, env):
     f, y = torch.cat(feats), torch.cat(labels)
     if env.ddp:  # pad to equal length, gather, drop the padding, restore the dataset order
         n = math.ceil(len(dataset) / env.world)
-        pad = lambda t: torch.cat([t, t.new_zeros((n - len(t),) + t.shape[1:])])  # noqa: E731
+
+        def pad(t):
+            return torch.cat([t, t.new_zeros((n - len(t),) + t.shape[1:])])
         gf = [torch.empty_like(pad(f)) for _ in range(env.world)]
         gy = [torch.empty_like(pad(y)) for _ in range(env.world)]
-        dist.all_gather(gf, pad(f)), dist.all_gather(gy, pad(y))
+        dist.all_gather(gf, pad(f))
+        dist.all_gather(gy, pad(y))
         f = torch.stack(gf, 1).flatten(0, 1)[:len(dataset)]  # rank r held items r, r + world, ...
         y = torch.stack(gy, 1).flatten(0, 1)[:len(dataset)]
     return f, y
@@ -341,14 +347,14 @@ class Segmenter(nn.Module):
         top = f[3]
         lat = [conv(x) for conv, x in zip(self.lateral, f[:3])]
         lat.append(self.bottleneck(torch.cat([top] + [F.interpolate(p(top), top.shape[2:], mode='bilinear')
-                                                     for p in self.ppm], 1)))
+                                                      for p in self.ppm], 1)))
         for i in range(3, 0, -1):                                                  # top-down path
             lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], lat[i - 1].shape[2:], mode='bilinear')
         outs = [conv(x) for conv, x in zip(self.fpn_convs, lat[:3])] + [lat[3]]
         outs = [F.interpolate(o, outs[0].shape[2:], mode='bilinear') for o in outs]
+        logits, aux = self.cls(self.fuse(torch.cat(outs, 1))), self.aux(f[2])
         size = images.shape[2:]
-        up = lambda t: F.interpolate(t, size, mode='bilinear')  # noqa: E731
-        return up(self.cls(self.fuse(torch.cat(outs, 1)))), up(self.aux(f[2]))
+        return F.interpolate(logits, size, mode='bilinear'), F.interpolate(aux, size, mode='bilinear')
 
 
 @torch.no_grad()
@@ -387,12 +393,13 @@ class SegData(torch.utils.data.Dataset):
         name, _, root = spec.partition(':')
         self.reduce_zero = name == 'ade20k'
         if name == 'demo':
-            self.items, self.num_classes = C.DemoTextures(split, size=img_size, masks=True), len(C.DemoTextures.classes) + 1
+            self.items = common.DemoTextures(split, size=img_size, masks=True)
+            self.num_classes = len(common.DemoTextures.classes) + 1
         elif name == 'ade20k':
             sub = 'training' if split == 'train' else 'validation'
             folder = os.path.join(root, 'images', sub)
             if not os.path.isdir(folder):
-                C.die(f'ADE20K: {folder} does not exist (expected ROOT/images/{sub} and ROOT/annotations/{sub})')
+                common.die(f'ADE20K: {folder} does not exist (expected ROOT/images/{sub} and ROOT/annotations/{sub})')
             names = sorted(f[:-4] for f in os.listdir(folder) if f.endswith('.jpg'))
             self.items = [(os.path.join(folder, n + '.jpg'), os.path.join(root, 'annotations', sub, n + '.png'))
                           for n in names]
@@ -402,10 +409,10 @@ class SegData(torch.utils.data.Dataset):
             try:
                 self.items = tvd.VOCSegmentation(root, image_set='train' if split == 'train' else 'val')
             except RuntimeError as e:
-                C.die(f'VOC: {e}')
+                common.die(f'VOC: {e}')
             self.num_classes = 21
         else:
-            C.die(f'segmentation data must be demo, ade20k:ROOT or voc:ROOT, got {spec!r}')
+            common.die(f'segmentation data must be demo, ade20k:ROOT or voc:ROOT, got {spec!r}')
 
     def __len__(self):
         return len(self.items)
@@ -413,12 +420,12 @@ class SegData(torch.utils.data.Dataset):
     def __getitem__(self, i):
         item = self.items[i]
         if isinstance(item[0], str):
-            item = C.load_image(item[0]), Image.open(item[1])
+            item = common.load_image(item[0]), Image.open(item[1])
         img, mask = item
         mask = torch.as_tensor(np.array(mask), dtype=torch.long)
         if self.reduce_zero:  # ADE20K: 0 = "other" is ignored, classes 1..150 -> 0..149
             mask = torch.where(mask == 0, 255, mask - 1)
-        return C.rgb(img), mask
+        return common.rgb(img), mask
 
 
 class SegTransform:
@@ -427,10 +434,10 @@ class SegTransform:
 
     def __init__(self, size, train):
         self.size, self.train = size, train
-        self.norm = T.Normalize(C.IMAGENET_MEAN, C.IMAGENET_STD)
+        self.norm = T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)
 
     def __call__(self, item, rng):
-        img, mask = T2.ToImage()(C.rgb(item[0])), tv_tensors.Mask(item[1][None])
+        img, mask = T2.ToImage()(common.rgb(item[0])), tv_tensors.Mask(item[1][None])
         if self.train:
             s = int(self.size * rng.uniform(0.5, 2.0))
             fill = {tv_tensors.Image: 0, tv_tensors.Mask: 255}
@@ -449,18 +456,18 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, qu
     """The training loop of the three trained modes (the stage scripts' loop): per-step lr with
     warmup + cosine, scaled per group, accumulation, clipping, logging, atomic checkpoints, resume.
     loss_fn(model, batch) -> loss; score(model) -> dict of metrics, run at the end."""
-    steps_per_epoch, per_step = C.steps_from_epochs(cfg, env, n_train)
+    steps_per_epoch, per_step = common.steps_from_epochs(cfg, env, n_train)
     if not quiet:
-        C.print_setup(cfg, env, steps_per_epoch, per_step)
-    step = C.resume(cfg, env, model, optimizer)
+        common.print_setup(cfg, env, steps_per_epoch, per_step)
+    step = common.resume(cfg, env, model, optimizer)
     ddp_model = DDP(model) if env.ddp else model  # broadcast buffers: one set of BatchNorm statistics
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
     start = step
-    log = C.Logger(cfg, env, step)
-    data = C.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
+    log = common.Logger(cfg, env, step)
+    data = common.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     while step < cfg.steps:
-        lr = C.get_lr(step, cfg)
-        C.set_lr(optimizer, lr)
+        lr = common.get_lr(step, cfg)
+        common.set_lr(optimizer, lr)
         model.train()
         for micro in range(cfg.accum):
             batch = next(data)
@@ -468,24 +475,25 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, qu
             with (ddp_model.no_sync() if not sync else contextlib.nullcontext()), env.autocast():
                 loss = loss_fn(run, batch)
                 env.scaler.scale(loss / cfg.accum).backward()
-        gnorm = C.optimizer_step(env, optimizer, cfg.clip_grad)
+        gnorm = common.optimizer_step(env, optimizer, cfg.clip_grad)
         step += 1
-        C.check_finite(loss.item(), step, cfg)
+        common.check_finite(loss.item(), step, cfg)
         if (step % cfg.log_every == 0 or step == cfg.steps) and not quiet:
             log(step, cfg.steps, per_step, loss=loss.item(), lr=lr, gnorm=gnorm)
         stop = cfg.stop_after and step - start >= cfg.stop_after
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
-            C.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
-                              optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
-                              config=asdict(cfg), model_config=asdict(model.cfg) if isinstance(model, B.ViT) else None)
+            model_config = asdict(model.cfg) if isinstance(model, beitv2.ViT) else None
+            common.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
+                                   optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
+                                   config=asdict(cfg), model_config=model_config)
         if stop:
             return None
     return score(model)
 
 
 def classification_data(cfg, split):
-    ds = C.build_dataset(cfg.data, split, cfg.img_size)
-    classes = len(getattr(ds, 'classes', None) or C.DemoTextures.classes)
+    ds = common.build_dataset(cfg.data, split, cfg.img_size)
+    classes = len(getattr(ds, 'classes', None) or common.DemoTextures.classes)
     return ds, classes
 
 
@@ -497,7 +505,7 @@ def classify(model, val, cfg, env):
     def fn(x):  # -> (B, heads, classes)
         out = model(x)
         return torch.stack(out, 1) if isinstance(out, list) else out[:, None]
-    scores, y = extract(fn, _Mapped(val, C.eval_transform(cfg.img_size)), cfg, env)
+    scores, y = extract(fn, _Mapped(val, common.eval_transform(cfg.img_size)), cfg, env)
     res = [topk_acc(scores[:, h], y) for h in range(scores.shape[1])]
     best = max(range(len(res)), key=lambda h: res[h]['top1'])
     return dict(res[best], **({'best_block': best} if len(res) > 1 else {}))
@@ -512,7 +520,7 @@ class _Mapped(torch.utils.data.Dataset):  # dataset with a per-image transform (
 
     def __getitem__(self, i):
         img, y = self.ds[i]
-        return self.t(C.rgb(img)), y
+        return self.t(common.rgb(img)), y
 
 
 class TrainTransform:
@@ -524,7 +532,7 @@ class TrainTransform:
                                  interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()]
         if finetune and cfg.randaug:
             t.append(T.RandAugment(2, 9))
-        t += [T.ToTensor(), T.Normalize(C.IMAGENET_MEAN, C.IMAGENET_STD)]
+        t += [T.ToTensor(), T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
         if finetune and cfg.reprob > 0:
             t.append(T.RandomErasing(cfg.reprob, value='random'))
         self.t = T.Compose(t)
@@ -552,7 +560,7 @@ def run_linear(cfg, env, quiet=False):
         optimizer = torch.optim.AdamW([dict(params=heads, weight_decay=cfg.weight_decay)], lr=cfg.lr)
     else:
         optimizer = LARS([dict(params=heads, weight_decay=cfg.weight_decay)], lr=cfg.lr)
-    loader, sampler = C.make_loader(train, TrainTransform(cfg, False), cfg, env)
+    loader, sampler = common.make_loader(train, TrainTransform(cfg, False), cfg, env)
 
     def loss_fn(m, batch):
         x, y = batch[0].to(env.device), batch[1].to(env.device)
@@ -565,7 +573,7 @@ def run_knn(cfg, env):
     backbone = feature_backbone(cfg).to(env.device).eval()
     train, classes = classification_data(cfg, 'train')
     val, _ = classification_data(cfg, 'val')
-    ev = C.eval_transform(cfg.img_size)
+    ev = common.eval_transform(cfg.img_size)
 
     def features(x):
         return pooled(backbone, x, cfg)
@@ -583,7 +591,7 @@ def run_compare(cfg, env):
     table = {}
     for backbone in cfg.backbones:
         if backbone not in names:
-            C.die(f'--backbones: {backbone!r} is not one of {", ".join(names)}')
+            common.die(f'--backbones: {backbone!r} is not one of {", ".join(names)}')
         name = names[backbone]
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):
             sub = replace(cfg, backbone=backbone, seed=seed, out_dir=os.path.join(cfg.out_dir, f'{backbone}_{seed}'))
@@ -613,14 +621,14 @@ def run_finetune(cfg, env):
     train, classes = classification_data(cfg, 'train')
     val, _ = classification_data(cfg, 'val')
     if cfg.eval_only and sd.get('head.weight', torch.empty(0)).shape[:1] != (classes,):
-        C.die(f'--eval_only: {cfg.checkpoint} has no {classes}-class head (the data has {classes} classes)')
-    model = build_backbone(cfg, sd, mcfg, rel_pos_bias='per_block', mean_pooling=True, num_classes=classes,
+        common.die(f'--eval_only: {cfg.checkpoint} has no {classes}-class head (the data has {classes} classes)')
+    model = build_backbone(cfg, sd, mcfg, rel_pos='per_block', fc_norm=True, num_classes=classes,
                            drop_path=cfg.drop_path).to(env.device)
     if cfg.eval_only:
         return classify(model, val, cfg, env)
-    groups = B.param_groups(model, cfg.weight_decay, cfg.layer_decay, model.cfg.depth)
+    groups = beitv2.param_groups(model, cfg.weight_decay, cfg.layer_decay, model.cfg.depth)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-    loader, sampler = C.make_loader(train, TrainTransform(cfg, True), cfg, env)
+    loader, sampler = common.make_loader(train, TrainTransform(cfg, True), cfg, env)
     mixes = [m for a, m in ((cfg.mixup, T2.MixUp(alpha=cfg.mixup or 1.0, num_classes=classes)),
                             (cfg.cutmix, T2.CutMix(alpha=cfg.cutmix or 1.0, num_classes=classes))) if a > 0]
     mix = T2.RandomChoice(mixes) if mixes else None  # switch probability 0.5 between the two
@@ -637,23 +645,23 @@ def run_finetune(cfg, env):
 def run_segment(cfg, env):
     sd, mcfg = load_backbone_weights(cfg)
     train, val = SegData(cfg.data, 'train', cfg.img_size), SegData(cfg.data, 'val', cfg.img_size)
-    backbone = build_backbone(cfg, sd, mcfg, rel_pos_bias='per_block', mean_pooling=True, num_classes=0,
+    backbone = build_backbone(cfg, sd, mcfg, rel_pos='per_block', fc_norm=True, num_classes=0,
                               drop_path=cfg.drop_path)
     if len(cfg.seg_layers) != 4 or max(cfg.seg_layers) >= backbone.cfg.depth:
-        C.die(f'--seg_layers needs 4 block indices below {backbone.cfg.depth}, got {cfg.seg_layers}')
+        common.die(f'--seg_layers needs 4 block indices below {backbone.cfg.depth}, got {cfg.seg_layers}')
     model = Segmenter(backbone, cfg.seg_layers, train.num_classes).to(env.device)
     if env.ddp and env.device.type == 'cuda':
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # official mmseg run: 'backbone.cls_token' misses its no-decay name test, so it IS decayed
-    groups = B.param_groups(model, cfg.weight_decay, cfg.layer_decay, backbone.cfg.depth, no_decay=())
+    groups = beitv2.param_groups(model, cfg.weight_decay, cfg.layer_decay, backbone.cfg.depth, no_decay=())
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-    loader, sampler = C.make_loader(train, SegTransform(cfg.img_size, True), cfg, env, joint=True)
+    loader, sampler = common.make_loader(train, SegTransform(cfg.img_size, True), cfg, env, joint=True)
 
     def loss_fn(m, batch):
         x, y = batch[0].to(env.device), batch[1].to(env.device)
         top = int(y.masked_fill(y == 255, 0).max())
         if top >= train.num_classes:
-            C.die(f'mask class {top} exceeds the head ({train.num_classes} classes)')
+            common.die(f'mask class {top} exceeds the head ({train.num_classes} classes)')
         logits, aux = m(x)
         return seg_loss(logits, y) + 0.4 * seg_loss(aux, y)  # auxiliary FCN head, weight 0.4
     return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
@@ -684,9 +692,9 @@ def segment_score(model, val, cfg, env):
 def tokenizer_of(cfg, env):
     """--checkpoint as a frozen tokenizer, or a one-line error."""
     try:
-        return B.load_tokenizer(cfg.checkpoint).to(env.device)
+        return beitv2.load_tokenizer(cfg.checkpoint).to(env.device)
     except (ValueError, KeyError, FileNotFoundError) as e:
-        C.die(f'{cfg.checkpoint}: {e}')
+        common.die(f'{cfg.checkpoint}: {e}')
 
 
 def code_colours(n_codes):  # (K, 3) one fixed random colour per code, the same in every picture
@@ -699,14 +707,14 @@ def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
     codes, one row each), and token maps (each code a colour) beside a few images."""
     from torchvision.utils import save_image
     tok = tokenizer_of(cfg, env)
-    val = C.build_dataset(cfg.data, 'val', cfg.img_size)
-    ev = C.eval_transform(tok.cfg.img_size, normalize=False)
-    images = torch.stack([ev(C.rgb(val[i][0])) for i in range(min(n_images, len(val)))]).to(env.device)
+    val = common.build_dataset(cfg.data, 'val', cfg.img_size)
+    ev = common.eval_transform(tok.cfg.img_size, normalize=False)
+    images = torch.stack([ev(common.rgb(val[i][0])) for i in range(min(n_images, len(val)))]).to(env.device)
     codes = torch.cat([tok.encode(x) for x in images.split(cfg.batch_size)])   # (n, N)
     p, (h, w) = tok.cfg.patch_size, tok.grid
     patches = images.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, p, p)
     flat = codes.flatten()
-    top = torch.bincount(flat, minlength=tok.cfg.n_embed).topk(n_codes).indices
+    top = torch.bincount(flat, minlength=tok.cfg.codebook_size).topk(n_codes).indices
     rows = []
     for c in top:
         hits = patches[flat == c][:per_code]
@@ -715,13 +723,13 @@ def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
     grid_img = torch.cat(rows)
     grid_img = F.interpolate(grid_img, scale_factor=max(1, 32 // p), mode='nearest')  # small patches: enlarge
     save_image(grid_img, os.path.join(cfg.out_dir, 'codebook.png'), nrow=per_code, padding=2, pad_value=1)
-    palette = code_colours(tok.cfg.n_embed).to(env.device)
+    palette = code_colours(tok.cfg.codebook_size).to(env.device)
     maps = palette[codes[:8]].view(-1, h, w, 3).permute(0, 3, 1, 2)
     maps = F.interpolate(maps, size=images.shape[2:], mode='nearest')
     pairs = torch.stack([images[:8], maps], 1).flatten(0, 1)
     pairs = F.interpolate(pairs, scale_factor=max(1, 128 // pairs.shape[-1]), mode='nearest')
     save_image(pairs, os.path.join(cfg.out_dir, 'token_maps.png'), nrow=4, padding=2, pad_value=1)
-    used = int((torch.bincount(flat, minlength=tok.cfg.n_embed) > 0).sum())
+    used = int((torch.bincount(flat, minlength=tok.cfg.codebook_size) > 0).sum())
     return dict(codes_used=used, images=len(images), png=os.path.join(cfg.out_dir, 'codebook.png'))
 
 
@@ -733,15 +741,15 @@ def picture_input(cfg, img_size, normalize):
     centre-cropped: (1, 3, S, S), and the same in [0, 1] for drawing."""
     if cfg.image:
         if not os.path.exists(cfg.image):
-            C.die(f'--image {cfg.image!r} not found')
+            common.die(f'--image {cfg.image!r} not found')
         try:
-            img = C.load_image(cfg.image)
+            img = common.load_image(cfg.image)
         except RuntimeError as e:
-            C.die(str(e))
+            common.die(str(e))
     else:
-        img = C.rgb(C.build_dataset(cfg.data, 'val', img_size)[0][0])
-    shown = C.eval_transform(img_size, normalize=False)(img)[None]
-    return (C.eval_transform(img_size)(img)[None] if normalize else shown), shown
+        img = common.rgb(common.build_dataset(cfg.data, 'val', img_size)[0][0])
+    shown = common.eval_transform(img_size, normalize=False)(img)[None]
+    return (common.eval_transform(img_size)(img)[None] if normalize else shown), shown
 
 
 @torch.no_grad()
@@ -750,14 +758,10 @@ def attention_probs(backbone, images, layer):
     logits the block computes (q/v biases, scale, relative position bias)."""
     x = backbone.embed(images) if layer == 0 else backbone.forward_tokens(images, layers=(layer - 1,))[1][0]
     blk = backbone.blocks[layer]
-    attn = blk.attn
-    B_, N, D = x.shape
-    bias = None if attn.q_bias is None else torch.cat((attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias))
-    qkv = F.linear(blk.norm1(x), attn.qkv.weight, bias).view(B_, N, 3, attn.num_heads, D // attn.num_heads)
-    q, k, _ = qkv.permute(2, 0, 3, 1, 4)                                  # each (B, nh, N, hs)
+    q, k, _ = blk.attn.heads(blk.norm1(x))                                # each (B, nh, N, hs)
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)              # (B, nh, N, N)
-    rel = B.rel_pos_bias_of(attn) if attn.own_rel_pos else backbone.shared_rel_pos_bias()
-    return (logits if rel is None else logits + rel).softmax(-1)
+    pos_bias = beitv2.pos_bias_from_table(blk.attn) if blk.attn.has_table else backbone.shared_pos_bias()
+    return (logits if pos_bias is None else logits + pos_bias).softmax(-1)
 
 
 def heat(image, a, box=None):
@@ -790,9 +794,9 @@ def run_attention(cfg, env):
         try:
             row, col = (int(v) for v in cfg.query.split(','))
         except ValueError:
-            C.die(f'--query must be cls or ROW,COL, got {cfg.query!r}')
+            common.die(f'--query must be cls or ROW,COL, got {cfg.query!r}')
         if not (0 <= row < h and 0 <= col < w):
-            C.die(f'--query {row},{col} is outside the {h}x{w} patch grid')
+            common.die(f'--query {row},{col} is outside the {h}x{w} patch grid')
     layer = cfg.layer % backbone.cfg.depth
     x, shown = picture_input(cfg, cfg.img_size, normalize=True)
     probs = attention_probs(backbone, x.to(env.device), layer)[0].float().cpu()  # (nh, N, N)
@@ -820,9 +824,9 @@ def run_codes(cfg, env):
     _, shown = picture_input(cfg, tok.cfg.img_size, normalize=False)
     codes = tok.encode(shown.to(env.device))[0].cpu()                      # (n,)
     h, w = tok.grid
-    width = len(str(tok.cfg.n_embed - 1))
+    width = len(str(tok.cfg.codebook_size - 1))
     env.print('\n'.join(' '.join(f'{c:{width}d}' for c in row) for row in codes.view(h, w).tolist()))
-    palette = code_colours(tok.cfg.n_embed)
+    palette = code_colours(tok.cfg.codebook_size)
     code_map = palette[codes].view(h, w, 3).permute(2, 0, 1)
     code_map = F.interpolate(code_map[None], size=shown.shape[2:], mode='nearest')
     pair = F.interpolate(torch.cat([shown, code_map]), scale_factor=max(1, 128 // shown.shape[-1]), mode='nearest')
@@ -832,19 +836,19 @@ def run_codes(cfg, env):
 
 
 def main(argv=None):
-    cfg = C.configure(Config(), PRESETS, argv)
+    cfg = common.configure(Config(), PRESETS, argv)
     modes = dict(compare=run_compare, linear=run_linear, knn=run_knn, finetune=run_finetune, segment=run_segment,
                  codebook=run_codebook, attention=run_attention, codes=run_codes)
     if cfg.mode not in modes:
-        C.die(f'--mode must be one of {", ".join(modes)}')
+        common.die(f'--mode must be one of {", ".join(modes)}')
     if not cfg.data or not cfg.checkpoint:
-        C.die('--data and --checkpoint are required for this preset')
-    env = C.Env(cfg)
-    C.claim_out_dir(cfg, env)
+        common.die('--data and --checkpoint are required for this preset')
+    env = common.Env(cfg)
+    common.claim_out_dir(cfg, env)
     result = modes[cfg.mode](cfg, env)
     if result is not None and cfg.mode != 'compare':  # compare printed its own table
         env.print(f'{cfg.mode}: ' + ', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
-                                           for k, v in result.items()))
+                                              for k, v in result.items()))
     if result is not None:
         record(cfg, env, dict(mode=cfg.mode, checkpoint=cfg.checkpoint, backbone=cfg.backbone, **result))
     env.close()

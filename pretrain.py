@@ -17,8 +17,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import beitv2 as B
-import common as C
+import beitv2
+import common
 
 
 @dataclass
@@ -26,33 +26,33 @@ class Config:
     preset: str = 'demo'
     # data
     data: str = 'demo'              # 'demo', ImageNet-layout folder, or cifar10:ROOT, stl10:ROOT, ...
-    img_size: int = C.at_least(1, 32)
-    min_crop_scale: float = C.above(0, 0.2)  # RandomResizedCrop scale range (paper recipe: 0.2)
-    workers: int = C.at_least(0, 2)  # DataLoader processes per rank (masks are made there too)
+    img_size: int = common.at_least(1, 32)
+    min_crop_scale: float = common.above(0, 0.2)  # RandomResizedCrop scale range (paper recipe: 0.2)
+    workers: int = common.at_least(0, 2)  # DataLoader processes per rank (masks are made there too)
     tokenizer: str = 'out/tokenizer/ckpt.pt'  # ours or an official vqkd_*.pth file
     # model (beitv2.BEiTConfig; vocab_size = the tokenizer's codebook size)
-    patch_size: int = C.at_least(1, 4)
-    embed_dim: int = C.at_least(1, 96)
-    depth: int = C.at_least(1, 6)
-    num_heads: int = C.at_least(1, 3)
+    patch_size: int = common.at_least(1, 4)
+    embed_dim: int = common.at_least(1, 96)
+    depth: int = common.at_least(1, 6)
+    num_heads: int = common.at_least(1, 3)
     layer_scale: float = 0.1        # 0.1 base, 1e-5 large
-    early_layers: int = C.at_least(1, 4)  # [CLS] head reads patch tokens after this block (9 base, 21 large)
-    head_layers: int = C.at_least(0, 2)
-    drop_path: float = C.at_least(0, 0.0)
+    early_layers: int = common.at_least(1, 4)  # [CLS] head reads patch tokens after this block (9 base, 21 large)
+    head_layers: int = common.at_least(0, 2)
+    drop_path: float = common.at_least(0, 0.0)
     num_mask: int = -1              # masked patches per image; -1 = round(n * 75 / 196) (75 of 196)
     min_mask_block: int = -1        # smallest mask block; -1 = max(2, round(16 n / 196))
     # optimisation
-    batch_size: int = C.at_least(1, 64)  # per rank; effective = batch_size * accum * world
-    accum: int = C.at_least(1, 1)
-    epochs: int = C.at_least(0, 0)  # > 0: steps and warmup_steps come from epochs at start
-    warmup_epochs: int = C.at_least(0, 0)
-    steps: int = C.at_least(1, 500)
-    warmup_steps: int = C.at_least(0, 50)
-    lr: float = C.above(0, 1.5e-3)  # peak lr, absolute (not scaled by batch size; official)
-    min_lr: float = C.at_least(0, 1e-5)
-    weight_decay: float = C.at_least(0, 0.05)
+    batch_size: int = common.at_least(1, 64)  # per rank; effective = batch_size * accum * world
+    accum: int = common.at_least(1, 1)
+    epochs: int = common.at_least(0, 0)  # > 0: steps and warmup_steps come from epochs at start
+    warmup_epochs: int = common.at_least(0, 0)
+    steps: int = common.at_least(1, 500)
+    warmup_steps: int = common.at_least(0, 50)
+    lr: float = common.above(0, 1.5e-3)  # peak lr, absolute (not scaled by batch size; official)
+    min_lr: float = common.at_least(0, 1e-5)
+    weight_decay: float = common.at_least(0, 0.05)
     betas: tuple = (0.9, 0.999)
-    clip_grad: float = C.at_least(0, 3.0)
+    clip_grad: float = common.at_least(0, 3.0)
     # run
     device: str = ''
     dtype: str = ''                 # fp32 | bf16 | fp16; '' = bf16 on CUDA and on CPUs with bf16 units
@@ -61,9 +61,9 @@ class Config:
     out_dir: str = 'out/pretrain'
     resume: str = ''
     allow_change: str = ''          # resume: settings that may differ from the checkpoint's, e.g. steps
-    log_every: int = C.at_least(1, 25)
-    ckpt_every: int = C.at_least(1, 250)
-    stop_after: int = C.at_least(0, 0)
+    log_every: int = common.at_least(1, 25)
+    ckpt_every: int = common.at_least(1, 250)
+    stop_after: int = common.at_least(0, 0)
 
 
 BASE = dict(data='', tokenizer='', img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
@@ -87,70 +87,82 @@ class TwoViews:
         self.jitter_flip = T.Compose([T.ColorJitter(0.4, 0.4, 0.4), T.RandomHorizontalFlip()])
         self.crop = T.RandomResizedCrop(img_size, scale=(min_scale, 1.0))
         self.img_size, self.tok_size, self.masker = img_size, tok_size, masker
-        self.normalize = T.Normalize(C.IMAGENET_MEAN, C.IMAGENET_STD)
+        self.normalize = T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)
 
     def __call__(self, img, rng):
         img = self.jitter_flip(img)
         box = self.crop.get_params(img, self.crop.scale, self.crop.ratio)  # one box for both views
-        resize = lambda s: TF.to_tensor(TF.resized_crop(img, *box, [s, s], T.InterpolationMode.BICUBIC))  # noqa
-        student = resize(self.img_size)
-        tok = student if self.tok_size == self.img_size else resize(self.tok_size)
+
+        def crop(size):
+            return TF.to_tensor(TF.resized_crop(img, *box, [size, size], T.InterpolationMode.BICUBIC))
+        student = crop(self.img_size)
+        tok = student if self.tok_size == self.img_size else crop(self.tok_size)
         return self.normalize(student), tok, self.masker(rng)  # normalize makes a new tensor
 
 
+def official_names(branches):
+    """Per-branch numbers under the official log names: the main branch (mim) is loss_1 /
+    mlm_acc_1, the [CLS] head (cls) loss_2 / mlm_acc_2; a model without the head logs only _1."""
+    out = {}
+    for i, name in enumerate(('mim', 'cls'), start=1):
+        if name in branches:
+            out[f'loss_{i}'], out[f'mlm_acc_{i}'] = branches[name]['loss'], branches[name]['acc']
+    return out
+
+
 def main(argv=None):
-    cfg = C.configure(Config(), PRESETS, argv)
+    cfg = common.configure(Config(), PRESETS, argv)
     if not cfg.data:
-        C.die('--data is required for this preset (ImageNet folder with train/ and val/)')
+        common.die('--data is required for this preset (ImageNet folder with train/ and val/)')
     if not cfg.tokenizer or not os.path.exists(cfg.tokenizer):
-        C.die(f'tokenizer {cfg.tokenizer!r} not found: run `python train_tokenizer.py` first (demo), '
-              'or pass --tokenizer=vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth')
+        common.die(f'tokenizer {cfg.tokenizer!r} not found: run `python train_tokenizer.py` first (demo), '
+                   'or pass --tokenizer=vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth')
     if cfg.img_size % cfg.patch_size:
-        C.die(f'img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}')
-    env = C.Env(cfg)
-    C.claim_out_dir(cfg, env)
+        common.die(f'img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}')
+    env = common.Env(cfg)
+    common.claim_out_dir(cfg, env)
     try:
-        tokenizer = B.load_tokenizer(cfg.tokenizer).to(env.device)
+        tokenizer = beitv2.load_tokenizer(cfg.tokenizer).to(env.device)
     except (ValueError, KeyError) as e:
-        C.die(f'tokenizer {cfg.tokenizer}: {e}')
+        common.die(f'tokenizer {cfg.tokenizer}: {e}')
     grid = cfg.img_size // cfg.patch_size
     if tokenizer.grid != (grid, grid):
-        C.die(f'tokenizer grid {tokenizer.grid} != student grid {(grid, grid)}: match img_size/patch_size')
+        common.die(f'tokenizer grid {tokenizer.grid} != student grid {(grid, grid)}: match img_size/patch_size')
     try:
-        masker = B.MaskingGenerator((grid, grid), None if cfg.num_mask < 0 else cfg.num_mask,
-                                    None if cfg.min_mask_block < 0 else cfg.min_mask_block)
+        masker = beitv2.MaskingGenerator((grid, grid), None if cfg.num_mask < 0 else cfg.num_mask,
+                                         None if cfg.min_mask_block < 0 else cfg.min_mask_block)
     except ValueError as e:
-        C.die(f'--num_mask / --min_mask_block: {e} ({grid}x{grid} patches)')
-    dataset = C.build_dataset(cfg.data, 'train', cfg.img_size)
+        common.die(f'--num_mask / --min_mask_block: {e} ({grid}x{grid} patches)')
+    dataset = common.build_dataset(cfg.data, 'train', cfg.img_size)
     views = TwoViews(cfg.img_size, tokenizer.cfg.img_size, cfg.min_crop_scale, masker)
-    loader, sampler = C.make_loader(dataset, views, cfg, env)
-    steps_per_epoch, per_step = C.steps_from_epochs(cfg, env, len(dataset))
-    C.print_setup(cfg, env, steps_per_epoch, per_step)
+    loader, sampler = common.make_loader(dataset, views, cfg, env)
+    steps_per_epoch, per_step = common.steps_from_epochs(cfg, env, len(dataset))
+    common.print_setup(cfg, env, steps_per_epoch, per_step)
     env.print(f'masking {masker.num} of {grid * grid} patches per image (blocks >= {masker.min_num}); '
-              f'vocabulary {tokenizer.cfg.n_embed} codes')
+              f'vocabulary {tokenizer.cfg.codebook_size} codes')
 
-    mcfg = B.BEiTConfig(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                        depth=cfg.depth, num_heads=cfg.num_heads, layer_scale=cfg.layer_scale,
-                        drop_path=cfg.drop_path, vocab_size=tokenizer.cfg.n_embed,
-                        early_layers=cfg.early_layers, head_layers=cfg.head_layers)
-    model = B.BEiTv2(mcfg).to(env.device)
-    optimizer = torch.optim.AdamW(B.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    step = C.resume(cfg, env, model, optimizer)
+    mcfg = beitv2.BEiTConfig(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                             depth=cfg.depth, num_heads=cfg.num_heads, layer_scale=cfg.layer_scale,
+                             drop_path=cfg.drop_path, vocab_size=tokenizer.cfg.codebook_size,
+                             early_layers=cfg.early_layers, head_layers=cfg.head_layers)
+    model = beitv2.BEiTv2(mcfg).to(env.device)
+    optimizer = torch.optim.AdamW(beitv2.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    step = common.resume(cfg, env, model, optimizer)
     ddp_model = DDP(model, broadcast_buffers=False) if env.ddp else model  # buffers are derived
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
 
     def save():
-        C.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
-                          optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
-                          config=asdict(cfg), model_config=asdict(mcfg))
+        common.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
+                               optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
+                               config=asdict(cfg), model_config=asdict(mcfg))
 
-    counts = torch.zeros(tokenizer.cfg.n_embed, device=env.device)  # target codes since last log
+    counts = torch.zeros(tokenizer.cfg.codebook_size, device=env.device)  # target codes since last log
     start, t0 = step, time.time()
-    log = C.Logger(cfg, env, step)
-    data = C.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
+    log = common.Logger(cfg, env, step)
+    data = common.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     while step < cfg.steps:
-        lr = C.get_lr(step, cfg)
-        C.set_lr(optimizer, lr)
+        lr = common.get_lr(step, cfg)
+        common.set_lr(optimizer, lr)
         model.train()
         for micro in range(cfg.accum):
             (images, tok_images, mask), _ = next(data)
@@ -162,16 +174,16 @@ def main(argv=None):
                 logits, losses = run(images, mask, codes)
                 env.scaler.scale(losses['loss'] / cfg.accum).backward()
             counts += torch.bincount(codes.flatten(), minlength=len(counts))
-        gnorm = C.optimizer_step(env, optimizer, cfg.clip_grad)
+        gnorm = common.optimizer_step(env, optimizer, cfg.clip_grad)
         step += 1
         loss = losses['loss'].item()
-        C.check_finite(loss, step, cfg)
+        common.check_finite(loss, step, cfg)
         if step % cfg.log_every == 0 or step == cfg.steps:
             labels = codes[mask]
-            acc = [(lg.argmax(-1) == labels).float().mean().item() for lg in logits]
-            usage = B.code_usage(env.all_reduce(counts))
-            log(step, cfg.steps, per_step, loss=loss, loss_1=losses['loss_1'].item(),
-                loss_2=losses.get('loss_2', losses['loss_1']).item(), mlm_acc_1=acc[0], mlm_acc_2=acc[-1],
+            branches = {name: dict(loss=losses[f'loss_{name}'].item(),
+                                   acc=(lg.argmax(-1) == labels).float().mean().item()) for name, lg in logits.items()}
+            usage = beitv2.code_usage(env.all_reduce(counts))
+            log(step, cfg.steps, per_step, loss=loss, **official_names(branches),
                 unused_codes=usage['unused'], lr=lr, gnorm=gnorm)
             counts.zero_()
         stop = cfg.stop_after and step - start >= cfg.stop_after

@@ -20,7 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import beitv2 as B
+import beitv2
+import evaluate as E
+import train_tokenizer as TT
 from common import IMAGENET_MEAN, IMAGENET_STD
 
 HERE = Path(__file__).resolve().parent
@@ -50,8 +52,8 @@ def vit_from_official(c, **over):
     d = dict(img_size=c['img_size'], patch_size=c['patch_size'], in_chans=c['in_chans'],
              embed_dim=c['embed_dim'], depth=c['depth'], num_heads=c['num_heads'],
              mlp_ratio=c['mlp_ratio'], qkv_bias=c['qkv_bias'], layer_scale=c['init_values'],
-             abs_pos_emb=c['use_abs_pos_emb'], rel_pos_bias=rel,
-             mean_pooling=c.get('use_mean_pooling', False), num_classes=c.get('num_classes', 0))
+             abs_pos_emb=c['use_abs_pos_emb'], rel_pos=rel,
+             fc_norm=c.get('use_mean_pooling', False), num_classes=c.get('num_classes', 0))
     d.update(over)
     return d
 
@@ -59,24 +61,24 @@ def vit_from_official(c, **over):
 def tokenizer_from_official(c):
     e, d = c['encoder_config'], c['decoder_config']
     assert (d['embed_dim'], d['num_heads']) == (e['embed_dim'], e['num_heads'])
-    return B.VQKD(B.VQKDConfig(img_size=e['img_size'], patch_size=e['patch_size'], embed_dim=e['embed_dim'],
-                               depth=e['depth'], num_heads=e['num_heads'], decoder_depth=d['depth'],
-                               n_embed=c['n_embed'], code_dim=c['embed_dim'],
-                               teacher_dim=c['decoder_out_dim'], decay=c['decay']))
+    return beitv2.VQKD(beitv2.VQKDConfig(img_size=e['img_size'], patch_size=e['patch_size'], embed_dim=e['embed_dim'],
+                                         depth=e['depth'], num_heads=e['num_heads'], decoder_depth=d['depth'],
+                                         codebook_size=c['n_embed'], code_dim=c['embed_dim'],
+                                         teacher_dim=c['decoder_out_dim'], decay=c['decay']))
 
 
 def pretrain_from_official(c):
     d = vit_from_official(c, vocab_size=c['vocab_size'], early_layers=c['early_layers'],
                           head_layers=c['head_layers'])
     assert c['shared_lm_head']
-    return B.BEiTv2(B.BEiTConfig(**d))
+    return beitv2.BEiTv2(beitv2.BEiTConfig(**d))
 
 
 @pytest.fixture(scope='module')
 def tok(fx):
     t = fx['tokenizer']
     m = tokenizer_from_official(t['config']).double().eval()
-    return B.load_state(m, t['state_dict']).to(DEVICE)
+    return beitv2.load_state(m, t['state_dict']).to(DEVICE)
 
 # ----------------------------------------------------------------------------- parity with the official code
 
@@ -112,7 +114,7 @@ def test_official_tokenizer_decoder_and_losses(fx, tok):
 def test_official_ema_step(fx):
     e = fx['ema_step']
     c = e['config']
-    q = B.NormEMACodebook(c['n_embed'], c['embedding_dim'], decay=e['decay'], beta=c['beta']).double().to(DEVICE)
+    q = beitv2.NormEMACodebook(c['n_embed'], c['embedding_dim'], decay=e['decay'], beta=c['beta']).double().to(DEVICE)
     sd = e['state_dict_before']  # official names -> ours (embedding.cluster_size/embed_avg are never read)
     q.load_state_dict(dict(weight=sd['embedding.weight'], initted=sd['embedding.initted'],
                            cluster_size=sd['cluster_size']))
@@ -132,25 +134,26 @@ def test_official_ema_step(fx):
 @pytest.fixture(scope='module')
 def pre(fx):
     p = fx['pretrain']
-    return B.load_state(pretrain_from_official(p['config']).double().eval(), p['state_dict']).to(DEVICE), p
+    return beitv2.load_state(pretrain_from_official(p['config']).double().eval(), p['state_dict']).to(DEVICE), p
 
 
 def test_official_pretrain_heads(pre):
     m, p = pre
     x, mask = p['images'].double().to(DEVICE), p['bool_masked_pos'].to(DEVICE)
     tokens = m.branches(x, mask)
-    close(m.norm(tokens[0])[:, 1:], p['patch_tokens_mim'])
-    close(m.norm(tokens[1])[:, 1:], p['patch_tokens_cls'])
+    close(m.norm(tokens['mim'])[:, 1:], p['patch_tokens_mim'])
+    close(m.norm(tokens['cls'])[:, 1:], p['patch_tokens_cls'])
     logits, losses = m(x, mask, p['target_indices'].to(DEVICE))
-    close(logits[0], p['logits_mim'])
-    close(logits[1], p['logits_cls'])
-    for k in ('loss_1', 'loss_2', 'loss'):
-        close(losses[k], p[k])
+    close(logits['mim'], p['logits_mim'])
+    close(logits['cls'], p['logits_cls'])
+    for ours, official in (('loss_mim', 'loss_1'), ('loss_cls', 'loss_2'), ('loss', 'loss')):
+        close(losses[ours], p[official])
 
 
 def test_official_finetune_logits(fx):
     f = fx['finetune']
-    m = B.load_state(B.ViT(B.ViTConfig(**vit_from_official(f['config']))).double().eval(), f['state_dict'])
+    m = beitv2.ViT(beitv2.ViTConfig(**vit_from_official(f['config']))).double().eval()
+    m = beitv2.load_state(m, f['state_dict'])
     m, x = m.to(DEVICE), f['images'].double().to(DEVICE)
     close(m.forward_features(x), f['features'])
     close(m(x), f['logits'])
@@ -159,11 +162,11 @@ def test_official_finetune_logits(fx):
 def test_official_float32_tolerance(fx, pre):
     """The same models in float32 stay within the fixture's float32 tolerance (1e-4)."""
     m, p = pre
-    m32 = B.load_state(pretrain_from_official(p['config']).eval(), p['state_dict']).to(DEVICE)
+    m32 = beitv2.load_state(pretrain_from_official(p['config']).eval(), p['state_dict']).to(DEVICE)
     logits, _ = m32(p['images'].to(DEVICE), p['bool_masked_pos'].to(DEVICE))
-    close(logits[0], p['logits_mim'], atol=1e-4)
+    close(logits['mim'], p['logits_mim'], atol=1e-4)
     t = fx['tokenizer']
-    tok32 = B.load_state(tokenizer_from_official(t['config']).eval(), t['state_dict']).to(DEVICE)
+    tok32 = beitv2.load_state(tokenizer_from_official(t['config']).eval(), t['state_dict']).to(DEVICE)
     assert torch.equal(tok32.encode(t['images'].to(DEVICE)).cpu(), t['indices'])
 
 # ----------------------------------------------------------------------------- attention paths and devices
@@ -189,7 +192,7 @@ def test_sdpa_path_equals_explicit_maths(dtype, tol, rows):
 
     def run(dtype, explicit):
         xs = [t.to(DEVICE, dtype, copy=True).requires_grad_() for t in inputs]
-        out = B.attention(*xs, explicit=explicit)
+        out = beitv2.attention(*xs, explicit=explicit)
         (out.double() * grad_out.to(DEVICE)).sum().backward()
         return [out] + [t.grad for t in xs]
 
@@ -204,8 +207,8 @@ def test_shared_bias_is_contiguous():
     """SDPA's memory-efficient CUDA kernel refuses a bias with a strided last dim and falls back to
     the fp32 maths (measured on an H200: ViT-B step 116 instead of 81 ms); keep it contiguous."""
     m = tiny_beit()
-    assert m.shared_rel_pos_bias().is_contiguous()
-    assert B.rel_pos_bias_of(B.ViT(B.classifier_config(m.cfg, 10)).blocks[0].attn).is_contiguous()
+    assert m.shared_pos_bias().is_contiguous()
+    assert beitv2.pos_bias_from_table(beitv2.ViT(beitv2.classifier_config(m.cfg, 10)).blocks[0].attn).is_contiguous()
 
 
 def test_model_through_sdpa_equals_explicit(monkeypatch):
@@ -215,20 +218,20 @@ def test_model_through_sdpa_equals_explicit(monkeypatch):
     with torch.no_grad():
         m.rel_pos_bias.relative_position_bias_table.normal_()
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64, device=DEVICE)
-    mask = torch.stack([B.MaskingGenerator((4, 4))() for _ in range(3)]).to(DEVICE)
+    mask = torch.stack([beitv2.MaskingGenerator((4, 4))() for _ in range(3)]).to(DEVICE)
     explicit, _ = m(x, mask)
-    plain = B.attention
-    monkeypatch.setattr(B, 'attention', lambda *a, **k: plain(*a, explicit=False))
+    plain = beitv2.attention
+    monkeypatch.setattr(beitv2, 'attention', lambda *a, **k: plain(*a, explicit=False))
     fused, _ = m(x, mask)
-    for a, b in zip(fused, explicit):
-        close(a, b)
+    for name in explicit:
+        close(fused[name], explicit[name])
 
 
 def test_encode_on_device_equals_float64_except_near_ties():
     """Codes from a float32 encode on BEITV2_TEST_DEVICE equal the float64 CPU codes, except where
     the two codes are a near-tie in float64 (cosine within 1e-4); the count is printed."""
     torch.manual_seed(0)
-    tok = tiny_vqkd(n_embed=64, img_size=64).train()
+    tok = tiny_vqkd(codebook_size=64, img_size=64).train()
     x = torch.rand(16, 3, 64, 64)
     tok(x, torch.randn(16, 64, 24))  # k-means init on this batch
     tok.eval()
@@ -259,18 +262,19 @@ def random_state(lay):
 
 
 def full_size_models():
-    tok = lambda n: B.VQKD(B.PRESETS['vqkd_encoder_base_decoder_' + n])  # noqa: E731
-    base = B.PRESETS['beitv2_base_patch16_224']
-    large = B.PRESETS['beitv2_large_patch16_224']
+    def tok(name):
+        return beitv2.VQKD(beitv2.PRESETS['vqkd_encoder_base_decoder_' + name])
+    base = beitv2.PRESETS['beitv2_base_patch16_224']
+    large = beitv2.PRESETS['beitv2_large_patch16_224']
     yield 'tokenizer/vqkd_encoder_base_decoder_1x768x12_clip', lambda: tok('1x768x12_clip')
     yield 'tokenizer/vqkd_encoder_base_decoder_3x768x12_clip', lambda: tok('3x768x12_clip')
     yield 'tokenizer/vqkd_encoder_base_decoder_1x768x12_dino', lambda: tok('1x768x12_dino')
-    yield 'pretrain/beit_base_patch16_224_8k_vocab_cls_pt', lambda: B.BEiTv2(base)
-    yield 'pretrain/beit_large_patch16_224_8k_vocab_cls_pt', lambda: B.BEiTv2(large)
-    yield 'finetune/beit_base_patch16_224', lambda: B.ViT(B.classifier_config(base, 1000))
-    yield 'finetune/beit_large_patch16_224', lambda: B.ViT(B.classifier_config(large, 1000))
-    yield 'timm/beitv2_base_patch16_224', lambda: B.ViT(B.classifier_config(base, 1000))
-    yield 'timm/beitv2_large_patch16_224', lambda: B.ViT(B.classifier_config(large, 1000))
+    yield 'pretrain/beit_base_patch16_224_8k_vocab_cls_pt', lambda: beitv2.BEiTv2(base)
+    yield 'pretrain/beit_large_patch16_224_8k_vocab_cls_pt', lambda: beitv2.BEiTv2(large)
+    yield 'finetune/beit_base_patch16_224', lambda: beitv2.ViT(beitv2.classifier_config(base, 1000))
+    yield 'finetune/beit_large_patch16_224', lambda: beitv2.ViT(beitv2.classifier_config(large, 1000))
+    yield 'timm/beitv2_base_patch16_224', lambda: beitv2.ViT(beitv2.classifier_config(base, 1000))
+    yield 'timm/beitv2_large_patch16_224', lambda: beitv2.ViT(beitv2.classifier_config(large, 1000))
 
 
 @pytest.mark.parametrize('name,build', list(full_size_models()), ids=[n for n, _ in full_size_models()])
@@ -280,30 +284,30 @@ def test_full_size_layouts_load_and_export(name, build):
     for k in sd:
         if k.endswith('relative_position_index'):  # the official buffer, as saved in the files
             g = int(math.sqrt(sd[k].shape[0] - 1))
-            sd[k] = B.relative_position_index(g, g)
+            sd[k] = beitv2.relative_position_index(g, g)
     torch.manual_seed(0)
-    model = B.load_state(build(), sd)
-    exported = B.export_state(model, 'timm' if name.startswith('timm') else 'official')
+    model = beitv2.load_state(build(), sd)
+    exported = beitv2.export_state(model, 'timm' if name.startswith('timm') else 'official')
     assert {k: [list(v.shape), str(v.dtype).replace('torch.', '')] for k, v in exported.items()} == lay
     k = next(k for k in sd if k.endswith('fc1.weight'))
     assert torch.equal(exported[k], sd[k])
 
 
 def test_layout_errors_name_the_keys():
-    base = B.PRESETS['beitv2_base_patch16_224']
-    model = B.BEiTv2(B.BEiTConfig(**{**base.__dict__, 'depth': 2, 'early_layers': 1, 'embed_dim': 48,
-                                     'num_heads': 2, 'vocab_size': 16, 'img_size': 32}))
+    base = beitv2.PRESETS['beitv2_base_patch16_224']
+    model = beitv2.BEiTv2(beitv2.BEiTConfig(**{**base.__dict__, 'depth': 2, 'early_layers': 1, 'embed_dim': 48,
+                                               'num_heads': 2, 'vocab_size': 16, 'img_size': 32}))
     sd = model.state_dict()
     bad = dict(sd)
     del bad['lm_head.bias']
     bad['extra.weight'] = torch.zeros(1)
     with pytest.raises(KeyError, match=r"missing \['lm_head.bias'\].*unexpected \['extra.weight'\]"):
-        B.load_state(model, bad)
+        beitv2.load_state(model, bad)
     bad = dict(sd, **{'rel_pos_bias.relative_position_index': torch.zeros(17, 17, dtype=torch.long)})
     with pytest.raises(ValueError, match='relative_position_index'):
-        B.load_state(model, bad)
+        beitv2.load_state(model, bad)
     with pytest.raises(ValueError, match='no state dict'):
-        B.state_dict_of({'args': 1})
+        beitv2.state_dict_of({'args': 1})
 
 # ----------------------------------------------------------------------------- unit tests
 
@@ -312,14 +316,14 @@ def tiny_beit(**over):
     d = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=2, vocab_size=16,
              early_layers=2, head_layers=2)
     d.update(over)
-    return B.BEiTv2(B.BEiTConfig(**d))
+    return beitv2.BEiTv2(beitv2.BEiTConfig(**d))
 
 
 def tiny_vqkd(**over):
     d = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, decoder_depth=1,
-             n_embed=16, code_dim=8, teacher_dim=24)
+             codebook_size=16, code_dim=8, teacher_dim=24)
     d.update(over)
-    return B.VQKD(B.VQKDConfig(**d))
+    return beitv2.VQKD(beitv2.VQKDConfig(**d))
 
 
 def test_relative_position_index_2x2():
@@ -329,7 +333,7 @@ def test_relative_position_index_2x2():
                              [10, 5, 4, 2, 1],
                              [10, 7, 6, 4, 3],
                              [10, 8, 7, 5, 4]])
-    assert torch.equal(B.relative_position_index(2, 2), expected)
+    assert torch.equal(beitv2.relative_position_index(2, 2), expected)
 
 
 def test_pretrain_state_into_classifier_gives_same_tokens():
@@ -337,20 +341,20 @@ def test_pretrain_state_into_classifier_gives_same_tokens():
     pre = tiny_beit().eval()
     with torch.no_grad():  # a non-zero shared table, so the copy into every block matters
         pre.rel_pos_bias.relative_position_bias_table.normal_()
-    clf = B.ViT(B.classifier_config(pre.cfg, num_classes=5, drop_path=0.0)).eval()
-    B.load_state(clf, pre.state_dict(), ignore=B.PRETRAIN_ONLY + ('fc_norm', 'head'))
+    clf = beitv2.ViT(beitv2.classifier_config(pre.cfg, num_classes=5, drop_path=0.0)).eval()
+    beitv2.load_state(clf, pre.state_dict(), ignore=beitv2.PRETRAIN_ONLY + ('fc_norm', 'head'))
     x = torch.randn(2, 3, 32, 32)
     close(clf.forward_tokens(x)[0], pre.forward_tokens(x)[0], atol=1e-6)
     # without the documented drops the load is refused
     with pytest.raises(KeyError, match='lm_head'):
-        B.load_state(B.ViT(B.classifier_config(pre.cfg, num_classes=5)), pre.state_dict())
+        beitv2.load_state(beitv2.ViT(beitv2.classifier_config(pre.cfg, num_classes=5)), pre.state_dict())
 
 
 def test_classifier_at_higher_resolution_interpolates_tables():
     torch.manual_seed(0)
     pre = tiny_beit()
-    clf = B.ViT(B.classifier_config(pre.cfg, num_classes=5, img_size=48))
-    B.load_state(clf, pre.state_dict(), ignore=B.PRETRAIN_ONLY + ('fc_norm', 'head'))
+    clf = beitv2.ViT(beitv2.classifier_config(pre.cfg, num_classes=5, img_size=48))
+    beitv2.load_state(clf, pre.state_dict(), ignore=beitv2.PRETRAIN_ONLY + ('fc_norm', 'head'))
     assert clf.blocks[0].attn.relative_position_bias_table.shape == (11 * 11 + 3, 2)
     assert clf(torch.randn(1, 3, 48, 48)).shape == (1, 5)
 
@@ -358,8 +362,10 @@ def test_classifier_at_higher_resolution_interpolates_tables():
 def test_spline_matrix_reproduces_cubics_and_scipy():
     x = torch.tensor([-6.0, -3.5, -1.6, -0.5, 0.0, 0.5, 1.6, 3.5, 6.0])
     xq = torch.linspace(-6, 6, 13)
-    S = B._spline_matrix(x, xq)
-    f = lambda t: 0.3 * t ** 3 - t ** 2 + 2 * t - 1  # noqa: E731  not-a-knot splines are exact on cubics
+    S = beitv2._spline_matrix(x, xq)
+
+    def f(t):  # not-a-knot splines are exact on cubics
+        return 0.3 * t ** 3 - t ** 2 + 2 * t - 1
     close(S @ f(x.double()), f(xq.double()), atol=1e-9)
     scipy = pytest.importorskip('scipy.interpolate')
     ref = scipy.CubicSpline(x.numpy(), torch.eye(9).numpy(), bc_type='not-a-knot')(xq.numpy())
@@ -368,7 +374,7 @@ def test_spline_matrix_reproduces_cubics_and_scipy():
 
 def test_masking_exact_count_and_blocks():
     rng = random.Random(0)
-    gen = B.MaskingGenerator((14, 14))
+    gen = beitv2.MaskingGenerator((14, 14))
     assert (gen.num, gen.min_num) == (75, 16)
     sizes = []
     for _ in range(300):
@@ -376,7 +382,7 @@ def test_masking_exact_count_and_blocks():
         assert m.shape == (196,) and m.dtype == torch.bool and int(m.sum()) == 75
         sizes.append(largest_component(m.view(14, 14)))
     assert sorted(sizes)[len(sizes) // 2] >= 16  # block-wise, not scattered patches
-    small = B.MaskingGenerator((4, 4))
+    small = beitv2.MaskingGenerator((4, 4))
     assert (small.num, small.min_num) == (6, 2)
     assert all(int(small(rng).sum()) == 6 for _ in range(100))
 
@@ -402,7 +408,7 @@ def largest_component(m):
 def test_every_parameter_gets_a_gradient():
     torch.manual_seed(0)
     pre = tiny_beit(drop_path=0.1).train()
-    mask = torch.stack([B.MaskingGenerator((4, 4))() for _ in range(2)])
+    mask = torch.stack([beitv2.MaskingGenerator((4, 4))() for _ in range(2)])
     _, losses = pre(torch.randn(2, 3, 32, 32), mask, torch.randint(0, 16, (2, 16)))
     losses['loss'].backward()
     assert [n for n, p in pre.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
@@ -430,7 +436,7 @@ def test_codebook_kmeans_ema_and_roundtrip():
 
 
 def test_ema_update_by_hand():
-    q = B.NormEMACodebook(3, 2, decay=0.5).train()
+    q = beitv2.NormEMACodebook(3, 2, decay=0.5).train()
     q.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
     q.initted.fill_(1)
     z = torch.tensor([[[1.0, 0.2], [0.9, -0.1], [0.1, 1.0]]])
@@ -444,7 +450,7 @@ def test_ema_update_by_hand():
 
 def test_kmeans_needs_enough_vectors():
     with pytest.raises(ValueError, match='at least 16 vectors'):
-        B.kmeans(F.normalize(torch.randn(10, 8), dim=-1), 16)
+        beitv2.kmeans(F.normalize(torch.randn(10, 8), dim=-1), 16)
 
 
 def test_lr_schedules():
@@ -458,19 +464,19 @@ def test_lr_schedules():
 
 
 def test_code_usage():
-    u = B.code_usage(torch.tensor([2.0, 2.0, 0.0, 0.0]))
+    u = beitv2.code_usage(torch.tensor([2.0, 2.0, 0.0, 0.0]))
     assert u['unused'] == 2 and u['usage'] == 0.5 and abs(u['perplexity'] - 2.0) < 1e-9
 
 
 def test_param_groups_official_rules():
     m = tiny_beit()
-    groups = B.param_groups(m, 0.05)
+    groups = beitv2.param_groups(m, 0.05)
     decayed = {id(p) for g in groups if g['weight_decay'] > 0 for p in g['params']}
     names = {n for n, p in m.named_parameters() if id(p) in decayed}
     assert 'mask_token' in names and 'rel_pos_bias.relative_position_bias_table' in names
     assert 'cls_token' not in names and 'blocks.0.gamma_1' not in names and 'lm_head.bias' not in names
-    clf = B.ViT(B.classifier_config(m.cfg, 10))
-    scales = {n: g['lr_scale'] for g in B.param_groups(clf, 0.05, 0.5, depth=3)
+    clf = beitv2.ViT(beitv2.classifier_config(m.cfg, 10))
+    scales = {n: g['lr_scale'] for g in beitv2.param_groups(clf, 0.05, 0.5, depth=3)
               for n, p in clf.named_parameters() if any(p is q for q in g['params'])}
     assert scales['patch_embed.proj.weight'] == 0.5 ** 4 and scales['cls_token'] == 0.5 ** 4
     assert scales['blocks.0.norm1.weight'] == 0.5 ** 3 and scales['blocks.2.mlp.fc1.weight'] == 0.5
@@ -484,18 +490,19 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     p = tmp_path / 'evil.pth'
     torch.save({'model': {}, 'x': Evil()}, p)
     with pytest.raises(ValueError, match='refused to load'):
-        B.load_file(p)
+        beitv2.load_file(p)
     import argparse
     ok = tmp_path / 'ok.pth'
     torch.save({'model': {'w': torch.ones(1)}, 'args': argparse.Namespace(lr=1.0)}, ok)
-    assert torch.equal(B.state_dict_of(B.load_file(ok))['w'], torch.ones(1))
+    assert torch.equal(beitv2.state_dict_of(beitv2.load_file(ok))['w'], torch.ones(1))
 
 
 def test_official_tokenizer_file_with_teacher_keys_loads(tmp_path, fx):
     t = fx['tokenizer']
     sd = dict(t['state_dict'], **{'teacher_model.visual.proj': torch.zeros(3), 'scaling_layer.shift': torch.zeros(1)})
     torch.save({'model': sd}, tmp_path / 'vqkd.pth')
-    m = B.load_state(tokenizer_from_official(t['config']).eval(), B.state_dict_of(B.load_file(tmp_path / 'vqkd.pth')))
+    sd = beitv2.state_dict_of(beitv2.load_file(tmp_path / 'vqkd.pth'))
+    m = beitv2.load_state(tokenizer_from_official(t['config']).eval(), sd)
     assert torch.equal(m.encode(t['images']), t['indices'])
 
 # ----------------------------------------------------------------------------- DDP codebook
@@ -512,8 +519,8 @@ def _ddp_codebook_worker(rank, world, port, sync, z, out):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world)
     torch.manual_seed(0)
-    q = B.NormEMACodebook(16, z.shape[-1], decay=0.9).train()
-    B.NormEMACodebook.sync = sync
+    q = beitv2.NormEMACodebook(16, z.shape[-1], decay=0.9).train()
+    beitv2.NormEMACodebook.sync = sync
     q(z[rank:rank + 1])  # k-means init on this rank's half, then one EMA step
     torch.save(q.state_dict(), os.path.join(out, f'rank{rank}.pt'))
     dist.destroy_process_group()
@@ -530,10 +537,10 @@ def test_ddp_codebook_identical_on_ranks_and_equal_to_one_process(tmp_path):
     z[1] += 1.5  # the two ranks see different data
     # one process that sees both halves with the initial means rank 0 draws
     torch.manual_seed(0)
-    q = B.NormEMACodebook(16, 8, decay=0.9).train()
+    q = beitv2.NormEMACodebook(16, 8, decay=0.9).train()
     z0 = F.normalize(z[0], dim=-1)
     init = z0[torch.randperm(64)[:16]]
-    means, _ = B.kmeans(F.normalize(z, dim=-1).flatten(0, 1), 16, means=init)
+    means, _ = beitv2.kmeans(F.normalize(z, dim=-1).flatten(0, 1), 16, means=init)
     q.weight.copy_(means), q.initted.fill_(1)
     q(z.reshape(1, 128, 8))
     r0, r1 = run_ddp_codebook(z, True, tmp_path)
@@ -555,11 +562,12 @@ def test_timm_beitv2_parity():
         for n, p in ref.named_parameters():
             if 'relative_position_bias_table' in n or 'gamma' in n:
                 p.normal_(0, 0.1)
-    ours = B.load_state(B.ViT(B.classifier_config(B.PRESETS['beitv2_base_patch16_224'], 1000)).eval(), ref.state_dict())
+    ours = beitv2.ViT(beitv2.classifier_config(beitv2.PRESETS['beitv2_base_patch16_224'], 1000)).eval()
+    ours = beitv2.load_state(ours, ref.state_dict())
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         close(ours(x), ref(x), atol=1e-4)
-    ref.load_state_dict(B.export_state(ours, 'timm'))
+    ref.load_state_dict(beitv2.export_state(ours, 'timm'))
 
 
 def test_rel_pos_table_resize_matches_official_interp2d():
@@ -569,7 +577,7 @@ def test_rel_pos_table_resize_matches_official_interp2d():
     import numpy as np
     torch.manual_seed(0)
     table = torch.randn(27 * 27 + 3, 2, dtype=torch.float64)
-    out = B.resize_rel_pos_table(table, 63 * 63 + 3)
+    out = beitv2.resize_rel_pos_table(table, 63 * 63 + 3)
     lo, hi = 1.01, 1.5  # official bisection and offsets, written as in run_class_finetuning.py
     while hi - lo > 1e-6:
         q = (lo + hi) / 2.0
@@ -589,7 +597,7 @@ def test_rel_pos_table_resize_matches_official_interp2d():
 # ----------------------------------------------------------------------------- scripts (slow)
 
 TINY_TOK = ['--img_size=16', '--patch_size=4', '--embed_dim=32', '--depth=1', '--num_heads=2',
-            '--n_embed=32', '--code_dim=8', '--batch_size=8', '--warmup_steps=1', '--log_every=1']
+            '--codebook_size=32', '--code_dim=8', '--batch_size=8', '--warmup_steps=1', '--log_every=1']
 TINY_PRE = ['--img_size=16', '--patch_size=4', '--embed_dim=32', '--depth=2', '--num_heads=2',
             '--early_layers=1', '--batch_size=8', '--warmup_steps=1', '--log_every=1']
 
@@ -609,7 +617,7 @@ def tokenizer_ckpt(tmp_path_factory):
 
 @pytest.mark.slow
 def test_train_tokenizer_script_writes_loadable_checkpoint(tokenizer_ckpt):
-    tok = B.load_tokenizer(tokenizer_ckpt)
+    tok = beitv2.load_tokenizer(tokenizer_ckpt)
     assert tok.quantize.initted.item() == 1
     assert tok.encode(torch.rand(2, 3, 16, 16)).shape == (2, 16)
     log = [json.loads(line) for line in (tokenizer_ckpt.parent / 'log.jsonl').read_text().splitlines()]
@@ -621,11 +629,11 @@ def test_pretrain_script_writes_loadable_checkpoint(tokenizer_ckpt, tmp_path):
     p = run_script('pretrain.py', *TINY_PRE, '--steps=3', '--workers=1', f'--tokenizer={tokenizer_ckpt}',
                    f'--out_dir={tmp_path}')
     assert 'mlm_acc_1' in p.stdout and 'mlm_acc_2' in p.stdout
-    ckpt = B.load_file(tmp_path / 'ckpt.pt')
-    model = B.load_state(B.BEiTv2(B.BEiTConfig(**ckpt['model_config'])), ckpt['model'])
+    ckpt = beitv2.load_file(tmp_path / 'ckpt.pt')
+    model = beitv2.load_state(beitv2.BEiTv2(beitv2.BEiTConfig(**ckpt['model_config'])), ckpt['model'])
     assert model.lm_head.out_features == 32
-    clf = B.ViT(B.classifier_config(model.cfg, 3))
-    B.load_state(clf, ckpt['model'], ignore=B.PRETRAIN_ONLY + ('fc_norm', 'head'))
+    clf = beitv2.ViT(beitv2.classifier_config(model.cfg, 3))
+    beitv2.load_state(clf, ckpt['model'], ignore=beitv2.PRETRAIN_ONLY + ('fc_norm', 'head'))
 
 
 def same_state(a, b):
@@ -648,9 +656,9 @@ def test_resume_mid_epoch_is_bit_exact(script, tokenizer_ckpt, tmp_path):
     common.append('--data=demo:40')
     run_script(script, *common, f'--out_dir={tmp_path / "full"}')
     run_script(script, *common, f'--out_dir={tmp_path / "cut"}', '--stop_after=3')
-    assert B.load_file(tmp_path / 'cut' / 'ckpt.pt')['step'] == 3
+    assert beitv2.load_file(tmp_path / 'cut' / 'ckpt.pt')['step'] == 3
     run_script(script, *common, f'--out_dir={tmp_path / "cut"}')  # auto-resume
-    a, b = B.load_file(tmp_path / 'full' / 'ckpt.pt'), B.load_file(tmp_path / 'cut' / 'ckpt.pt')
+    a, b = beitv2.load_file(tmp_path / 'full' / 'ckpt.pt'), beitv2.load_file(tmp_path / 'cut' / 'ckpt.pt')
     assert a['step'] == b['step'] == 7
     same_state(a['model'], b['model'])
     same_state(opt_tensors(a['optimizer']), opt_tensors(b['optimizer']))
@@ -674,8 +682,8 @@ def test_scripts_give_one_line_errors(tmp_path, tokenizer_ckpt):
     (bad / 'train' / 'cls').mkdir(parents=True)
     for name in ('x.png', 'y.png'):
         (bad / 'train' / 'cls' / name).write_bytes(b'not a png')
-    cases.append((['train_tokenizer.py', *TINY_TOK, f'--data={bad}', '--batch_size=2', '--n_embed=8', '--workers=2',
-                   f'--out_dir={tmp_path}/o'], 'unreadable image'))
+    cases.append((['train_tokenizer.py', *TINY_TOK, f'--data={bad}', '--batch_size=2', '--codebook_size=8',
+                   '--workers=2', f'--out_dir={tmp_path}/o'], 'unreadable image'))
     for args, msg in cases:
         p = run_script(*args, ok=False)
         assert p.returncode == 2 and msg in p.stderr and 'Traceback' not in p.stderr, (args, p.stderr[-1500:])
@@ -702,6 +710,16 @@ torch.save(model.quantize.weight, os.path.join(sys.argv[1], 'codebook_rank' + os
     assert torch.equal(w0, w1) == sync  # with sync off the same check fails: ranks disagree
 
 
+def test_pretrain_logs_only_the_branches_that_exist():
+    import pretrain
+    both = {'mim': dict(loss=1.0, acc=0.5), 'cls': dict(loss=2.0, acc=0.25)}
+    assert pretrain.official_names(both) == dict(loss_1=1.0, mlm_acc_1=0.5, loss_2=2.0, mlm_acc_2=0.25)
+    assert pretrain.official_names({'mim': both['mim']}) == dict(loss_1=1.0, mlm_acc_1=0.5)
+    logits, losses = tiny_beit(head_layers=0)(torch.randn(2, 3, 32, 32), torch.ones(2, 16, dtype=torch.bool),
+                                              torch.zeros(2, 16, dtype=torch.long))
+    assert set(logits) == {'mim'} and set(losses) == {'loss_mim', 'loss'}
+
+
 def test_pretrain_fast_path_equals_full_computation():
     """forward() computes only [CLS] + masked rows in the last blocks when every image has the
     same masked count; the result must equal selecting from the full computation."""
@@ -711,17 +729,15 @@ def test_pretrain_fast_path_equals_full_computation():
         with torch.no_grad():
             m.rel_pos_bias.relative_position_bias_table.normal_()
         x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
-        mask = torch.stack([B.MaskingGenerator((4, 4))() for _ in range(3)])
+        mask = torch.stack([beitv2.MaskingGenerator((4, 4))() for _ in range(3)])
         logits, _ = m(x, mask)
-        full = [m.lm_head(m.norm(t)[:, 1:][mask]) for t in m.branches(x, mask)]
-        for a, b in zip(logits, full):
-            close(a, b)
+        for name, t in m.branches(x, mask).items():
+            close(logits[name], m.lm_head(m.norm(t)[:, 1:][mask]))
     mask[0, mask[0].nonzero()[0]] = False  # unequal counts: the general path
-    assert m(x, mask)[0][0].shape[0] == int(mask.sum())
+    assert m(x, mask)[0]['mim'].shape[0] == int(mask.sum())
 
 # ----------------------------------------------------------------------------- evaluate.py
 
-import evaluate as E  # noqa: E402
 
 
 def test_miou_against_hand_computed_confusion():
@@ -763,8 +779,8 @@ def test_lars_linear_head_learns_separable_features():
 
 def tiny_segmenter():
     torch.manual_seed(0)
-    vit = B.ViT(B.ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
-                            rel_pos_bias='per_block', mean_pooling=True))
+    vit = beitv2.ViT(beitv2.ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
+                                      rel_pos='per_block', fc_norm=True))
     return E.Segmenter(vit, (0, 1, 2, 3), num_classes=3, channels=16).eval()
 
 
@@ -804,10 +820,10 @@ def test_segmenter_heads_have_mmseg_init_and_cls_token_is_decayed():
     conv = m.fuse[0].weight  # kaiming normal, fan_out = out_channels * k * k
     fan_out = conv.shape[0] * conv.shape[2] * conv.shape[3]
     assert abs(conv.std().item() / math.sqrt(2 / fan_out) - 1) < 0.1
-    groups = B.param_groups(m, 0.05, 0.9, m.backbone.cfg.depth, no_decay=())
+    groups = beitv2.param_groups(m, 0.05, 0.9, m.backbone.cfg.depth, no_decay=())
     decayed = {id(p) for g in groups if g['weight_decay'] > 0 for p in g['params']}
     assert id(m.backbone.cls_token) in decayed  # as the official mmseg run (its name test misses the prefix)
-    assert id(m.backbone.cls_token) not in {id(p) for g in B.param_groups(m, 0.05) if g['weight_decay'] > 0
+    assert id(m.backbone.cls_token) not in {id(p) for g in beitv2.param_groups(m, 0.05) if g['weight_decay'] > 0
                                             for p in g['params']}
 
 
@@ -853,7 +869,8 @@ def test_compare_sets_three_backbones_side_by_side(pretrain_ckpt, tmp_path):
                                                        ('random init', 'k-NN', 1), ('raw pixels', 'k-NN', 0)])
     assert rows[-1]['mode'] == 'compare' and len(rows[-1]) > 6
     last = p.stdout.strip().splitlines()[-1]
-    assert last.startswith('top-1 % (chance 20.0), mean of 2 seed(s): linear probe: pretrained') and 'raw pixels' in last
+    assert last.startswith('top-1 % (chance 20.0), mean of 2 seed(s): linear probe: pretrained')
+    assert 'raw pixels' in last
     mean = sum(r['top1'] for r in rows[:-1] if r['backbone'] == 'random init' and r['probe'] == 'k-NN') / 2
     assert rows[-1]['k-NN random init'] == pytest.approx(mean)
 
@@ -871,7 +888,8 @@ def test_demo_pretraining_beats_random_init_on_knn(tmp_path):
                f'--out_dir={tmp_path / "pre"}')
     top1 = {}
     for backbone in ('checkpoint', 'random'):
-        run_script('evaluate.py', '--mode=knn', f'--backbone={backbone}', f'--checkpoint={tmp_path / "pre" / "ckpt.pt"}',
+        ckpt = tmp_path / 'pre' / 'ckpt.pt'
+        run_script('evaluate.py', '--mode=knn', f'--backbone={backbone}', f'--checkpoint={ckpt}',
                    f'--out_dir={tmp_path / backbone}')
         top1[backbone] = json.loads((tmp_path / backbone / 'result.json').read_text())['top1']
     assert top1['checkpoint'] >= top1['random'] + 10, top1
@@ -894,7 +912,6 @@ def test_evaluate_codebook_png_and_errors(tokenizer_ckpt, pretrain_ckpt, tmp_pat
 
 # ----------------------------------------------------------------------------- teachers (train_tokenizer.py)
 
-import train_tokenizer as TT  # noqa: E402
 
 
 def test_clip_teacher_from_torchscript_file(tmp_path):
@@ -918,7 +935,7 @@ def test_attention_without_k_bias_equals_full_qkv_bias():
     """Why DINO's qkv.bias loads into q_bias/v_bias: the k bias adds q.b_k to every logit of a
     query, a constant that softmax removes."""
     torch.manual_seed(0)
-    attn = B.Attention(32, 2).double()
+    attn = beitv2.Attention(32, 2).double()
     with torch.no_grad():
         attn.q_bias.normal_(), attn.v_bias.normal_()
     k_bias = torch.randn(32, dtype=torch.float64)
@@ -931,8 +948,8 @@ def test_attention_without_k_bias_equals_full_qkv_bias():
 
 def test_dino_teacher_from_state_dict_file(tmp_path):
     torch.manual_seed(0)
-    vit = B.ViT(B.ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1, layer_scale=0.0,
-                            abs_pos_emb=True, rel_pos_bias='none'))
+    vit = beitv2.ViT(beitv2.ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1, layer_scale=0.0,
+                                      abs_pos_emb=True, rel_pos='none'))
     sd = vit.state_dict()
     for i in range(2):  # DINO names: one qkv.bias (with a k part), head.* to be dropped
         q, v = sd.pop(f'blocks.{i}.attn.q_bias'), sd.pop(f'blocks.{i}.attn.v_bias')
@@ -979,9 +996,9 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     """The README's example, with a small tokenizer saved under the official file name."""
     import re
     torch.manual_seed(0)
-    cfg = B.VQKDConfig(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_depth=1,
-                       n_embed=8192, code_dim=8)
-    torch.save({'model': B.VQKD(cfg).state_dict(), 'model_config': cfg.__dict__},
+    cfg = beitv2.VQKDConfig(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_depth=1,
+                            codebook_size=8192, code_dim=8)
+    torch.save({'model': beitv2.VQKD(cfg).state_dict(), 'model_config': cfg.__dict__},
                tmp_path / 'vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth')
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r'```python\n(.*?)```', (HERE / 'README.md').read_text(), re.S)
@@ -1029,7 +1046,8 @@ def test_evaluate_reads_official_pretraining_file(tmp_path):
     pre = tiny_beit(embed_dim=64, num_heads=1).eval()
     with torch.no_grad():
         pre.rel_pos_bias.relative_position_bias_table.normal_()
-    torch.save({'model': B.export_state(pre), 'args': argparse.Namespace(model='beit_base_patch16_224_8k_vocab_cls_pt'),
+    args = argparse.Namespace(model='beit_base_patch16_224_8k_vocab_cls_pt')
+    torch.save({'model': beitv2.export_state(pre), 'args': args,
                 'epoch': 3}, tmp_path / 'official_pt.pth')
     cfg = E.Config(checkpoint=str(tmp_path / 'official_pt.pth'), img_size=32)
     sd, mcfg = E.load_weights(cfg.checkpoint)
@@ -1037,7 +1055,7 @@ def test_evaluate_reads_official_pretraining_file(tmp_path):
     probe = E.build_backbone(cfg, sd, mcfg, num_classes=0).eval()
     x = torch.randn(2, 3, 32, 32)
     close(E.pooled(probe, x, cfg), pre.norm(pre.forward_tokens(x)[0][:, 0]), atol=1e-6)  # [CLS] after norm
-    clf = E.build_backbone(cfg, sd, mcfg, rel_pos_bias='per_block', mean_pooling=True, num_classes=5).eval()
+    clf = E.build_backbone(cfg, sd, mcfg, rel_pos='per_block', fc_norm=True, num_classes=5).eval()
     close(clf.forward_tokens(x)[0], pre.forward_tokens(x)[0], atol=1e-5)
 
 
@@ -1046,7 +1064,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     p = run_script('train_tokenizer.py', *TINY_TOK, '--steps=6', '--workers=0', '--lr=1e30', '--ckpt_every=1',
                    f'--out_dir={tmp_path}', ok=False)
     assert p.returncode == 2 and 'loss is nan' in p.stderr and 'Traceback' not in p.stderr, p.stderr[-800:]
-    ckpt = B.load_file(tmp_path / 'ckpt.pt')
+    ckpt = beitv2.load_file(tmp_path / 'ckpt.pt')
     bad_step = int(p.stderr.split('at step ')[1].split(':')[0])
     assert ckpt['step'] == bad_step - 1
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
@@ -1059,7 +1077,8 @@ def test_gradient_accumulation_equals_the_large_batch(tokenizer_ckpt, tmp_path):
             '--dtype=fp32']  # the default is bf16 on CPUs with bf16 hardware
     run_script('pretrain.py', *args, '--batch_size=16', f'--out_dir={tmp_path / "big"}')
     run_script('pretrain.py', *args, '--batch_size=8', '--accum=2', f'--out_dir={tmp_path / "acc"}')
-    a, b = B.load_file(tmp_path / 'big' / 'ckpt.pt')['model'], B.load_file(tmp_path / 'acc' / 'ckpt.pt')['model']
+    a = beitv2.load_file(tmp_path / 'big' / 'ckpt.pt')['model']
+    b = beitv2.load_file(tmp_path / 'acc' / 'ckpt.pt')['model']
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     # AdamW ignores the gradient's scale; the logged norm does not (a missing 1/accum shows here)
     norms = [[json.loads(line)['gnorm'] for line in (tmp_path / d / 'log.jsonl').read_text().splitlines()]
@@ -1093,14 +1112,14 @@ def test_every_preset_parses_and_holds_the_paper_recipe():
     p = common.configure(pretrain.Config(), pretrain.PRESETS, ['--preset=large_300'])
     assert (p.betas, p.drop_path, p.layer_scale, p.early_layers, p.depth) == ((0.9, 0.98), 0.0, 1e-5, 21, 24)
     t = common.configure(TT.Config(), TT.PRESETS, ['--preset=clip_3x'])
-    assert (t.lr, t.betas, t.weight_decay, t.epochs, t.n_embed, t.code_dim, t.decoder_depth) == \
+    assert (t.lr, t.betas, t.weight_decay, t.epochs, t.codebook_size, t.code_dim, t.decoder_depth) == \
         (5e-5, (0.9, 0.99), 1e-4, 100, 8192, 32, 3)
 
 
 @pytest.mark.slow
 def test_tokenizer_vocabulary_mismatch_on_resume_is_a_clear_error(tokenizer_ckpt, tmp_path):
     other = tmp_path / 'tok16'
-    run_script('train_tokenizer.py', *TINY_TOK, '--n_embed=16', '--steps=1', '--workers=0', f'--out_dir={other}')
+    run_script('train_tokenizer.py', *TINY_TOK, '--codebook_size=16', '--steps=1', '--workers=0', f'--out_dir={other}')
     args = [*TINY_PRE, '--steps=2', '--workers=0', f'--out_dir={tmp_path / "pre"}']
     run_script('pretrain.py', *args, f'--tokenizer={tokenizer_ckpt}')  # vocabulary 32
     p = run_script('pretrain.py', *args, '--steps=3', f'--tokenizer={other / "ckpt.pt"}', ok=False)  # 16
@@ -1114,14 +1133,14 @@ def test_tokenizer_vocabulary_mismatch_on_resume_is_a_clear_error(tokenizer_ckpt
 def test_load_tokenizer_reads_the_config_off_an_official_file(tmp_path):
     torch.manual_seed(0)
     tok = tiny_vqkd(embed_dim=128, num_heads=2, decoder_depth=2, teacher_dim=40).eval()  # 64-dim heads
-    torch.save({'model': B.export_state(tok)}, tmp_path / 'vqkd_official_layout.pth')
-    loaded = B.load_tokenizer(tmp_path / 'vqkd_official_layout.pth')
+    torch.save({'model': beitv2.export_state(tok)}, tmp_path / 'vqkd_official_layout.pth')
+    loaded = beitv2.load_tokenizer(tmp_path / 'vqkd_official_layout.pth')
     assert loaded.cfg == tok.cfg and not any(p.requires_grad for p in loaded.parameters())
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(loaded.encode(x), tok.encode(x))
     with pytest.raises(ValueError, match='not a tokenizer'):
         torch.save({'model': tiny_beit().state_dict()}, tmp_path / 'pre.pth')
-        B.load_tokenizer(tmp_path / 'pre.pth')
+        beitv2.load_tokenizer(tmp_path / 'pre.pth')
 
 # ----------------------------------------------------------------------------- evaluate.py: attention and code pictures
 
@@ -1130,9 +1149,9 @@ def tiny_pretrain_file(path, table_row=None):
     """A random tiny BEiTv2 saved as our pretraining checkpoint (16 px, patch 4: a 4x4 grid);
     table_row: a relative-offset row of the shared table set to +50 in every head."""
     torch.manual_seed(0)
-    cfg = B.BEiTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, vocab_size=16,
-                       early_layers=1)
-    model = B.BEiTv2(cfg)
+    cfg = beitv2.BEiTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, vocab_size=16,
+                            early_layers=1)
+    model = beitv2.BEiTv2(cfg)
     if table_row is not None:
         with torch.no_grad():
             model.rel_pos_bias.relative_position_bias_table[table_row] = 50.0
@@ -1156,7 +1175,7 @@ def test_attention_probs_are_the_blocks_softmax(tmp_path):
         v = (y @ blk.attn.qkv.weight[64:].t() + blk.attn.v_bias).view(2, 17, 2, 16).transpose(1, 2)
         mixed = (probs @ v).transpose(1, 2).reshape(2, 17, 32)
         with torch.no_grad():
-            assert torch.allclose(blk.attn.proj(mixed), blk.attn(y, model.shared_rel_pos_bias()), atol=1e-5)
+            assert torch.allclose(blk.attn.proj(mixed), blk.attn(y, model.shared_pos_bias()), atol=1e-5)
 
 
 def test_attention_picture_lights_the_forced_key(tmp_path):
@@ -1184,7 +1203,7 @@ def test_codes_picture_equals_encode(tokenizer_ckpt, tmp_path):
     p = run_script('evaluate.py', '--mode=codes', f'--checkpoint={tokenizer_ckpt}', f'--image={tmp_path / "x.png"}',
                    f'--out_dir={tmp_path}')
     grid = [[int(c) for c in line.split()] for line in p.stdout.splitlines()[:4]]
-    tok = B.load_tokenizer(tokenizer_ckpt)
+    tok = beitv2.load_tokenizer(tokenizer_ckpt)
     x = common.eval_transform(16, normalize=False)(common.load_image(tmp_path / 'x.png'))[None]
     assert torch.equal(torch.tensor(grid).flatten(), tok.encode(x)[0])
     assert Image.open(tmp_path / 'codes.png').size == (2 + 2 * (128 + 2), 132)
@@ -1227,21 +1246,21 @@ def junk_files(tmp_path):
 def test_load_file_gives_one_line_for_junk(tmp_path):
     for path in junk_files(tmp_path):
         with pytest.raises(ValueError, match='not a readable checkpoint') as e:
-            B.load_file(path)
+            beitv2.load_file(path)
         assert 'weights_only' not in str(e.value) and '\n' not in str(e.value)
     with pytest.raises(ValueError, match='no such file'):
-        B.load_file(tmp_path / 'missing.pt')
+        beitv2.load_file(tmp_path / 'missing.pt')
 
 
 def test_load_tokenizer_refuses_a_backbone_file(tmp_path):
     tiny_pretrain_file(tmp_path / 'p.pt')
     with pytest.raises(ValueError, match='not a tokenizer checkpoint.*backbone'):
-        B.load_tokenizer(tmp_path / 'p.pt')
+        beitv2.load_tokenizer(tmp_path / 'p.pt')
 
 
 def test_encode_says_what_it_expects():
-    tok = B.VQKD(B.VQKDConfig(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_depth=1,
-                              n_embed=8, code_dim=4, teacher_dim=8)).eval()
+    tok = beitv2.VQKD(beitv2.VQKDConfig(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_depth=1,
+                                        codebook_size=8, code_dim=4, teacher_dim=8)).eval()
     for bad, msg in [(torch.rand(3, 16, 16), r'shape \(B, 3, 16, 16\)'), (torch.rand(2, 3, 32, 32), 'shape'),
                      (torch.rand(2, 1, 16, 16), 'shape'), (torch.rand(2, 3, 16, 16) * 255, r'\[0, 1\]'),
                      ((torch.rand(2, 3, 16, 16) - 0.45) / 0.225, r'\[0, 1\]'),
@@ -1256,7 +1275,7 @@ def test_masking_generator_rejects_impossible_settings():
     for kwargs in [dict(min_aspect=0), dict(num_masking_patches=100), dict(min_num_patches=0),
                    dict(min_num_patches=10, max_num_patches=5)]:
         with pytest.raises(ValueError):
-            B.MaskingGenerator((8, 8), **kwargs)
+            beitv2.MaskingGenerator((8, 8), **kwargs)
 
 
 @pytest.mark.parametrize('arg,msg', [('--batch_size=0', 'must be >= 1'), ('--lr=-1e-3', 'must be > 0'),
@@ -1352,8 +1371,8 @@ def test_scripts_refuse_bad_files_and_changed_settings(tmp_path, tokenizer_ckpt,
          'not a readable checkpoint'),
         (['pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', '--num_mask=100', f'--out_dir={tmp_path / "o"}'],
          'cannot mask 100 of 16'),
-        (['train_tokenizer.py', *TINY_TOK, '--batch_size=1', '--n_embed=64', f'--out_dir={tmp_path / "o"}'],
-         'k-means init needs at least n_embed=64'),
+        (['train_tokenizer.py', *TINY_TOK, '--batch_size=1', '--codebook_size=64', f'--out_dir={tmp_path / "o"}'],
+         'k-means init needs at least codebook_size=64'),
         (['pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', f'--out_dir={junk[2]}'], 'cannot create it'),
     ]
     for args, msg in cases:
@@ -1371,7 +1390,7 @@ def test_scripts_refuse_bad_files_and_changed_settings(tmp_path, tokenizer_ckpt,
         assert name in p.stderr and 'allow_change' in p.stderr and 'Traceback' not in p.stderr, p.stderr
     p = run_script('pretrain.py', *pre, '--steps=3', '--allow_change=steps', f'--tokenizer={tokenizer_ckpt}',
                    f'--out_dir={out}')
-    assert 'resumed from' in p.stdout and B.load_file(out / 'ckpt.pt')['step'] == 3
+    assert 'resumed from' in p.stdout and beitv2.load_file(out / 'ckpt.pt')['step'] == 3
     steps = [json.loads(line)['step'] for line in (out / 'log.jsonl').read_text().splitlines()]
     assert steps == [1, 2, 3] and not (out / 'lock').exists()
 

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import beitv2 as B
-import common as C
+import beitv2
+import common
 
 
 @dataclass
@@ -26,33 +26,33 @@ class Config:
     preset: str = 'demo'
     # data
     data: str = 'demo'              # 'demo', ImageNet-layout folder, or cifar10:ROOT, stl10:ROOT, ...
-    img_size: int = C.at_least(1, 32)  # crop size seen by tokenizer and teacher
-    min_crop_scale: float = C.above(0, 0.08)  # RandomResizedCrop scale range (min_crop_scale, 1)
-    workers: int = C.at_least(0, 2)  # DataLoader processes per rank
+    img_size: int = common.at_least(1, 32)  # crop size seen by tokenizer and teacher
+    min_crop_scale: float = common.above(0, 0.08)  # RandomResizedCrop scale range (min_crop_scale, 1)
+    workers: int = common.at_least(0, 2)  # DataLoader processes per rank
     # tokenizer (beitv2.VQKDConfig)
-    patch_size: int = C.at_least(2, 4)
-    embed_dim: int = C.at_least(1, 96)
-    depth: int = C.at_least(1, 4)
-    num_heads: int = C.at_least(1, 3)
-    decoder_depth: int = C.at_least(1, 1)
-    n_embed: int = C.at_least(1, 512)  # codebook size K
-    code_dim: int = C.at_least(1, 16)  # codebook dimension
-    decay: float = C.at_least(0, 0.99)  # codebook EMA decay (< 1: checked in main)
+    patch_size: int = common.at_least(2, 4)
+    embed_dim: int = common.at_least(1, 96)
+    depth: int = common.at_least(1, 4)
+    num_heads: int = common.at_least(1, 3)
+    decoder_depth: int = common.at_least(1, 1)
+    codebook_size: int = common.at_least(1, 512)  # codebook size K
+    code_dim: int = common.at_least(1, 16)  # codebook dimension
+    decay: float = common.at_least(0, 0.99)  # codebook EMA decay (< 1: checked in main)
     # teacher: 'hog' / 'hog_colour' (demo, no weights), 'clip', 'dino', or 'tv:MODEL[:NODE]' (torchvision)
     teacher: str = 'hog'
     teacher_weights: str = ''       # local weights file for clip / dino / tv teachers
     # optimisation
-    batch_size: int = C.at_least(1, 64)  # per rank; effective = batch_size * accum * world
-    accum: int = C.at_least(1, 1)   # gradient accumulation steps
-    epochs: int = C.at_least(0, 0)  # > 0: steps and warmup_steps come from epochs at start
-    warmup_epochs: int = C.at_least(0, 0)
-    steps: int = C.at_least(1, 600)
-    warmup_steps: int = C.at_least(0, 50)
-    lr: float = C.above(0, 1e-3)    # per 128 images: peak lr = lr * effective batch / 128 (official)
-    min_lr: float = C.at_least(0, 1e-5)
-    weight_decay: float = C.at_least(0, 1e-4)
+    batch_size: int = common.at_least(1, 64)  # per rank; effective = batch_size * accum * world
+    accum: int = common.at_least(1, 1)   # gradient accumulation steps
+    epochs: int = common.at_least(0, 0)  # > 0: steps and warmup_steps come from epochs at start
+    warmup_epochs: int = common.at_least(0, 0)
+    steps: int = common.at_least(1, 600)
+    warmup_steps: int = common.at_least(0, 50)
+    lr: float = common.above(0, 1e-3)    # per 128 images: peak lr = lr * effective batch / 128 (official)
+    min_lr: float = common.at_least(0, 1e-5)
+    weight_decay: float = common.at_least(0, 1e-4)
     betas: tuple = (0.9, 0.99)
-    clip_grad: float = C.at_least(0, 0.0)  # 0 = no clipping (official)
+    clip_grad: float = common.at_least(0, 0.0)  # 0 = no clipping (official)
     # run
     device: str = ''                # '' = cuda if available; 'cpu' forces the CPU
     dtype: str = ''                 # fp32 | bf16 | fp16; '' = bf16 on CUDA and on CPUs with bf16 units
@@ -61,13 +61,13 @@ class Config:
     out_dir: str = 'out/tokenizer'
     resume: str = ''                # checkpoint to continue from; default OUT_DIR/ckpt.pt if present
     allow_change: str = ''          # resume: settings that may differ from the checkpoint's, e.g. steps,lr
-    log_every: int = C.at_least(1, 20)
-    ckpt_every: int = C.at_least(1, 100)
-    stop_after: int = C.at_least(0, 0)  # > 0: checkpoint and exit after this many steps of this run
+    log_every: int = common.at_least(1, 20)
+    ckpt_every: int = common.at_least(1, 100)
+    stop_after: int = common.at_least(0, 0)  # > 0: checkpoint and exit after this many steps of this run
 
 
 IMAGENET = dict(data='', lr=5e-5, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                n_embed=8192, code_dim=32, batch_size=64, epochs=100, warmup_epochs=10, workers=10,
+                codebook_size=8192, code_dim=32, batch_size=64, epochs=100, warmup_epochs=10, workers=10,
                 log_every=100, ckpt_every=2500)
 PRESETS = {  # the paper's ImageNet-1k recipes (official TOKENIZER.md): 8 GPUs x 64 = 512 images
     'demo': {},
@@ -154,7 +154,7 @@ class CLIPVisual(nn.Module):
     def from_state(sd):
         sd = {k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')}
         if 'conv1.weight' not in sd:
-            C.die('CLIP teacher: no visual.conv1.weight in the weights file')
+            common.die('CLIP teacher: no visual.conv1.weight in the weights file')
         w = sd['conv1.weight']
         layers = len({k.split('.')[2] for k in sd if k.startswith('transformer.resblocks.')})
         grid = int((sd['positional_embedding'].shape[0] - 1) ** 0.5)
@@ -179,13 +179,13 @@ def load_clip(path):
         try:
             sd = torch.jit.load(path, map_location='cpu').state_dict()
         except RuntimeError:
-            sd = B.state_dict_of(B.load_file(path))
+            sd = beitv2.state_dict_of(beitv2.load_file(path))
         return CLIPVisual.from_state(sd)
     try:
         import open_clip
         model = open_clip.create_model('ViT-B-16', pretrained='openai')
-    except Exception as e:  # noqa: BLE001: not installed, or no network
-        C.die(f'CLIP teacher: pass --teacher_weights=ViT-B-16.pt (OpenAI file) ({e})')
+    except Exception as e:  # not installed, or no network
+        common.die(f'CLIP teacher: pass --teacher_weights=ViT-B-16.pt (OpenAI file) ({e})')
     return CLIPVisual.from_state(model.state_dict())
 
 
@@ -198,26 +198,26 @@ class DINOTeacher(nn.Module):
         depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
         p = sd['patch_embed.proj.weight'].shape[-1]
         grid = int((sd['pos_embed'].shape[1] - 1) ** 0.5)
-        self.vit = B.ViT(B.ViTConfig(img_size=grid * p, patch_size=p, embed_dim=D, depth=depth,
-                                     num_heads=D // 64, layer_scale=0.0, abs_pos_emb=True, rel_pos_bias='none'))
+        self.vit = beitv2.ViT(beitv2.ViTConfig(img_size=grid * p, patch_size=p, embed_dim=D, depth=depth,
+                                               num_heads=D // 64, layer_scale=0.0, abs_pos_emb=True, rel_pos='none'))
         for k in [k for k in sd if k.endswith('attn.qkv.bias')]:
             q, _, v = sd.pop(k).chunk(3)  # the k bias adds a per-query constant: softmax ignores it
             sd[k.replace('qkv.bias', 'q_bias')], sd[k.replace('qkv.bias', 'v_bias')] = q, v
-        B.load_state(self.vit, sd)
+        beitv2.load_state(self.vit, sd)
 
     def forward(self, images):
-        mean, std = images.new_tensor(C.IMAGENET_MEAN), images.new_tensor(C.IMAGENET_STD)
+        mean, std = images.new_tensor(common.IMAGENET_MEAN), images.new_tensor(common.IMAGENET_STD)
         return self.vit.forward_patch_tokens((images - mean[:, None, None]) / std[:, None, None])
 
 
 def load_dino(path):
     if path:
-        sd = B.state_dict_of(B.load_file(path))
+        sd = beitv2.state_dict_of(beitv2.load_file(path))
     else:
         try:
             sd = torch.hub.load('facebookresearch/dino:main', 'dino_vitb16').state_dict()
-        except Exception as e:  # noqa: BLE001
-            C.die(f'DINO teacher: pass --teacher_weights=dino_vitbase16_pretrain.pth ({e})')
+        except Exception as e:  # no network, or not a DINO hub
+            common.die(f'DINO teacher: pass --teacher_weights=dino_vitbase16_pretrain.pth ({e})')
     for pre in ('module.', 'backbone.', 'teacher.'):
         sd = {k[len(pre):] if k.startswith(pre) else k: v for k, v in sd.items()}
     return DINOTeacher({k: v for k, v in sd.items() if not k.startswith('head.')})
@@ -233,15 +233,15 @@ class TorchvisionTeacher(nn.Module):
         from torchvision.models.feature_extraction import create_feature_extractor
         try:
             model = tvm.get_model(name, weights=None if path else 'DEFAULT')
-        except Exception as e:  # noqa: BLE001: unknown name or no network
-            C.die(f'torchvision teacher {name}: {str(e).splitlines()[0]}')
+        except Exception as e:  # unknown name or no network
+            common.die(f'torchvision teacher {name}: {str(e).splitlines()[0]}')
         if path:
-            model.load_state_dict(B.state_dict_of(B.load_file(path)))
+            model.load_state_dict(beitv2.state_dict_of(beitv2.load_file(path)))
         self.body = create_feature_extractor(model, {node: 'f'})
         self.grid = grid
 
     def forward(self, images):
-        mean, std = images.new_tensor(C.IMAGENET_MEAN), images.new_tensor(C.IMAGENET_STD)
+        mean, std = images.new_tensor(common.IMAGENET_MEAN), images.new_tensor(common.IMAGENET_STD)
         f = self.body((images - mean[:, None, None]) / std[:, None, None])['f']
         return F.adaptive_avg_pool2d(f, self.grid).flatten(2).transpose(1, 2)
 
@@ -259,61 +259,61 @@ def build_teacher(cfg):
         name, _, node = cfg.teacher[3:].partition(':')
         t = TorchvisionTeacher(name, node or 'layer3', cfg.teacher_weights, (grid, grid))
     else:
-        C.die(f"unknown teacher {cfg.teacher!r}: use hog, hog_colour, clip, dino or tv:MODEL[:NODE]")
+        common.die(f"unknown teacher {cfg.teacher!r}: use hog, hog_colour, clip, dino or tv:MODEL[:NODE]")
     return t.eval().requires_grad_(False)
 
 # ----------------------------------------------------------------------------- training
 
 
 def main(argv=None):
-    cfg = C.configure(Config(), PRESETS, argv)
+    cfg = common.configure(Config(), PRESETS, argv)
     if not cfg.data:
-        C.die('--data is required for this preset (ImageNet folder with train/ and val/)')
+        common.die('--data is required for this preset (ImageNet folder with train/ and val/)')
     if cfg.img_size % cfg.patch_size or cfg.patch_size % 2:
-        C.die(f'img_size {cfg.img_size} must be divisible by patch_size {cfg.patch_size} (even)')
+        common.die(f'img_size {cfg.img_size} must be divisible by patch_size {cfg.patch_size} (even)')
     if cfg.decay >= 1:
-        C.die(f'--decay={cfg.decay}: must be < 1 (an EMA that never moves)')
-    if cfg.batch_size * (cfg.img_size // cfg.patch_size) ** 2 < cfg.n_embed:
-        C.die(f'k-means init needs at least n_embed={cfg.n_embed} patch vectors in the first batch; '
-              f'{cfg.batch_size} images give {cfg.batch_size * (cfg.img_size // cfg.patch_size) ** 2}: '
-              'raise --batch_size or lower --n_embed')
-    env = C.Env(cfg)
-    C.claim_out_dir(cfg, env)
-    dataset = C.build_dataset(cfg.data, 'train', cfg.img_size)
-    loader, sampler = C.make_loader(dataset, C.CropTransform(cfg.img_size, cfg.min_crop_scale), cfg, env)
-    steps_per_epoch, per_step = C.steps_from_epochs(cfg, env, len(dataset))
+        common.die(f'--decay={cfg.decay}: must be < 1 (an EMA that never moves)')
+    if cfg.batch_size * (cfg.img_size // cfg.patch_size) ** 2 < cfg.codebook_size:
+        common.die(f'k-means init needs at least codebook_size={cfg.codebook_size} patch vectors in the first batch; '
+                   f'{cfg.batch_size} images give {cfg.batch_size * (cfg.img_size // cfg.patch_size) ** 2}: '
+                   'raise --batch_size or lower --codebook_size')
+    env = common.Env(cfg)
+    common.claim_out_dir(cfg, env)
+    dataset = common.build_dataset(cfg.data, 'train', cfg.img_size)
+    loader, sampler = common.make_loader(dataset, common.CropTransform(cfg.img_size, cfg.min_crop_scale), cfg, env)
+    steps_per_epoch, per_step = common.steps_from_epochs(cfg, env, len(dataset))
     cfg.lr = cfg.lr * per_step / 128  # official: lr scaled by the effective batch size
-    C.print_setup(cfg, env, steps_per_epoch, per_step)
+    common.print_setup(cfg, env, steps_per_epoch, per_step)
 
     teacher = build_teacher(cfg).to(env.device)
     with torch.no_grad():
         probe = teacher(torch.zeros(1, 3, cfg.img_size, cfg.img_size, device=env.device))
     grid = cfg.img_size // cfg.patch_size
     if probe.shape[1] != grid * grid:
-        C.die(f'teacher gives {probe.shape[1]} tokens, the tokenizer {grid * grid}: match img_size/patch_size')
-    mcfg = B.VQKDConfig(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                        depth=cfg.depth, num_heads=cfg.num_heads, decoder_depth=cfg.decoder_depth,
-                        n_embed=cfg.n_embed, code_dim=cfg.code_dim, teacher_dim=probe.shape[-1],
-                        decay=cfg.decay)
-    model = B.VQKD(mcfg).to(env.device)
-    optimizer = torch.optim.AdamW(B.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    step = C.resume(cfg, env, model, optimizer)
+        common.die(f'teacher gives {probe.shape[1]} tokens, the tokenizer {grid * grid}: match img_size/patch_size')
+    mcfg = beitv2.VQKDConfig(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                             depth=cfg.depth, num_heads=cfg.num_heads, decoder_depth=cfg.decoder_depth,
+                             codebook_size=cfg.codebook_size, code_dim=cfg.code_dim, teacher_dim=probe.shape[-1],
+                             decay=cfg.decay)
+    model = beitv2.VQKD(mcfg).to(env.device)
+    optimizer = torch.optim.AdamW(beitv2.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    step = common.resume(cfg, env, model, optimizer)
     # the codebook is a buffer that is kept in sync by its own all-reduces, not by DDP broadcasts
     ddp_model = DDP(model, broadcast_buffers=False) if env.ddp else model
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
 
     def save():
-        C.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
-                          optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
-                          config=asdict(cfg), model_config=asdict(mcfg))
+        common.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
+                               optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
+                               config=asdict(cfg), model_config=asdict(mcfg))
 
-    counts = torch.zeros(cfg.n_embed, device=env.device)          # code histogram since last log
+    counts = torch.zeros(cfg.codebook_size, device=env.device)          # code histogram since last log
     start, t0 = step, time.time()
-    log = C.Logger(cfg, env, step)
-    data = C.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
+    log = common.Logger(cfg, env, step)
+    data = common.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     while step < cfg.steps:
-        lr = C.get_lr(step, cfg)
-        C.set_lr(optimizer, lr)
+        lr = common.get_lr(step, cfg)
+        common.set_lr(optimizer, lr)
         model.train()
         for micro in range(cfg.accum):
             images, _ = next(data)
@@ -324,13 +324,13 @@ def main(argv=None):
             with (ddp_model.no_sync() if not sync else contextlib.nullcontext()), env.autocast():
                 _, codes, losses = run(images, target)
                 env.scaler.scale(losses['loss'] / cfg.accum).backward()
-            counts += torch.bincount(codes.flatten(), minlength=cfg.n_embed)
-        gnorm = C.optimizer_step(env, optimizer, cfg.clip_grad)
+            counts += torch.bincount(codes.flatten(), minlength=cfg.codebook_size)
+        gnorm = common.optimizer_step(env, optimizer, cfg.clip_grad)
         step += 1
         loss = losses['loss'].item()
-        C.check_finite(loss, step, cfg)
+        common.check_finite(loss, step, cfg)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            usage = B.code_usage(env.all_reduce(counts))
+            usage = beitv2.code_usage(env.all_reduce(counts))
             log(step, cfg.steps, per_step, loss=loss, rec_loss=losses['rec_loss'].item(),
                 quant_loss=losses['quant_loss'].item(), unused_codes=usage['unused'],
                 perplexity=usage['perplexity'], lr=lr, gnorm=gnorm)
