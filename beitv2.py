@@ -69,7 +69,12 @@ class VQKDConfig:
     beta: float = 1.0             # commitment loss weight
 
 
-PRESETS = {  # official names; the tokenizers are those of the official model zoo
+PRESETS = {  # the one definition of each architecture; official names for the official ones
+    'vqkd_demo': VQKDConfig(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, decoder_depth=1,
+                            codebook_size=512, code_dim=16),  # the quick start's, 2-core CPU minutes
+    'beitv2_demo': BEiTConfig(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
+                              early_layers=4, vocab_size=512),
+    'beitv2_tiny_patch16_224': BEiTConfig(embed_dim=192, num_heads=3),  # bench.py's CPU size (ViT-Tiny)
     'vqkd_encoder_base_decoder_1x768x12_clip': VQKDConfig(decoder_depth=1),
     'vqkd_encoder_base_decoder_3x768x12_clip': VQKDConfig(decoder_depth=3),
     'vqkd_encoder_base_decoder_1x768x12_dino': VQKDConfig(decoder_depth=1, teacher_dim=768),

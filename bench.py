@@ -3,8 +3,8 @@
     python bench.py                                     # ViT-Tiny/16 at 224, batch 8, this CPU, fp32
     python bench.py --dtype=bf16                        # bf16 autocast (codebook and losses in fp32)
     python bench.py --official=/scratch/beit2           # alternate with the official model, same process
-    python bench.py --model=base --batch_size=128 --dtype=bf16 --compile=True   # a GPU
-    python bench.py --what=maxbatch --model=base --dtype=bf16 --official=...     # largest batch per side
+    python bench.py --model=beitv2_base_patch16_224 --batch_size=128 --dtype=bf16 --compile=True   # a GPU
+    python bench.py --what=maxbatch --model=beitv2_base_patch16_224 --dtype=bf16 --official=...     # largest batch per side
 gpu_check.sh runs the GPU set (tests on CUDA, these benchmarks, torchrun) in one go.
 The official side needs the official beit2/ folder (microsoft/unilm) outside this repository,
 and timm + einops installed; it runs fp32 on CPU and fp16 autocast + GradScaler on CUDA, as the
@@ -12,6 +12,7 @@ official scripts do. Both sides start from the same weights and see the same bat
 first losses agree. FLOPs: matmuls only (2 per multiply-add), backward = 2x forward.
 """
 import contextlib
+import dataclasses
 import functools
 import importlib
 import io
@@ -34,7 +35,7 @@ import common
 @dataclass
 class Config:
     preset: str = 'cpu'
-    model: str = 'tiny'         # tiny (192 wide, 3 heads), base or large; patch 16, 12/12/24 blocks
+    model: str = 'beitv2_tiny_patch16_224'  # a BEiTConfig of beitv2.PRESETS: ..._base_..., ..._large_...
     img_size: int = 224
     batch_size: int = 8
     dtype: str = 'fp32'         # ours: fp32 | bf16 | fp16 (autocast)
@@ -54,9 +55,6 @@ class Config:
 
 
 PRESETS = {'cpu': {}}
-SIZES = {'tiny': dict(embed_dim=192, depth=12, num_heads=3, early_layers=9),
-         'base': dict(embed_dim=768, depth=12, num_heads=12, early_layers=9),
-         'large': dict(embed_dim=1024, depth=24, num_heads=16, early_layers=21, layer_scale=1e-5)}
 PEAKS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0, 'A10': 125.0}  # dense bf16 TFLOP/s
 
 
@@ -184,7 +182,8 @@ def attention_backends(cfg, device, n_tokens, dtype):
     table) through each way there is, and say why a kernel refuses."""
     import warnings
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    heads, hs = SIZES[cfg.model]['num_heads'], SIZES[cfg.model]['embed_dim'] // SIZES[cfg.model]['num_heads']
+    arch = beitv2.PRESETS[cfg.model]
+    heads, hs = arch.num_heads, arch.embed_dim // arch.num_heads
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(cfg.batch_size, heads, n_tokens, hs, device=device, dtype=dtype, generator=g)
                .requires_grad_() for _ in range(3))
@@ -267,8 +266,8 @@ def report(name, ms, flops, batch, peak, mem):
 
 def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)
-    if cfg.model not in SIZES:
-        common.die(f'--model must be one of {", ".join(SIZES)}')
+    if not isinstance(beitv2.PRESETS[cfg.model], beitv2.BEiTConfig):
+        common.die(f'--model={cfg.model} is a tokenizer; bench.py times the pretraining model (a beitv2_*)')
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device('cuda' if torch.cuda.is_available() and cfg.device != 'cpu' else 'cpu')
@@ -282,9 +281,9 @@ def main(argv=None):
 
     use_attention(cfg.attention)
     torch.manual_seed(cfg.seed)
-    mcfg = beitv2.BEiTConfig(img_size=cfg.img_size, patch_size=16, **SIZES[cfg.model])
+    mcfg = dataclasses.replace(beitv2.PRESETS[cfg.model], img_size=cfg.img_size)
     tcfg = beitv2.VQKDConfig(img_size=cfg.img_size, patch_size=16, decoder_depth=1, embed_dim=mcfg.embed_dim,
-                             depth=mcfg.depth if cfg.model != 'large' else 12, num_heads=mcfg.num_heads)
+                             depth=min(mcfg.depth, 12), num_heads=mcfg.num_heads)
     grid = (cfg.img_size // 16,) * 2
     g = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=g).to(device)

@@ -43,6 +43,26 @@ def above(lowest, default):
     return field(default=default, metadata=dict(rule=(f'> {lowest}', lambda v: v > lowest)))
 
 
+def from_model(cfg):
+    """Settings left at None take their value from the architecture --model names in
+    beitv2.PRESETS, so that each architecture is defined once; a value given overrides it."""
+    import beitv2
+    if cfg.model not in beitv2.PRESETS:
+        die(f'unknown --model={cfg.model!r}; choose from {", ".join(beitv2.PRESETS)}')
+    arch = asdict(beitv2.PRESETS[cfg.model])
+    for f in fields(cfg):
+        if getattr(cfg, f.name) is None and f.name in arch:
+            setattr(cfg, f.name, arch[f.name])
+
+
+def model_config(cfg, **fixed):
+    """The beitv2 config of --model with this run's settings of the same names, and `fixed`."""
+    import beitv2
+    arch = beitv2.PRESETS[cfg.model]
+    own = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in arch.__dataclass_fields__}
+    return type(arch)(**{**asdict(arch), **own, **fixed})
+
+
 def configure(cfg, presets, argv=None):
     """Apply `--preset=NAME` (a dict of overrides), then every `--key=value` of argv, to the
     dataclass `cfg`; values are parsed as Python literals and must keep the field's type."""
@@ -59,17 +79,19 @@ def configure(cfg, presets, argv=None):
     for key, val in [('preset', preset)] + list(presets[preset].items()) + pairs:
         if key not in names:
             die(f'unknown setting --{key}; settings: {", ".join(names)}')
-        old = getattr(cfg, key)
-        if isinstance(val, str) and not isinstance(old, str):
+        kind = names[key]  # the annotated type (a default of None means: from --model)
+        if isinstance(val, str) and kind is not str:
             try:
                 val = ast.literal_eval(val)
             except (ValueError, SyntaxError):
-                die(f'--{key}={val}: not a {type(old).__name__}')
-        if isinstance(old, float) and isinstance(val, int) and not isinstance(val, bool):
+                die(f'--{key}={val}: not a {kind.__name__}')
+        if kind is float and isinstance(val, int) and not isinstance(val, bool):
             val = float(val)
-        if type(val) is not type(old):
-            die(f'--{key}={val!r}: expected {type(old).__name__}')
+        if type(val) is not kind:
+            die(f'--{key}={val!r}: expected {kind.__name__}')
         setattr(cfg, key, val)
+    if hasattr(cfg, 'model'):
+        from_model(cfg)
     for f in fields(cfg):  # the ranges written beside the fields (at_least, above)
         if 'rule' in f.metadata and not f.metadata['rule'][1](getattr(cfg, f.name)):
             die(f'--{f.name}={getattr(cfg, f.name)!r}: must be {f.metadata["rule"][0]}')

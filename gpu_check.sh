@@ -7,12 +7,12 @@
 #   3. bench.py, ViT-B/16 at 224: each attention kernel alone, ours bf16 (+ compile) against the official
 #      fp16 recipe in the same process, the tokenizer and fine-tuning steps, the largest batch each side fits.
 #     OFFICIAL_BEIT2=/path/to/unilm/beit2 OUT=gpu_out bash gpu_check.sh
-#     TEST_DEVICE=cpu MODEL=tiny BATCH=4 bash gpu_check.sh     # a dry run of the script on a CPU
+#     TEST_DEVICE=cpu MODEL=beitv2_tiny_patch16_224 BATCH=4 bash gpu_check.sh     # a dry run of the script on a CPU
 # The official side needs timm and einops; .official/site is added to PYTHONPATH if they are missing.
 set -u
 OUT=${OUT:-gpu_out}
 OFFICIAL=${OFFICIAL_BEIT2:-.official/beit2}
-TEST_DEVICE=${TEST_DEVICE:-cuda} MODEL=${MODEL:-base} BATCH=${BATCH:-128}
+TEST_DEVICE=${TEST_DEVICE:-cuda} MODEL=${MODEL:-beitv2_base_patch16_224} BATCH=${BATCH:-128}
 W=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -65,7 +65,7 @@ EOF
 tail -3 "$OUT/pytest.log"
 grep -h "codes differ" "$OUT/pytest.log"
 
-echo "== 3. speed, ViT-$MODEL/16 at 224, batch $BATCH"
+echo "== 3. speed, $MODEL, batch $BATCH"
 BENCH="python3 bench.py --model=$MODEL --batch_size=$BATCH --steps=10 --warmup=3"
 { timeout 60 $BENCH --dtype=bf16 --what=attention
   timeout 200 $BENCH --dtype=bf16 --compile=True --what=pretrain --official=$OFFICIAL

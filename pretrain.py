@@ -26,18 +26,19 @@ class Config:
     preset: str = 'demo'
     # data
     data: str = 'demo'              # 'demo', ImageNet-layout folder, or cifar10:ROOT, stl10:ROOT, ...
-    img_size: int = common.at_least(1, 32)
+    img_size: int = common.at_least(1, None)  # None: the --model's (as the settings marked so below)
     min_crop_scale: float = common.above(0, 0.2)  # RandomResizedCrop scale range (paper recipe: 0.2)
     workers: int = common.at_least(0, 2)  # DataLoader processes per rank (masks are made there too)
     tokenizer: str = 'out/tokenizer/ckpt.pt'  # ours or an official vqkd_*.pth file
-    # model (beitv2.BEiTConfig; vocab_size = the tokenizer's codebook size)
-    patch_size: int = common.at_least(1, 4)
-    embed_dim: int = common.at_least(1, 96)
-    depth: int = common.at_least(1, 6)
-    num_heads: int = common.at_least(1, 3)
-    layer_scale: float = 0.1        # 0.1 base, 1e-5 large
-    early_layers: int = common.at_least(1, 4)  # [CLS] head reads patch tokens after this block (9 base, 21 large)
-    head_layers: int = common.at_least(0, 2)
+    # model: an architecture of beitv2.PRESETS; None = its value (vocab_size = the tokenizer's codebook size)
+    model: str = 'beitv2_demo'      # beitv2_base_patch16_224, beitv2_large_patch16_224, ...
+    patch_size: int = common.at_least(1, None)
+    embed_dim: int = common.at_least(1, None)
+    depth: int = common.at_least(1, None)
+    num_heads: int = common.at_least(1, None)
+    layer_scale: float = None       # 0.1 base, 1e-5 large
+    early_layers: int = common.at_least(1, None)  # [CLS] head reads patch tokens after this block (9 base)
+    head_layers: int = common.at_least(0, None)
     drop_path: float = common.at_least(0, 0.0)
     num_mask: int = -1              # masked patches per image; -1 = round(n * 75 / 196) (75 of 196)
     min_mask_block: int = -1        # smallest mask block; -1 = max(2, round(16 n / 196))
@@ -66,9 +67,9 @@ class Config:
     stop_after: int = common.at_least(0, 0)
 
 
-BASE = dict(data='', tokenizer='', img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-            early_layers=9, batch_size=128, warmup_epochs=10, workers=10, log_every=100, ckpt_every=5000)
-LARGE = dict(BASE, embed_dim=1024, depth=24, num_heads=16, layer_scale=1e-5, early_layers=21, batch_size=32)
+BASE = dict(data='', tokenizer='', model='beitv2_base_patch16_224', batch_size=128, warmup_epochs=10,
+            workers=10, log_every=100, ckpt_every=5000)
+LARGE = dict(BASE, model='beitv2_large_patch16_224', batch_size=32)
 PRESETS = {  # official PRETRAINING.md: 2048 images per step (16 GPUs x 128 base, 64 x 32 large)
     'demo': {},
     'base_1600': dict(BASE, epochs=1600, betas=(0.9, 0.999), drop_path=0.1),
@@ -141,10 +142,7 @@ def main(argv=None):
     env.print(f'masking {masker.num} of {grid * grid} patches per image (blocks >= {masker.min_num}); '
               f'vocabulary {tokenizer.cfg.codebook_size} codes')
 
-    mcfg = beitv2.BEiTConfig(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                             depth=cfg.depth, num_heads=cfg.num_heads, layer_scale=cfg.layer_scale,
-                             drop_path=cfg.drop_path, vocab_size=tokenizer.cfg.codebook_size,
-                             early_layers=cfg.early_layers, head_layers=cfg.head_layers)
+    mcfg = common.model_config(cfg, vocab_size=tokenizer.cfg.codebook_size)
     model = beitv2.BEiTv2(mcfg).to(env.device)
     optimizer = torch.optim.AdamW(beitv2.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     step = common.resume(cfg, env, model, optimizer)

@@ -7,6 +7,7 @@ test_official_* compare against golden outputs of the official code (testdata/RE
 BEITV2_FIXTURE to check another fixture made the same way with other sizes, and
 BEITV2_TEST_DEVICE=cuda to run them (and the attention and encode device tests) on a GPU.
 """
+import dataclasses
 import json
 import math
 import os
@@ -1114,6 +1115,19 @@ def test_every_preset_parses_and_holds_the_paper_recipe():
     t = common.configure(TT.Config(), TT.PRESETS, ['--preset=clip_3x'])
     assert (t.lr, t.betas, t.weight_decay, t.epochs, t.codebook_size, t.code_dim, t.decoder_depth) == \
         (5e-5, (0.9, 0.99), 1e-4, 100, 8192, 32, 3)
+
+
+def test_scripts_build_the_architecture_from_beitv2_presets():
+    """One definition per architecture: --model names a beitv2.PRESETS entry, settings override it."""
+    import common
+    import pretrain
+    p = common.configure(pretrain.Config(), pretrain.PRESETS, ['--model=beitv2_base_patch16_224', '--depth=6'])
+    m = common.model_config(p, vocab_size=64)
+    assert m == dataclasses.replace(beitv2.PRESETS['beitv2_base_patch16_224'], depth=6, vocab_size=64)
+    demo = common.model_config(common.configure(pretrain.Config(), pretrain.PRESETS, []), vocab_size=512)
+    assert demo == beitv2.PRESETS['beitv2_demo']
+    t = common.configure(TT.Config(), TT.PRESETS, [])
+    assert common.model_config(t, teacher_dim=512) == beitv2.PRESETS['vqkd_demo']
 
 
 @pytest.mark.slow

@@ -26,17 +26,18 @@ class Config:
     preset: str = 'demo'
     # data
     data: str = 'demo'              # 'demo', ImageNet-layout folder, or cifar10:ROOT, stl10:ROOT, ...
-    img_size: int = common.at_least(1, 32)  # crop size seen by tokenizer and teacher
+    img_size: int = common.at_least(1, None)  # crop size seen by tokenizer and teacher; None: --model's
     min_crop_scale: float = common.above(0, 0.08)  # RandomResizedCrop scale range (min_crop_scale, 1)
     workers: int = common.at_least(0, 2)  # DataLoader processes per rank
-    # tokenizer (beitv2.VQKDConfig)
-    patch_size: int = common.at_least(2, 4)
-    embed_dim: int = common.at_least(1, 96)
-    depth: int = common.at_least(1, 4)
-    num_heads: int = common.at_least(1, 3)
-    decoder_depth: int = common.at_least(1, 1)
-    codebook_size: int = common.at_least(1, 512)  # codebook size K
-    code_dim: int = common.at_least(1, 16)  # codebook dimension
+    # tokenizer: an architecture of beitv2.PRESETS; None = its value (teacher_dim = the teacher's)
+    model: str = 'vqkd_demo'        # vqkd_encoder_base_decoder_3x768x12_clip, ...
+    patch_size: int = common.at_least(2, None)
+    embed_dim: int = common.at_least(1, None)
+    depth: int = common.at_least(1, None)
+    num_heads: int = common.at_least(1, None)
+    decoder_depth: int = common.at_least(1, None)
+    codebook_size: int = common.at_least(1, None)  # K codes
+    code_dim: int = common.at_least(1, None)  # codebook dimension
     decay: float = common.at_least(0, 0.99)  # codebook EMA decay (< 1: checked in main)
     # teacher: 'hog' / 'hog_colour' (demo, no weights), 'clip', 'dino', or 'tv:MODEL[:NODE]' (torchvision)
     teacher: str = 'hog'
@@ -66,15 +67,14 @@ class Config:
     stop_after: int = common.at_least(0, 0)  # > 0: checkpoint and exit after this many steps of this run
 
 
-IMAGENET = dict(data='', lr=5e-5, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                codebook_size=8192, code_dim=32, batch_size=64, epochs=100, warmup_epochs=10, workers=10,
-                log_every=100, ckpt_every=2500)
+IMAGENET = dict(data='', lr=5e-5, batch_size=64, epochs=100, warmup_epochs=10, workers=10, log_every=100,
+                ckpt_every=2500)
 PRESETS = {  # the paper's ImageNet-1k recipes (official TOKENIZER.md): 8 GPUs x 64 = 512 images
     'demo': {},
-    'clip_3x': dict(IMAGENET, decoder_depth=3, teacher='clip'),
-    'clip_1x': dict(IMAGENET, decoder_depth=1, teacher='clip'),
-    'dino_1x': dict(IMAGENET, decoder_depth=1, teacher='dino'),
-    'dino_3x': dict(IMAGENET, decoder_depth=3, teacher='dino'),  # not in the official model zoo
+    'clip_3x': dict(IMAGENET, model='vqkd_encoder_base_decoder_3x768x12_clip', teacher='clip'),
+    'clip_1x': dict(IMAGENET, model='vqkd_encoder_base_decoder_1x768x12_clip', teacher='clip'),
+    'dino_1x': dict(IMAGENET, model='vqkd_encoder_base_decoder_1x768x12_dino', teacher='dino'),
+    'dino_3x': dict(IMAGENET, model='vqkd_encoder_base_decoder_3x768x12_dino', teacher='dino'),  # not released
 }
 
 # ----------------------------------------------------------------------------- teachers
@@ -291,10 +291,7 @@ def main(argv=None):
     grid = cfg.img_size // cfg.patch_size
     if probe.shape[1] != grid * grid:
         common.die(f'teacher gives {probe.shape[1]} tokens, the tokenizer {grid * grid}: match img_size/patch_size')
-    mcfg = beitv2.VQKDConfig(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                             depth=cfg.depth, num_heads=cfg.num_heads, decoder_depth=cfg.decoder_depth,
-                             codebook_size=cfg.codebook_size, code_dim=cfg.code_dim, teacher_dim=probe.shape[-1],
-                             decay=cfg.decay)
+    mcfg = common.model_config(cfg, teacher_dim=probe.shape[-1])
     model = beitv2.VQKD(mcfg).to(env.device)
     optimizer = torch.optim.AdamW(beitv2.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     step = common.resume(cfg, env, model, optimizer)
