@@ -4,7 +4,7 @@
     python bench.py --dtype=bf16                        # bf16 autocast (codebook and losses in fp32)
     python bench.py --official=/scratch/beit2           # alternate with the official model, same process
     python bench.py --model=beitv2_base_patch16_224 --batch_size=128 --dtype=bf16 --compile=True   # a GPU
-    python bench.py --what=maxbatch --model=beitv2_base_patch16_224 --dtype=bf16 --official=...     # largest batch per side
+    python bench.py --what=maxbatch --model=beitv2_base_patch16_224 --dtype=bf16 --official=...  # largest batches
 gpu_check.sh runs the GPU set (tests on CUDA, these benchmarks, torchrun) in one go.
 The official side needs the official beit2/ folder (microsoft/unilm) outside this repository,
 and timm + einops installed; it runs fp32 on CPU and fp16 autocast + GradScaler on CUDA, as the

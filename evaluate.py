@@ -1,14 +1,16 @@
 """Stage 3: evaluate a pretrained backbone (ours or an official file) by linear probing, k-NN,
-fine-tuning or semantic segmentation, or show what a tokenizer's codes mean.
+fine-tuning or semantic segmentation, and look inside a backbone or a tokenizer. The modes, in the
+order this file holds them:
 
-    python evaluate.py                                # demo: pretrained vs random init vs pixels
-    python evaluate.py --mode=linear | knn | finetune | segment
-    python evaluate.py --mode=codebook --checkpoint=out/tokenizer/ckpt.pt
+    python evaluate.py --mode=linear | knn          # one probe on the --backbone
+    python evaluate.py                              # compare (demo): both probes, pretrained vs random init vs pixels
+    python evaluate.py --mode=finetune | segment
     python evaluate.py --mode=attention --image=PATH --query=3,4   # a patch's attention, per head
+    python evaluate.py --mode=codebook --checkpoint=out/tokenizer/ckpt.pt
     python evaluate.py --mode=codes --checkpoint=out/tokenizer/ckpt.pt --image=PATH
     torchrun --nproc_per_node=8 evaluate.py --preset=finetune_base --data=/data/imagenet \\
         --checkpoint=beitv2_base_patch16_224_pt1k.pth
-Settings are --key=value (see Config); README.md has the recipes.
+Settings are --key=value (see Config, grouped by mode); README.md has the recipes.
 """
 import contextlib
 import json
@@ -34,20 +36,25 @@ import common
 @dataclass
 class Config:
     preset: str = 'demo'
-    mode: str = 'compare'           # compare (linear + knn of 3 backbones) | linear | knn | finetune |
-    #                                 segment | codebook | attention | codes
+    mode: str = 'compare'           # linear | knn | compare (both probes, 3 backbones) | finetune | segment |
+    #                                 attention | codebook | codes
     checkpoint: str = 'out/pretrain/ckpt.pt'  # ours or official (pretraining / fine-tuned / tokenizer)
     data: str = 'demo'              # 'demo', ImageNet-layout folder, cifar10:ROOT, ...;
     #                                 segment: demo, ade20k:ROOT or voc:ROOT
     img_size: int = common.at_least(1, 32)
     min_crop_scale: float = common.above(0, 0.5)  # RandomResizedCrop scale range for linear / fine-tune training
     workers: int = common.at_least(0, 2)
-    # linear / knn features
+    # which backbone (linear, knn, finetune, segment)
+    backbone: str = 'checkpoint'    # checkpoint | random: its architecture at the official init
+    #                                 (what pretraining started from) | pixels: raw pixels, no network
+    # linear / knn / compare features
     feature: str = 'cls'            # cls: [CLS] after the final norm (paper); mean: mean patch token
     layer: int = -1                 # block whose tokens are used; -1 = last
     linear_recipe: str = 'mae'      # mae: BatchNorm + linear, LARS, no wd | beit: AdamW, a head per block
     knn_k: int = common.at_least(1, 20)
     knn_t: float = 0.07
+    backbones: tuple = ('checkpoint', 'random', 'pixels')  # compare: the backbones set side by side
+    seeds: int = common.at_least(1, 1)   # compare: probes with seeds seed, seed+1, ... (mean reported)
     # fine-tuning
     layer_decay: float = 0.65
     drop_path: float = 0.1
@@ -57,10 +64,6 @@ class Config:
     reprob: float = 0.25            # random erasing probability
     randaug: bool = True            # RandAugment(2 ops, magnitude 9)
     eval_only: bool = False         # score --checkpoint on the val split, no training
-    backbone: str = 'checkpoint'    # checkpoint | random: its architecture at the official init
-    #                                 (what pretraining started from) | pixels: raw pixels, no network
-    backbones: tuple = ('checkpoint', 'random', 'pixels')  # compare: the backbones set side by side
-    seeds: int = common.at_least(1, 1)   # compare: probes with seeds seed, seed+1, ... (mean reported)
     # segmentation
     seg_layers: tuple = (1, 2, 3, 5)  # blocks feeding the 4 scales (official base: 3, 5, 7, 11)
     seg_stride: int = 0             # sliding-window stride at test time; 0 = 2/3 of img_size
@@ -114,7 +117,7 @@ PRESETS = {
                          drop_path=0.15, seg_stride=341, schedule='poly'),
 }
 
-# ----------------------------------------------------------------------------- backbones
+# -------------------------------------------------------------- backbones: a checkpoint, its random init, or raw pixels
 
 
 def vit_config_from_state(sd, **over):
@@ -195,7 +198,14 @@ def build_backbone(cfg, sd, mcfg, **over):
         common.die(f'{cfg.checkpoint}: {e}')
     return model
 
-# ----------------------------------------------------------------------------- features, k-NN, linear probe
+
+def feature_backbone(cfg):
+    """What linear probing and k-NN read features from: the checkpoint's ViT, the same ViT at its
+    random init, or raw pixels (--backbone)."""
+    if cfg.backbone == 'pixels':
+        return Pixels(cfg.img_size)
+    sd, mcfg = load_backbone_weights(cfg)
+    return build_backbone(cfg, sd, mcfg, num_classes=0, drop_path=0.0)
 
 
 def pooled(backbone, images, cfg):
@@ -209,6 +219,44 @@ def pooled(backbone, images, cfg):
     if layer == backbone.cfg.depth - 1:
         f = (backbone.norm or backbone.fc_norm)(f)
     return f
+
+# ----------------------------------------------------------- shared by the modes: data, features, training loop, scores
+
+
+def classification_data(cfg, split):
+    ds = common.build_dataset(cfg.data, split, cfg.img_size)
+    classes = len(getattr(ds, 'classes', None) or common.DemoTextures.classes)
+    return ds, classes
+
+
+class _Mapped(torch.utils.data.Dataset):  # dataset with a per-image transform (evaluation)
+    def __init__(self, ds, t):
+        self.ds, self.t = ds, t
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        img, y = self.ds[i]
+        return self.t(common.rgb(img)), y
+
+
+class TrainTransform:
+    """Linear probe: RandomResizedCrop + flip (MAE). Fine-tuning adds RandAugment(2, 9) and random
+    erasing (torchvision's versions of timm's rand-m9-mstd0.5-inc1 and reprob 0.25, pixel mode)."""
+
+    def __init__(self, cfg, finetune):
+        t = [T.RandomResizedCrop(cfg.img_size, scale=(cfg.min_crop_scale, 1.0),
+                                 interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()]
+        if finetune and cfg.randaug:
+            t.append(T.RandAugment(2, 9))
+        t += [T.ToTensor(), T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
+        if finetune and cfg.reprob > 0:
+            t.append(T.RandomErasing(cfg.reprob, value='random'))
+        self.t = T.Compose(t)
+
+    def __call__(self, img, rng):
+        return self.t(img)
 
 
 @torch.no_grad()
@@ -235,21 +283,70 @@ def extract(fn, dataset, cfg, env):
     return f, y
 
 
-def knn_classify(train_f, train_y, test_f, k=20, t=0.07, num_classes=None, chunk=256):
-    """Weighted k-NN (DINO): cosine similarity, top-k neighbours vote with exp(sim / t)."""
-    num_classes = num_classes or int(train_y.max()) + 1
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    scores = []
-    for q in test_f.split(chunk):
-        sim, nn_idx = (q @ train_f.t()).topk(min(k, len(train_f)), dim=1)
-        votes = torch.zeros(len(q), num_classes, device=q.device)
-        scores.append(votes.scatter_add_(1, train_y[nn_idx], (sim / t).exp()))
-    return torch.cat(scores)
+def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, quiet=False):
+    """The training loop of the three trained modes (the stage scripts' loop): per-step lr with
+    warmup + cosine, scaled per group, accumulation, clipping, logging, atomic checkpoints, resume.
+    loss_fn(model, batch) -> loss; score(model) -> dict of metrics, run at the end."""
+    steps_per_epoch, per_step = common.steps_from_epochs(cfg, env, n_train)
+    if not quiet:
+        common.print_setup(cfg, env, steps_per_epoch, per_step)
+    step = common.resume(cfg, env, model, optimizer)
+    ddp_model = DDP(model) if env.ddp else model  # broadcast buffers: one set of BatchNorm statistics
+    run = torch.compile(ddp_model) if cfg.compile else ddp_model
+    start = step
+    log = common.Logger(cfg, env, step)
+    data = common.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
+    while step < cfg.steps:
+        lr = common.get_lr(step, cfg)
+        common.set_lr(optimizer, lr)
+        model.train()
+        for micro in range(cfg.accum):
+            batch = next(data)
+            sync = micro == cfg.accum - 1 or not env.ddp
+            with (ddp_model.no_sync() if not sync else contextlib.nullcontext()), env.autocast():
+                loss = loss_fn(run, batch)
+                env.scaler.scale(loss / cfg.accum).backward()
+        gnorm = common.optimizer_step(env, optimizer, cfg.clip_grad)
+        step += 1
+        common.check_finite(loss.item(), step, cfg)
+        if (step % cfg.log_every == 0 or step == cfg.steps) and not quiet:
+            log(step, cfg.steps, per_step, loss=loss.item(), lr=lr, gnorm=gnorm)
+        stop = cfg.stop_after and step - start >= cfg.stop_after
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
+            model_config = asdict(model.cfg) if isinstance(model, beitv2.ViT) else None
+            common.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
+                                   optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
+                                   config=asdict(cfg), model_config=model_config)
+        if stop:
+            return None
+    return score(model)
 
 
 def topk_acc(scores, y, ks=(1, 5)):
     top = scores.topk(max(ks), dim=1).indices
     return {f'top{k}': (top[:, :k] == y[:, None]).any(1).float().mean().item() * 100 for k in ks}
+
+
+@torch.no_grad()
+def classify(model, val, cfg, env):
+    """Top-1 / top-5 on the val split (resize 1/0.875 + centre crop); the best head of a probe."""
+    model.eval()
+
+    def fn(x):  # -> (B, heads, classes)
+        out = model(x)
+        return torch.stack(out, 1) if isinstance(out, list) else out[:, None]
+    scores, y = extract(fn, _Mapped(val, common.eval_transform(cfg.img_size)), cfg, env)
+    res = [topk_acc(scores[:, h], y) for h in range(scores.shape[1])]
+    best = max(range(len(res)), key=lambda h: res[h]['top1'])
+    return dict(res[best], **({'best_block': best} if len(res) > 1 else {}))
+
+
+def record(cfg, env, result):  # one line of OUT_DIR/result.json (plot.py draws the compare runs)
+    if env.master:
+        with open(os.path.join(cfg.out_dir, 'result.json'), 'a') as f:
+            f.write(json.dumps(result) + '\n')
+
+# ----------------------------------------------------------------------------- linear probing
 
 
 class LARS(torch.optim.Optimizer):
@@ -301,7 +398,117 @@ class Probe(nn.Module):
                 feats = [pooled(self.backbone, images, self.cfg)]
         return [h(f.float()) for h, f in zip(self.heads, feats)]
 
-# ----------------------------------------------------------------------------- segmentation
+
+def run_linear(cfg, env, quiet=False):
+    backbone = feature_backbone(cfg)
+    train, classes = classification_data(cfg, 'train')
+    val, _ = classification_data(cfg, 'val')
+    model = Probe(backbone, cfg, classes).to(env.device)
+    heads = [p for p in model.heads.parameters()]
+    if cfg.linear_recipe == 'beit':
+        optimizer = torch.optim.AdamW([dict(params=heads, weight_decay=cfg.weight_decay)], lr=cfg.lr)
+    else:
+        optimizer = LARS([dict(params=heads, weight_decay=cfg.weight_decay)], lr=cfg.lr)
+    loader, sampler = common.make_loader(train, TrainTransform(cfg, False), cfg, env)
+
+    def loss_fn(m, batch):
+        x, y = batch[0].to(env.device), batch[1].to(env.device)
+        return sum(F.cross_entropy(lg, y) for lg in m(x))
+    return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
+               lambda m: classify(m, val, cfg, env), quiet)
+
+# ----------------------------------------------------------------------------- k-NN
+
+
+def knn_classify(train_f, train_y, test_f, k=20, t=0.07, num_classes=None, chunk=256):
+    """Weighted k-NN (DINO): cosine similarity, top-k neighbours vote with exp(sim / t)."""
+    num_classes = num_classes or int(train_y.max()) + 1
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    scores = []
+    for q in test_f.split(chunk):
+        sim, nn_idx = (q @ train_f.t()).topk(min(k, len(train_f)), dim=1)
+        votes = torch.zeros(len(q), num_classes, device=q.device)
+        scores.append(votes.scatter_add_(1, train_y[nn_idx], (sim / t).exp()))
+    return torch.cat(scores)
+
+
+def run_knn(cfg, env):
+    backbone = feature_backbone(cfg).to(env.device).eval()
+    train, classes = classification_data(cfg, 'train')
+    val, _ = classification_data(cfg, 'val')
+    ev = common.eval_transform(cfg.img_size)
+
+    def features(x):
+        return pooled(backbone, x, cfg)
+    train_f, train_y = extract(features, _Mapped(train, ev), cfg, env)
+    val_f, val_y = extract(features, _Mapped(val, ev), cfg, env)
+    return topk_acc(knn_classify(train_f, train_y, val_f, cfg.knn_k, cfg.knn_t, classes), val_y)
+
+# ------------------------------------------------------------- compare: both probes on every backbone (the quick start)
+
+
+def run_compare(cfg, env):
+    """Does pretraining help? Linear probe and k-NN top-1 of the checkpoint, of the same
+    architecture at its random init, and of raw pixels, each probe with --seeds seeds (k-NN is
+    deterministic except for the random init). The probes start afresh every time."""
+    names = dict(checkpoint='pretrained', random='random init', pixels='raw pixels')
+    _, classes = classification_data(cfg, 'val')
+    table = {}
+    for backbone in cfg.backbones:
+        if backbone not in names:
+            common.die(f'--backbones: {backbone!r} is not one of {", ".join(names)}')
+        name = names[backbone]
+        for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+            sub = replace(cfg, backbone=backbone, seed=seed, out_dir=os.path.join(cfg.out_dir, f'{backbone}_{seed}'))
+            os.makedirs(sub.out_dir, exist_ok=True)
+            stale = os.path.join(sub.out_dir, 'ckpt.pt')  # a probe of an earlier checkpoint
+            if env.master and os.path.exists(stale):
+                os.remove(stale)
+            if env.ddp:
+                dist.barrier()
+            torch.manual_seed(seed + env.rank)  # each probe as if run alone: 1 seed or 3, the same numbers
+            runs = [('linear probe', run_linear(sub, env, quiet=True)['top1'])]
+            if seed == cfg.seed or backbone == 'random':
+                runs.append(('k-NN', run_knn(sub, env)['top1']))
+            for probe, top1 in runs:
+                table.setdefault(probe, {}).setdefault(name, []).append(top1)
+                env.print(f'  {probe:12s} {name:11s} seed {seed}: top-1 {top1:.1f}')
+                record(cfg, env, dict(mode='compare_run', backbone=name, probe=probe, seed=seed, top1=top1,
+                                      chance=100 / classes))
+    mean = {p: {n: sum(v) / len(v) for n, v in row.items()} for p, row in table.items()}
+    line = '; '.join(f'{p}: ' + ' | '.join(f'{n} {v:.1f}' for n, v in row.items()) for p, row in mean.items())
+    env.print(f'top-1 % (chance {100 / classes:.1f}), mean of {cfg.seeds} seed(s): {line}')
+    return {f'{p} {n}': v for p, row in mean.items() for n, v in row.items()}
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def run_finetune(cfg, env):
+    sd, mcfg = load_backbone_weights(cfg)
+    train, classes = classification_data(cfg, 'train')
+    val, _ = classification_data(cfg, 'val')
+    if cfg.eval_only and sd.get('head.weight', torch.empty(0)).shape[:1] != (classes,):
+        common.die(f'--eval_only: {cfg.checkpoint} has no {classes}-class head (the data has {classes} classes)')
+    model = build_backbone(cfg, sd, mcfg, rel_pos='per_block', fc_norm=True, num_classes=classes,
+                           drop_path=cfg.drop_path).to(env.device)
+    if cfg.eval_only:
+        return classify(model, val, cfg, env)
+    groups = beitv2.param_groups(model, cfg.weight_decay, cfg.layer_decay, model.cfg.depth)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    loader, sampler = common.make_loader(train, TrainTransform(cfg, True), cfg, env)
+    mixes = [m for a, m in ((cfg.mixup, T2.MixUp(alpha=cfg.mixup or 1.0, num_classes=classes)),
+                            (cfg.cutmix, T2.CutMix(alpha=cfg.cutmix or 1.0, num_classes=classes))) if a > 0]
+    mix = T2.RandomChoice(mixes) if mixes else None  # switch probability 0.5 between the two
+
+    def loss_fn(m, batch):
+        x, y = batch[0].to(env.device), batch[1].to(env.device)
+        x, soft = mix(x, y) if mix else (x, F.one_hot(y, classes).float())  # MixUp or CutMix per batch
+        soft = soft * (1 - cfg.smoothing) + cfg.smoothing / classes  # label smoothing, as timm's Mixup
+        return torch.sum(-soft * F.log_softmax(m(x).float(), -1), -1).mean()
+    return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
+               lambda m: classify(m, val, cfg, env))
+
+# ---------------------------------------------------------- segmentation: UperNet on the ViT (official ADE20K protocol)
 
 
 def conv_bn_relu(cin, cout, k):
@@ -355,34 +562,6 @@ class Segmenter(nn.Module):
         logits, aux = self.cls(self.fuse(torch.cat(outs, 1))), self.aux(f[2])
         size = images.shape[2:]
         return F.interpolate(logits, size, mode='bilinear'), F.interpolate(aux, size, mode='bilinear')
-
-
-@torch.no_grad()
-def sliding_window(model, image, num_classes, crop, stride):
-    """Logits (classes, H, W) of one image: windows of crop x crop every `stride`, averaged."""
-    _, H, W = image.shape
-    ph, pw = max(crop - H, 0), max(crop - W, 0)
-    image = F.pad(image, (0, pw, 0, ph))
-    Hp, Wp = image.shape[1:]
-    out = image.new_zeros(num_classes, Hp, Wp)
-    count = image.new_zeros(1, Hp, Wp)
-    for y in sorted({min(y, Hp - crop) for y in range(0, max(Hp - crop, 0) + stride, stride)}):
-        for x in sorted({min(x, Wp - crop) for x in range(0, max(Wp - crop, 0) + stride, stride)}):
-            out[:, y:y + crop, x:x + crop] += model(image[None, :, y:y + crop, x:x + crop])[0][0].float()
-            count[:, y:y + crop, x:x + crop] += 1
-    return (out / count)[:, :H, :W]
-
-
-def confusion(pred, target, num_classes, ignore=255):
-    keep = target != ignore
-    return torch.bincount(target[keep] * num_classes + pred[keep], minlength=num_classes ** 2).view(num_classes, -1)
-
-
-def miou(conf):
-    """Mean IoU over the classes that occur (in the target or the prediction)."""
-    conf = conf.double()
-    inter, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
-    return (inter[union > 0] / union[union > 0]).mean().item() * 100
 
 
 class SegData(torch.utils.data.Dataset):
@@ -449,197 +628,53 @@ class SegTransform:
         return self.norm(img.float() / 255), mask[0]
 
 
-# ----------------------------------------------------------------------------- modes
-
-
-def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, quiet=False):
-    """The training loop of the three trained modes (the stage scripts' loop): per-step lr with
-    warmup + cosine, scaled per group, accumulation, clipping, logging, atomic checkpoints, resume.
-    loss_fn(model, batch) -> loss; score(model) -> dict of metrics, run at the end."""
-    steps_per_epoch, per_step = common.steps_from_epochs(cfg, env, n_train)
-    if not quiet:
-        common.print_setup(cfg, env, steps_per_epoch, per_step)
-    step = common.resume(cfg, env, model, optimizer)
-    ddp_model = DDP(model) if env.ddp else model  # broadcast buffers: one set of BatchNorm statistics
-    run = torch.compile(ddp_model) if cfg.compile else ddp_model
-    start = step
-    log = common.Logger(cfg, env, step)
-    data = common.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
-    while step < cfg.steps:
-        lr = common.get_lr(step, cfg)
-        common.set_lr(optimizer, lr)
-        model.train()
-        for micro in range(cfg.accum):
-            batch = next(data)
-            sync = micro == cfg.accum - 1 or not env.ddp
-            with (ddp_model.no_sync() if not sync else contextlib.nullcontext()), env.autocast():
-                loss = loss_fn(run, batch)
-                env.scaler.scale(loss / cfg.accum).backward()
-        gnorm = common.optimizer_step(env, optimizer, cfg.clip_grad)
-        step += 1
-        common.check_finite(loss.item(), step, cfg)
-        if (step % cfg.log_every == 0 or step == cfg.steps) and not quiet:
-            log(step, cfg.steps, per_step, loss=loss.item(), lr=lr, gnorm=gnorm)
-        stop = cfg.stop_after and step - start >= cfg.stop_after
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
-            model_config = asdict(model.cfg) if isinstance(model, beitv2.ViT) else None
-            common.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
-                                   optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
-                                   config=asdict(cfg), model_config=model_config)
-        if stop:
-            return None
-    return score(model)
-
-
-def classification_data(cfg, split):
-    ds = common.build_dataset(cfg.data, split, cfg.img_size)
-    classes = len(getattr(ds, 'classes', None) or common.DemoTextures.classes)
-    return ds, classes
+def seg_loss(logits, target):
+    """Cross entropy averaged over ALL pixels, the ignored ones (255) counted as 0: mmseg 0.x's
+    default (avg_non_ignore=False), which the official segmentation code uses."""
+    return F.cross_entropy(logits.float(), target, ignore_index=255, reduction='none').mean()
 
 
 @torch.no_grad()
-def classify(model, val, cfg, env):
-    """Top-1 / top-5 on the val split (resize 1/0.875 + centre crop); the best head of a probe."""
+def sliding_window(model, image, num_classes, crop, stride):
+    """Logits (classes, H, W) of one image: windows of crop x crop every `stride`, averaged."""
+    _, H, W = image.shape
+    ph, pw = max(crop - H, 0), max(crop - W, 0)
+    image = F.pad(image, (0, pw, 0, ph))
+    Hp, Wp = image.shape[1:]
+    out = image.new_zeros(num_classes, Hp, Wp)
+    count = image.new_zeros(1, Hp, Wp)
+    for y in sorted({min(y, Hp - crop) for y in range(0, max(Hp - crop, 0) + stride, stride)}):
+        for x in sorted({min(x, Wp - crop) for x in range(0, max(Wp - crop, 0) + stride, stride)}):
+            out[:, y:y + crop, x:x + crop] += model(image[None, :, y:y + crop, x:x + crop])[0][0].float()
+            count[:, y:y + crop, x:x + crop] += 1
+    return (out / count)[:, :H, :W]
+
+
+def confusion(pred, target, num_classes, ignore=255):
+    keep = target != ignore
+    return torch.bincount(target[keep] * num_classes + pred[keep], minlength=num_classes ** 2).view(num_classes, -1)
+
+
+def miou(conf):
+    """Mean IoU over the classes that occur (in the target or the prediction)."""
+    conf = conf.double()
+    inter, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
+    return (inter[union > 0] / union[union > 0]).mean().item() * 100
+
+
+@torch.no_grad()
+def segment_score(model, val, cfg, env):
+    """mIoU on the val split with sliding-window inference at the training crop size."""
     model.eval()
-
-    def fn(x):  # -> (B, heads, classes)
-        out = model(x)
-        return torch.stack(out, 1) if isinstance(out, list) else out[:, None]
-    scores, y = extract(fn, _Mapped(val, common.eval_transform(cfg.img_size)), cfg, env)
-    res = [topk_acc(scores[:, h], y) for h in range(scores.shape[1])]
-    best = max(range(len(res)), key=lambda h: res[h]['top1'])
-    return dict(res[best], **({'best_block': best} if len(res) > 1 else {}))
-
-
-class _Mapped(torch.utils.data.Dataset):  # dataset with a per-image transform (evaluation)
-    def __init__(self, ds, t):
-        self.ds, self.t = ds, t
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        img, y = self.ds[i]
-        return self.t(common.rgb(img)), y
-
-
-class TrainTransform:
-    """Linear probe: RandomResizedCrop + flip (MAE). Fine-tuning adds RandAugment(2, 9) and random
-    erasing (torchvision's versions of timm's rand-m9-mstd0.5-inc1 and reprob 0.25, pixel mode)."""
-
-    def __init__(self, cfg, finetune):
-        t = [T.RandomResizedCrop(cfg.img_size, scale=(cfg.min_crop_scale, 1.0),
-                                 interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()]
-        if finetune and cfg.randaug:
-            t.append(T.RandAugment(2, 9))
-        t += [T.ToTensor(), T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
-        if finetune and cfg.reprob > 0:
-            t.append(T.RandomErasing(cfg.reprob, value='random'))
-        self.t = T.Compose(t)
-
-    def __call__(self, img, rng):
-        return self.t(img)
-
-
-def feature_backbone(cfg):
-    """What linear probing and k-NN read features from: the checkpoint's ViT, the same ViT at its
-    random init, or raw pixels (--backbone)."""
-    if cfg.backbone == 'pixels':
-        return Pixels(cfg.img_size)
-    sd, mcfg = load_backbone_weights(cfg)
-    return build_backbone(cfg, sd, mcfg, num_classes=0, drop_path=0.0)
-
-
-def run_linear(cfg, env, quiet=False):
-    backbone = feature_backbone(cfg)
-    train, classes = classification_data(cfg, 'train')
-    val, _ = classification_data(cfg, 'val')
-    model = Probe(backbone, cfg, classes).to(env.device)
-    heads = [p for p in model.heads.parameters()]
-    if cfg.linear_recipe == 'beit':
-        optimizer = torch.optim.AdamW([dict(params=heads, weight_decay=cfg.weight_decay)], lr=cfg.lr)
-    else:
-        optimizer = LARS([dict(params=heads, weight_decay=cfg.weight_decay)], lr=cfg.lr)
-    loader, sampler = common.make_loader(train, TrainTransform(cfg, False), cfg, env)
-
-    def loss_fn(m, batch):
-        x, y = batch[0].to(env.device), batch[1].to(env.device)
-        return sum(F.cross_entropy(lg, y) for lg in m(x))
-    return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
-               lambda m: classify(m, val, cfg, env), quiet)
-
-
-def run_knn(cfg, env):
-    backbone = feature_backbone(cfg).to(env.device).eval()
-    train, classes = classification_data(cfg, 'train')
-    val, _ = classification_data(cfg, 'val')
-    ev = common.eval_transform(cfg.img_size)
-
-    def features(x):
-        return pooled(backbone, x, cfg)
-    train_f, train_y = extract(features, _Mapped(train, ev), cfg, env)
-    val_f, val_y = extract(features, _Mapped(val, ev), cfg, env)
-    return topk_acc(knn_classify(train_f, train_y, val_f, cfg.knn_k, cfg.knn_t, classes), val_y)
-
-
-def run_compare(cfg, env):
-    """Does pretraining help? Linear probe and k-NN top-1 of the checkpoint, of the same
-    architecture at its random init, and of raw pixels, each probe with --seeds seeds (k-NN is
-    deterministic except for the random init). The probes start afresh every time."""
-    names = dict(checkpoint='pretrained', random='random init', pixels='raw pixels')
-    _, classes = classification_data(cfg, 'val')
-    table = {}
-    for backbone in cfg.backbones:
-        if backbone not in names:
-            common.die(f'--backbones: {backbone!r} is not one of {", ".join(names)}')
-        name = names[backbone]
-        for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-            sub = replace(cfg, backbone=backbone, seed=seed, out_dir=os.path.join(cfg.out_dir, f'{backbone}_{seed}'))
-            os.makedirs(sub.out_dir, exist_ok=True)
-            stale = os.path.join(sub.out_dir, 'ckpt.pt')  # a probe of an earlier checkpoint
-            if env.master and os.path.exists(stale):
-                os.remove(stale)
-            if env.ddp:
-                dist.barrier()
-            torch.manual_seed(seed + env.rank)  # each probe as if run alone: 1 seed or 3, the same numbers
-            runs = [('linear probe', run_linear(sub, env, quiet=True)['top1'])]
-            if seed == cfg.seed or backbone == 'random':
-                runs.append(('k-NN', run_knn(sub, env)['top1']))
-            for probe, top1 in runs:
-                table.setdefault(probe, {}).setdefault(name, []).append(top1)
-                env.print(f'  {probe:12s} {name:11s} seed {seed}: top-1 {top1:.1f}')
-                record(cfg, env, dict(mode='compare_run', backbone=name, probe=probe, seed=seed, top1=top1,
-                                      chance=100 / classes))
-    mean = {p: {n: sum(v) / len(v) for n, v in row.items()} for p, row in table.items()}
-    line = '; '.join(f'{p}: ' + ' | '.join(f'{n} {v:.1f}' for n, v in row.items()) for p, row in mean.items())
-    env.print(f'top-1 % (chance {100 / classes:.1f}), mean of {cfg.seeds} seed(s): {line}')
-    return {f'{p} {n}': v for p, row in mean.items() for n, v in row.items()}
-
-
-def run_finetune(cfg, env):
-    sd, mcfg = load_backbone_weights(cfg)
-    train, classes = classification_data(cfg, 'train')
-    val, _ = classification_data(cfg, 'val')
-    if cfg.eval_only and sd.get('head.weight', torch.empty(0)).shape[:1] != (classes,):
-        common.die(f'--eval_only: {cfg.checkpoint} has no {classes}-class head (the data has {classes} classes)')
-    model = build_backbone(cfg, sd, mcfg, rel_pos='per_block', fc_norm=True, num_classes=classes,
-                           drop_path=cfg.drop_path).to(env.device)
-    if cfg.eval_only:
-        return classify(model, val, cfg, env)
-    groups = beitv2.param_groups(model, cfg.weight_decay, cfg.layer_decay, model.cfg.depth)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-    loader, sampler = common.make_loader(train, TrainTransform(cfg, True), cfg, env)
-    mixes = [m for a, m in ((cfg.mixup, T2.MixUp(alpha=cfg.mixup or 1.0, num_classes=classes)),
-                            (cfg.cutmix, T2.CutMix(alpha=cfg.cutmix or 1.0, num_classes=classes))) if a > 0]
-    mix = T2.RandomChoice(mixes) if mixes else None  # switch probability 0.5 between the two
-
-    def loss_fn(m, batch):
-        x, y = batch[0].to(env.device), batch[1].to(env.device)
-        x, soft = mix(x, y) if mix else (x, F.one_hot(y, classes).float())  # MixUp or CutMix per batch
-        soft = soft * (1 - cfg.smoothing) + cfg.smoothing / classes  # label smoothing, as timm's Mixup
-        return torch.sum(-soft * F.log_softmax(m(x).float(), -1), -1).mean()
-    return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
-               lambda m: classify(m, val, cfg, env))
+    t = SegTransform(cfg.img_size, False)
+    conf = torch.zeros(val.num_classes, val.num_classes, dtype=torch.long, device=env.device)
+    for i in range(env.rank, len(val), env.world):
+        img, mask = t(val[i], None)
+        with env.autocast():
+            logits = sliding_window(model, img.to(env.device), val.num_classes, cfg.img_size,
+                                    cfg.seg_stride or cfg.img_size * 2 // 3)
+        conf += confusion(logits.argmax(0).flatten(), mask.to(env.device).flatten(), val.num_classes)
+    return dict(mIoU=miou(env.all_reduce(conf)))
 
 
 def run_segment(cfg, env):
@@ -667,73 +702,7 @@ def run_segment(cfg, env):
     return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
                lambda m: segment_score(m, val, cfg, env))
 
-
-def seg_loss(logits, target):
-    """Cross entropy averaged over ALL pixels, the ignored ones (255) counted as 0: mmseg 0.x's
-    default (avg_non_ignore=False), which the official segmentation code uses."""
-    return F.cross_entropy(logits.float(), target, ignore_index=255, reduction='none').mean()
-
-
-@torch.no_grad()
-def segment_score(model, val, cfg, env):
-    """mIoU on the val split with sliding-window inference at the training crop size."""
-    model.eval()
-    t = SegTransform(cfg.img_size, False)
-    conf = torch.zeros(val.num_classes, val.num_classes, dtype=torch.long, device=env.device)
-    for i in range(env.rank, len(val), env.world):
-        img, mask = t(val[i], None)
-        with env.autocast():
-            logits = sliding_window(model, img.to(env.device), val.num_classes, cfg.img_size,
-                                    cfg.seg_stride or cfg.img_size * 2 // 3)
-        conf += confusion(logits.argmax(0).flatten(), mask.to(env.device).flatten(), val.num_classes)
-    return dict(mIoU=miou(env.all_reduce(conf)))
-
-
-def tokenizer_of(cfg, env):
-    """--checkpoint as a frozen tokenizer, or a one-line error."""
-    try:
-        return beitv2.load_tokenizer(cfg.checkpoint).to(env.device)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        common.die(f'{cfg.checkpoint}: {e}')
-
-
-def code_colours(n_codes):  # (K, 3) one fixed random colour per code, the same in every picture
-    return torch.rand(n_codes, 3, generator=torch.Generator().manual_seed(0))
-
-
-@torch.no_grad()
-def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
-    """The paper's codebook picture: image patches grouped by the code they get (the most used
-    codes, one row each), and token maps (each code a colour) beside a few images."""
-    from torchvision.utils import save_image
-    tok = tokenizer_of(cfg, env)
-    val = common.build_dataset(cfg.data, 'val', cfg.img_size)
-    ev = common.eval_transform(tok.cfg.img_size, normalize=False)
-    images = torch.stack([ev(common.rgb(val[i][0])) for i in range(min(n_images, len(val)))]).to(env.device)
-    codes = torch.cat([tok.encode(x) for x in images.split(cfg.batch_size)])   # (n, N)
-    p, (h, w) = tok.cfg.patch_size, tok.grid
-    patches = images.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, p, p)
-    flat = codes.flatten()
-    top = torch.bincount(flat, minlength=tok.cfg.codebook_size).topk(n_codes).indices
-    rows = []
-    for c in top:
-        hits = patches[flat == c][:per_code]
-        rows.append(torch.cat([hits, hits.new_ones(per_code - len(hits), 3, p, p)]))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    grid_img = torch.cat(rows)
-    grid_img = F.interpolate(grid_img, scale_factor=max(1, 32 // p), mode='nearest')  # small patches: enlarge
-    save_image(grid_img, os.path.join(cfg.out_dir, 'codebook.png'), nrow=per_code, padding=2, pad_value=1)
-    palette = code_colours(tok.cfg.codebook_size).to(env.device)
-    maps = palette[codes[:8]].view(-1, h, w, 3).permute(0, 3, 1, 2)
-    maps = F.interpolate(maps, size=images.shape[2:], mode='nearest')
-    pairs = torch.stack([images[:8], maps], 1).flatten(0, 1)
-    pairs = F.interpolate(pairs, scale_factor=max(1, 128 // pairs.shape[-1]), mode='nearest')
-    save_image(pairs, os.path.join(cfg.out_dir, 'token_maps.png'), nrow=4, padding=2, pad_value=1)
-    used = int((torch.bincount(flat, minlength=tok.cfg.codebook_size) > 0).sum())
-    return dict(codes_used=used, images=len(images), png=os.path.join(cfg.out_dir, 'codebook.png'))
-
-
-# ----------------------------------------------------------------------------- look inside: attention, codes
+# -------------------------------------------------------------------------- look inside a backbone: a patch's attention
 
 
 def picture_input(cfg, img_size, normalize):
@@ -813,6 +782,52 @@ def run_attention(cfg, env):
     return dict(png=path, layer=layer, query=cfg.query, heads=len(maps),
                 peak=' '.join(f'{t // w},{t % w}' for t in top))
 
+# ----------------------------------------------------------------------------- look inside a tokenizer: codebook, codes
+
+
+def tokenizer_of(cfg, env):
+    """--checkpoint as a frozen tokenizer, or a one-line error."""
+    try:
+        return beitv2.load_tokenizer(cfg.checkpoint).to(env.device)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        common.die(f'{cfg.checkpoint}: {e}')
+
+
+def code_colours(n_codes):  # (K, 3) one fixed random colour per code, the same in every picture
+    return torch.rand(n_codes, 3, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
+    """The paper's codebook picture: image patches grouped by the code they get (the most used
+    codes, one row each), and token maps (each code a colour) beside a few images."""
+    from torchvision.utils import save_image
+    tok = tokenizer_of(cfg, env)
+    val = common.build_dataset(cfg.data, 'val', cfg.img_size)
+    ev = common.eval_transform(tok.cfg.img_size, normalize=False)
+    images = torch.stack([ev(common.rgb(val[i][0])) for i in range(min(n_images, len(val)))]).to(env.device)
+    codes = torch.cat([tok.encode(x) for x in images.split(cfg.batch_size)])   # (n, N)
+    p, (h, w) = tok.cfg.patch_size, tok.grid
+    patches = images.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, p, p)
+    flat = codes.flatten()
+    top = torch.bincount(flat, minlength=tok.cfg.codebook_size).topk(n_codes).indices
+    rows = []
+    for c in top:
+        hits = patches[flat == c][:per_code]
+        rows.append(torch.cat([hits, hits.new_ones(per_code - len(hits), 3, p, p)]))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    grid_img = torch.cat(rows)
+    grid_img = F.interpolate(grid_img, scale_factor=max(1, 32 // p), mode='nearest')  # small patches: enlarge
+    save_image(grid_img, os.path.join(cfg.out_dir, 'codebook.png'), nrow=per_code, padding=2, pad_value=1)
+    palette = code_colours(tok.cfg.codebook_size).to(env.device)
+    maps = palette[codes[:8]].view(-1, h, w, 3).permute(0, 3, 1, 2)
+    maps = F.interpolate(maps, size=images.shape[2:], mode='nearest')
+    pairs = torch.stack([images[:8], maps], 1).flatten(0, 1)
+    pairs = F.interpolate(pairs, scale_factor=max(1, 128 // pairs.shape[-1]), mode='nearest')
+    save_image(pairs, os.path.join(cfg.out_dir, 'token_maps.png'), nrow=4, padding=2, pad_value=1)
+    used = int((torch.bincount(flat, minlength=tok.cfg.codebook_size) > 0).sum())
+    return dict(codes_used=used, images=len(images), png=os.path.join(cfg.out_dir, 'codebook.png'))
+
 
 @torch.no_grad()
 def run_codes(cfg, env):
@@ -837,8 +852,8 @@ def run_codes(cfg, env):
 
 def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)
-    modes = dict(compare=run_compare, linear=run_linear, knn=run_knn, finetune=run_finetune, segment=run_segment,
-                 codebook=run_codebook, attention=run_attention, codes=run_codes)
+    modes = dict(linear=run_linear, knn=run_knn, compare=run_compare, finetune=run_finetune, segment=run_segment,
+                 attention=run_attention, codebook=run_codebook, codes=run_codes)
     if cfg.mode not in modes:
         common.die(f'--mode must be one of {", ".join(modes)}')
     if not cfg.data or not cfg.checkpoint:
@@ -853,12 +868,6 @@ def main(argv=None):
         record(cfg, env, dict(mode=cfg.mode, checkpoint=cfg.checkpoint, backbone=cfg.backbone, **result))
     env.close()
     return result
-
-
-def record(cfg, env, result):  # one line of OUT_DIR/result.json (plot.py draws the compare runs)
-    if env.master:
-        with open(os.path.join(cfg.out_dir, 'result.json'), 'a') as f:
-            f.write(json.dumps(result) + '\n')
 
 
 if __name__ == '__main__':
