@@ -26,6 +26,9 @@ import evaluate as E
 import train_tokenizer as TT
 from common import IMAGENET_MEAN, IMAGENET_STD
 
+# --------------------------------------------------------------------------- shared: fixtures, tiny models, script runs
+
+
 HERE = Path(__file__).resolve().parent
 FIXTURE = os.environ.get('BEITV2_FIXTURE', str(HERE / 'testdata' / 'official_beitv2_small.pt'))
 LAYOUTS = HERE / 'testdata' / 'official_layouts.json'
@@ -45,7 +48,55 @@ def close(a, b, atol=ATOL):
     diff = (a.double().cpu() - b.double().cpu()).abs().max().item()
     assert diff <= atol, diff
 
-# ----------------------------------------------------------------------------- official configs -> ours
+
+def rel_err(a, ref):
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def tiny_beit(**over):
+    d = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=2, vocab_size=16,
+             early_layers=2, head_layers=2)
+    d.update(over)
+    return beitv2.BEiTv2(beitv2.BEiTConfig(**d))
+
+
+def tiny_vqkd(**over):
+    d = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, decoder_depth=1,
+             codebook_size=16, code_dim=8, teacher_dim=24)
+    d.update(over)
+    return beitv2.VQKD(beitv2.VQKDConfig(**d))
+
+
+TINY_TOK = ['--img_size=16', '--patch_size=4', '--embed_dim=32', '--depth=1', '--num_heads=2',
+            '--codebook_size=32', '--code_dim=8', '--batch_size=8', '--warmup_steps=1', '--log_every=1']
+TINY_PRE = ['--img_size=16', '--patch_size=4', '--embed_dim=32', '--depth=2', '--num_heads=2',
+            '--early_layers=1', '--batch_size=8', '--warmup_steps=1', '--log_every=1']
+
+
+def run_script(*args, ok=True):
+    p = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert (p.returncode == 0) == ok, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope='module')
+def tokenizer_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp('tok')
+    run_script('train_tokenizer.py', *TINY_TOK, '--steps=3', '--workers=0', f'--out_dir={out}')
+    return out / 'ckpt.pt'
+
+
+@pytest.fixture(scope='module')
+def pretrain_ckpt(tokenizer_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp('pre')
+    run_script('pretrain.py', *TINY_PRE, '--steps=2', '--workers=0', f'--tokenizer={tokenizer_ckpt}',
+               f'--out_dir={out}')
+    return out / 'ckpt.pt'
+
+
+EVAL_TINY = ['--img_size=16', '--batch_size=8', '--workers=0', '--log_every=1', '--data=demo:48']
+
+# ----------------------------------------------------------------------------- beitv2.py: parity with the official code
 
 
 def vit_from_official(c, **over):
@@ -80,8 +131,6 @@ def tok(fx):
     t = fx['tokenizer']
     m = tokenizer_from_official(t['config']).double().eval()
     return beitv2.load_state(m, t['state_dict']).to(DEVICE)
-
-# ----------------------------------------------------------------------------- parity with the official code
 
 
 def test_official_tokenizer_encoder(fx, tok):
@@ -170,11 +219,58 @@ def test_official_float32_tolerance(fx, pre):
     tok32 = beitv2.load_state(tokenizer_from_official(t['config']).eval(), t['state_dict']).to(DEVICE)
     assert torch.equal(tok32.encode(t['images'].to(DEVICE)).cpu(), t['indices'])
 
-# ----------------------------------------------------------------------------- attention paths and devices
+
+def test_rel_pos_table_resize_matches_official_interp2d():
+    """The official loader: geometric source grid + scipy interp2d(kind='cubic'), which is
+    FITPACK's regrid, as RectBivariateSpline(s=0); 14x14 -> 32x32 patches (224 -> 512 px)."""
+    interp = pytest.importorskip('scipy.interpolate')
+    import numpy as np
+    torch.manual_seed(0)
+    table = torch.randn(27 * 27 + 3, 2, dtype=torch.float64)
+    out = beitv2.resize_rel_pos_table(table, 63 * 63 + 3)
+    lo, hi = 1.01, 1.5  # official bisection and offsets, written as in run_class_finetuning.py
+    while hi - lo > 1e-6:
+        q = (lo + hi) / 2.0
+        lo, hi = (lo, q) if (1.0 - q ** 13) / (1.0 - q) > 31 else (q, hi)
+    dis, cur = [], 1
+    for i in range(13):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    x = np.array([-d for d in reversed(dis)] + [0] + dis)
+    dx = np.arange(-31.0, 31.1, 1.0)
+    for h in range(2):
+        z = table[:-3, h].view(27, 27).numpy()
+        ref = interp.RectBivariateSpline(x, x, z.T, kx=3, ky=3, s=0)(dx, dx).T
+        close(out[:-3, h].view(63, 63), torch.from_numpy(ref), atol=1e-10)
+    assert torch.equal(out[-3:], table[-3:])
 
 
-def rel_err(a, ref):
-    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+def test_timm_beitv2_parity():
+    timm = pytest.importorskip('timm')
+    torch.manual_seed(0)
+    ref = timm.create_model('beitv2_base_patch16_224', pretrained=False).eval()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if 'relative_position_bias_table' in n or 'gamma' in n:
+                p.normal_(0, 0.1)
+    ours = beitv2.ViT(beitv2.classifier_config(beitv2.PRESETS['beitv2_base_patch16_224'], 1000)).eval()
+    ours = beitv2.load_state(ours, ref.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        close(ours(x), ref(x), atol=1e-4)
+    ref.load_state_dict(beitv2.export_state(ours, 'timm'))
+
+# --------------------------------------------------- beitv2.py: backbone (relative positions, attention paths, devices)
+
+
+def test_relative_position_index_2x2():
+    # patches (0,0) (0,1) (1,0) (1,1); offset (dy, dx) -> (dy + 1) * 3 + (dx + 1); table has 9 + 3 rows
+    expected = torch.tensor([[11, 9, 9, 9, 9],
+                             [10, 4, 3, 1, 0],
+                             [10, 5, 4, 2, 1],
+                             [10, 7, 6, 4, 3],
+                             [10, 8, 7, 5, 4]])
+    assert torch.equal(beitv2.relative_position_index(2, 2), expected)
 
 
 @pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -228,6 +324,86 @@ def test_model_through_sdpa_equals_explicit(monkeypatch):
         close(fused[name], explicit[name])
 
 
+def test_attention_without_k_bias_equals_full_qkv_bias():
+    """Why DINO's qkv.bias loads into q_bias/v_bias: the k bias adds q.b_k to every logit of a
+    query, a constant that softmax removes."""
+    torch.manual_seed(0)
+    attn = beitv2.Attention(32, 2).double()
+    with torch.no_grad():
+        attn.q_bias.normal_(), attn.v_bias.normal_()
+    k_bias = torch.randn(32, dtype=torch.float64)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    qkv = x @ attn.qkv.weight.T + torch.cat([attn.q_bias, k_bias, attn.v_bias])
+    q, k, v = qkv.view(2, 5, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    ref = ((q @ k.transpose(-2, -1) / 4).softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 32)
+    close(attn(x), attn.proj(ref))
+
+
+def test_pretrain_state_into_classifier_gives_same_tokens():
+    torch.manual_seed(0)
+    pre = tiny_beit().eval()
+    with torch.no_grad():  # a non-zero shared table, so the copy into every block matters
+        pre.rel_pos_bias.relative_position_bias_table.normal_()
+    clf = beitv2.ViT(beitv2.classifier_config(pre.cfg, num_classes=5, drop_path=0.0)).eval()
+    beitv2.load_state(clf, pre.state_dict(), ignore=beitv2.PRETRAIN_ONLY + ('fc_norm', 'head'))
+    x = torch.randn(2, 3, 32, 32)
+    close(clf.forward_tokens(x)[0], pre.forward_tokens(x)[0], atol=1e-6)
+    # without the documented drops the load is refused
+    with pytest.raises(KeyError, match='lm_head'):
+        beitv2.load_state(beitv2.ViT(beitv2.classifier_config(pre.cfg, num_classes=5)), pre.state_dict())
+
+
+def test_classifier_at_higher_resolution_interpolates_tables():
+    torch.manual_seed(0)
+    pre = tiny_beit()
+    clf = beitv2.ViT(beitv2.classifier_config(pre.cfg, num_classes=5, img_size=48))
+    beitv2.load_state(clf, pre.state_dict(), ignore=beitv2.PRETRAIN_ONLY + ('fc_norm', 'head'))
+    assert clf.blocks[0].attn.relative_position_bias_table.shape == (11 * 11 + 3, 2)
+    assert clf(torch.randn(1, 3, 48, 48)).shape == (1, 5)
+
+# ------------------------------------------------------ beitv2.py: stage 1, VQ-KD (codebook, k-means, EMA, encode, DDP)
+
+
+def test_codebook_kmeans_ema_and_roundtrip():
+    torch.manual_seed(0)
+    tok = tiny_vqkd().train()
+    x, t = torch.rand(4, 3, 32, 32), torch.randn(4, 16, 24)
+    assert tok.quantize.initted.item() == 0
+    _, codes, _ = tok(x, t)  # k-means init on the first training batch, then one EMA step
+    assert tok.quantize.initted.item() == 1
+    close(tok.quantize.weight.norm(dim=1), torch.ones(16), atol=1e-6)
+    tok.eval()
+    state = {k: v.clone() for k, v in tok.quantize.state_dict().items()}
+    c1, c2 = tok.encode(x), tok.encode(x)
+    assert torch.equal(c1, c2) and c1.dtype == torch.int64 and c1.shape == (4, 16)
+    assert all(torch.equal(v, tok.quantize.state_dict()[k]) for k, v in state.items())  # pure
+    z_q, codes, _ = tok.quantize(tok.features(x))
+    close(z_q, tok.quantize.weight[codes], atol=1e-6)  # straight-through value = the codes
+
+
+def test_ema_update_by_hand():
+    q = beitv2.NormEMACodebook(3, 2, decay=0.5).train()
+    q.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+    q.initted.fill_(1)
+    z = torch.tensor([[[1.0, 0.2], [0.9, -0.1], [0.1, 1.0]]])
+    q(z)
+    zn = F.normalize(z[0], dim=-1)
+    new0 = F.normalize(0.5 * torch.tensor([1.0, 0.0]) + 0.5 * F.normalize(zn[0] + zn[1], dim=0), dim=0)
+    new1 = F.normalize(0.5 * torch.tensor([0.0, 1.0]) + 0.5 * zn[2], dim=0)
+    close(q.weight, torch.stack([new0, new1, torch.tensor([-1.0, 0.0])]), atol=1e-6)  # code 2 unused
+    close(q.cluster_size, torch.tensor([1.0, 0.5, 0.0]), atol=1e-6)
+
+
+def test_kmeans_needs_enough_vectors():
+    with pytest.raises(ValueError, match='at least 16 vectors'):
+        beitv2.kmeans(F.normalize(torch.randn(10, 8), dim=-1), 16)
+
+
+def test_code_usage():
+    u = beitv2.code_usage(torch.tensor([2.0, 2.0, 0.0, 0.0]))
+    assert u['unused'] == 2 and u['usage'] == 0.5 and abs(u['perplexity'] - 2.0) < 1e-9
+
+
 def test_encode_on_device_equals_float64_except_near_ties():
     """Codes from a float32 encode on BEITV2_TEST_DEVICE equal the float64 CPU codes, except where
     the two codes are a near-tie in float64 (cosine within 1e-4); the count is printed."""
@@ -249,7 +425,150 @@ def test_encode_on_device_equals_float64_except_near_ties():
     assert (gap < 1e-4).all()
 
 
-# ----------------------------------------------------------------------------- full-size layouts
+def test_encode_says_what_it_expects():
+    tok = beitv2.VQKD(beitv2.VQKDConfig(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_depth=1,
+                                        codebook_size=8, code_dim=4, teacher_dim=8)).eval()
+    for bad, msg in [(torch.rand(3, 16, 16), r'shape \(B, 3, 16, 16\)'), (torch.rand(2, 3, 32, 32), 'shape'),
+                     (torch.rand(2, 1, 16, 16), 'shape'), (torch.rand(2, 3, 16, 16) * 255, r'\[0, 1\]'),
+                     ((torch.rand(2, 3, 16, 16) - 0.45) / 0.225, r'\[0, 1\]'),
+                     (torch.full((2, 3, 16, 16), float('nan')), 'non-finite')]:
+        tok.checked_values = False
+        with pytest.raises(ValueError, match=msg):
+            tok.encode(bad)
+    assert tok.encode(torch.rand(2, 3, 16, 16)).shape == (2, 16)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _ddp_codebook_worker(rank, world, port, sync, z, out):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    torch.manual_seed(0)
+    q = beitv2.NormEMACodebook(16, z.shape[-1], decay=0.9).train()
+    beitv2.NormEMACodebook.sync = sync
+    q(z[rank:rank + 1])  # k-means init on this rank's half, then one EMA step
+    torch.save(q.state_dict(), os.path.join(out, f'rank{rank}.pt'))
+    dist.destroy_process_group()
+
+
+def run_ddp_codebook(z, sync, tmp_path):
+    torch.multiprocessing.spawn(_ddp_codebook_worker, args=(2, _free_port(), sync, z, str(tmp_path)), nprocs=2)
+    return [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
+
+
+def test_ddp_codebook_identical_on_ranks_and_equal_to_one_process(tmp_path):
+    torch.manual_seed(1)
+    z = torch.randn(2, 64, 8)
+    z[1] += 1.5  # the two ranks see different data
+    # one process that sees both halves with the initial means rank 0 draws
+    torch.manual_seed(0)
+    q = beitv2.NormEMACodebook(16, 8, decay=0.9).train()
+    z0 = F.normalize(z[0], dim=-1)
+    init = z0[torch.randperm(64)[:16]]
+    means, _ = beitv2.kmeans(F.normalize(z, dim=-1).flatten(0, 1), 16, means=init)
+    q.weight.copy_(means), q.initted.fill_(1)
+    q(z.reshape(1, 128, 8))
+    r0, r1 = run_ddp_codebook(z, True, tmp_path)
+    assert torch.equal(r0['weight'], r1['weight']) and torch.equal(r0['cluster_size'], r1['cluster_size'])
+    close(r0['weight'], q.weight, atol=1e-5)
+    close(r0['cluster_size'], q.cluster_size, atol=1e-5)
+    # the same check fails when synchronisation is off: the ranks then disagree
+    r0, r1 = run_ddp_codebook(z, False, tmp_path)
+    assert (r0['weight'] - r1['weight']).abs().max() > 1e-3
+
+# ----------------------------------------------------------------- beitv2.py: stage 2, MIM (masking, heads, speed path)
+
+
+def test_masking_exact_count_and_blocks():
+    rng = random.Random(0)
+    gen = beitv2.MaskingGenerator((14, 14))
+    assert (gen.num, gen.min_num) == (75, 16)
+    sizes = []
+    for _ in range(300):
+        m = gen(rng)
+        assert m.shape == (196,) and m.dtype == torch.bool and int(m.sum()) == 75
+        sizes.append(largest_component(m.view(14, 14)))
+    assert sorted(sizes)[len(sizes) // 2] >= 16  # block-wise, not scattered patches
+    small = beitv2.MaskingGenerator((4, 4))
+    assert (small.num, small.min_num) == (6, 2)
+    assert all(int(small(rng).sum()) == 6 for _ in range(100))
+
+
+def largest_component(m):
+    seen, best = set(), 0
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if m[i, j] and (i, j) not in seen:
+                stack, size = [(i, j)], 0
+                seen.add((i, j))
+                while stack:
+                    a, b = stack.pop()
+                    size += 1
+                    for c, d in ((a + 1, b), (a - 1, b), (a, b + 1), (a, b - 1)):
+                        if 0 <= c < m.shape[0] and 0 <= d < m.shape[1] and m[c, d] and (c, d) not in seen:
+                            seen.add((c, d))
+                            stack.append((c, d))
+                best = max(best, size)
+    return best
+
+
+def test_masking_generator_rejects_impossible_settings():
+    for kwargs in [dict(min_aspect=0), dict(num_masking_patches=100), dict(min_num_patches=0),
+                   dict(min_num_patches=10, max_num_patches=5)]:
+        with pytest.raises(ValueError):
+            beitv2.MaskingGenerator((8, 8), **kwargs)
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    pre = tiny_beit(drop_path=0.1).train()
+    mask = torch.stack([beitv2.MaskingGenerator((4, 4))() for _ in range(2)])
+    _, losses = pre(torch.randn(2, 3, 32, 32), mask, torch.randint(0, 16, (2, 16)))
+    losses['loss'].backward()
+    assert [n for n, p in pre.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
+    tok = tiny_vqkd().train()
+    _, _, losses = tok(torch.rand(2, 3, 32, 32), torch.randn(2, 16, 24))
+    losses['loss'].backward()
+    assert [n for n, p in tok.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
+
+
+def test_pretrain_fast_path_equals_full_computation():
+    """forward() computes only [CLS] + masked rows in the last blocks when every image has the
+    same masked count; the result must equal selecting from the full computation."""
+    torch.manual_seed(0)
+    for early in (2, 3):  # early_layers < depth, and = depth (the head then reads the last block)
+        m = tiny_beit(early_layers=early).double().eval()
+        with torch.no_grad():
+            m.rel_pos_bias.relative_position_bias_table.normal_()
+        x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+        mask = torch.stack([beitv2.MaskingGenerator((4, 4))() for _ in range(3)])
+        logits, _ = m(x, mask)
+        for name, t in m.branches(x, mask).items():
+            close(logits[name], m.lm_head(m.norm(t)[:, 1:][mask]))
+    mask[0, mask[0].nonzero()[0]] = False  # unequal counts: the general path
+    assert m(x, mask)[0]['mim'].shape[0] == int(mask.sum())
+
+# ----------------------------------------------------------------------------- beitv2.py: optimizer and checkpoints
+
+
+def test_param_groups_official_rules():
+    m = tiny_beit()
+    groups = beitv2.param_groups(m, 0.05)
+    decayed = {id(p) for g in groups if g['weight_decay'] > 0 for p in g['params']}
+    names = {n for n, p in m.named_parameters() if id(p) in decayed}
+    assert 'mask_token' in names and 'rel_pos_bias.relative_position_bias_table' in names
+    assert 'cls_token' not in names and 'blocks.0.gamma_1' not in names and 'lm_head.bias' not in names
+    clf = beitv2.ViT(beitv2.classifier_config(m.cfg, 10))
+    scales = {n: g['lr_scale'] for g in beitv2.param_groups(clf, 0.05, 0.5, depth=3)
+              for n, p in clf.named_parameters() if any(p is q for q in g['params'])}
+    assert scales['patch_embed.proj.weight'] == 0.5 ** 4 and scales['cls_token'] == 0.5 ** 4
+    assert scales['blocks.0.norm1.weight'] == 0.5 ** 3 and scales['blocks.2.mlp.fc1.weight'] == 0.5
+    assert scales['head.weight'] == 1.0
 
 
 def layout(name):
@@ -310,55 +629,6 @@ def test_layout_errors_name_the_keys():
     with pytest.raises(ValueError, match='no state dict'):
         beitv2.state_dict_of({'args': 1})
 
-# ----------------------------------------------------------------------------- unit tests
-
-
-def tiny_beit(**over):
-    d = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=2, vocab_size=16,
-             early_layers=2, head_layers=2)
-    d.update(over)
-    return beitv2.BEiTv2(beitv2.BEiTConfig(**d))
-
-
-def tiny_vqkd(**over):
-    d = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, decoder_depth=1,
-             codebook_size=16, code_dim=8, teacher_dim=24)
-    d.update(over)
-    return beitv2.VQKD(beitv2.VQKDConfig(**d))
-
-
-def test_relative_position_index_2x2():
-    # patches (0,0) (0,1) (1,0) (1,1); offset (dy, dx) -> (dy + 1) * 3 + (dx + 1); table has 9 + 3 rows
-    expected = torch.tensor([[11, 9, 9, 9, 9],
-                             [10, 4, 3, 1, 0],
-                             [10, 5, 4, 2, 1],
-                             [10, 7, 6, 4, 3],
-                             [10, 8, 7, 5, 4]])
-    assert torch.equal(beitv2.relative_position_index(2, 2), expected)
-
-
-def test_pretrain_state_into_classifier_gives_same_tokens():
-    torch.manual_seed(0)
-    pre = tiny_beit().eval()
-    with torch.no_grad():  # a non-zero shared table, so the copy into every block matters
-        pre.rel_pos_bias.relative_position_bias_table.normal_()
-    clf = beitv2.ViT(beitv2.classifier_config(pre.cfg, num_classes=5, drop_path=0.0)).eval()
-    beitv2.load_state(clf, pre.state_dict(), ignore=beitv2.PRETRAIN_ONLY + ('fc_norm', 'head'))
-    x = torch.randn(2, 3, 32, 32)
-    close(clf.forward_tokens(x)[0], pre.forward_tokens(x)[0], atol=1e-6)
-    # without the documented drops the load is refused
-    with pytest.raises(KeyError, match='lm_head'):
-        beitv2.load_state(beitv2.ViT(beitv2.classifier_config(pre.cfg, num_classes=5)), pre.state_dict())
-
-
-def test_classifier_at_higher_resolution_interpolates_tables():
-    torch.manual_seed(0)
-    pre = tiny_beit()
-    clf = beitv2.ViT(beitv2.classifier_config(pre.cfg, num_classes=5, img_size=48))
-    beitv2.load_state(clf, pre.state_dict(), ignore=beitv2.PRETRAIN_ONLY + ('fc_norm', 'head'))
-    assert clf.blocks[0].attn.relative_position_bias_table.shape == (11 * 11 + 3, 2)
-    assert clf(torch.randn(1, 3, 48, 48)).shape == (1, 5)
-
 
 def test_spline_matrix_reproduces_cubics_and_scipy():
     x = torch.tensor([-6.0, -3.5, -1.6, -0.5, 0.0, 0.5, 1.6, 3.5, 6.0])
@@ -371,117 +641,6 @@ def test_spline_matrix_reproduces_cubics_and_scipy():
     scipy = pytest.importorskip('scipy.interpolate')
     ref = scipy.CubicSpline(x.numpy(), torch.eye(9).numpy(), bc_type='not-a-knot')(xq.numpy())
     close(S, torch.from_numpy(ref), atol=1e-9)
-
-
-def test_masking_exact_count_and_blocks():
-    rng = random.Random(0)
-    gen = beitv2.MaskingGenerator((14, 14))
-    assert (gen.num, gen.min_num) == (75, 16)
-    sizes = []
-    for _ in range(300):
-        m = gen(rng)
-        assert m.shape == (196,) and m.dtype == torch.bool and int(m.sum()) == 75
-        sizes.append(largest_component(m.view(14, 14)))
-    assert sorted(sizes)[len(sizes) // 2] >= 16  # block-wise, not scattered patches
-    small = beitv2.MaskingGenerator((4, 4))
-    assert (small.num, small.min_num) == (6, 2)
-    assert all(int(small(rng).sum()) == 6 for _ in range(100))
-
-
-def largest_component(m):
-    seen, best = set(), 0
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            if m[i, j] and (i, j) not in seen:
-                stack, size = [(i, j)], 0
-                seen.add((i, j))
-                while stack:
-                    a, b = stack.pop()
-                    size += 1
-                    for c, d in ((a + 1, b), (a - 1, b), (a, b + 1), (a, b - 1)):
-                        if 0 <= c < m.shape[0] and 0 <= d < m.shape[1] and m[c, d] and (c, d) not in seen:
-                            seen.add((c, d))
-                            stack.append((c, d))
-                best = max(best, size)
-    return best
-
-
-def test_every_parameter_gets_a_gradient():
-    torch.manual_seed(0)
-    pre = tiny_beit(drop_path=0.1).train()
-    mask = torch.stack([beitv2.MaskingGenerator((4, 4))() for _ in range(2)])
-    _, losses = pre(torch.randn(2, 3, 32, 32), mask, torch.randint(0, 16, (2, 16)))
-    losses['loss'].backward()
-    assert [n for n, p in pre.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
-    tok = tiny_vqkd().train()
-    _, _, losses = tok(torch.rand(2, 3, 32, 32), torch.randn(2, 16, 24))
-    losses['loss'].backward()
-    assert [n for n, p in tok.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
-
-
-def test_codebook_kmeans_ema_and_roundtrip():
-    torch.manual_seed(0)
-    tok = tiny_vqkd().train()
-    x, t = torch.rand(4, 3, 32, 32), torch.randn(4, 16, 24)
-    assert tok.quantize.initted.item() == 0
-    _, codes, _ = tok(x, t)  # k-means init on the first training batch, then one EMA step
-    assert tok.quantize.initted.item() == 1
-    close(tok.quantize.weight.norm(dim=1), torch.ones(16), atol=1e-6)
-    tok.eval()
-    state = {k: v.clone() for k, v in tok.quantize.state_dict().items()}
-    c1, c2 = tok.encode(x), tok.encode(x)
-    assert torch.equal(c1, c2) and c1.dtype == torch.int64 and c1.shape == (4, 16)
-    assert all(torch.equal(v, tok.quantize.state_dict()[k]) for k, v in state.items())  # pure
-    z_q, codes, _ = tok.quantize(tok.features(x))
-    close(z_q, tok.quantize.weight[codes], atol=1e-6)  # straight-through value = the codes
-
-
-def test_ema_update_by_hand():
-    q = beitv2.NormEMACodebook(3, 2, decay=0.5).train()
-    q.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
-    q.initted.fill_(1)
-    z = torch.tensor([[[1.0, 0.2], [0.9, -0.1], [0.1, 1.0]]])
-    q(z)
-    zn = F.normalize(z[0], dim=-1)
-    new0 = F.normalize(0.5 * torch.tensor([1.0, 0.0]) + 0.5 * F.normalize(zn[0] + zn[1], dim=0), dim=0)
-    new1 = F.normalize(0.5 * torch.tensor([0.0, 1.0]) + 0.5 * zn[2], dim=0)
-    close(q.weight, torch.stack([new0, new1, torch.tensor([-1.0, 0.0])]), atol=1e-6)  # code 2 unused
-    close(q.cluster_size, torch.tensor([1.0, 0.5, 0.0]), atol=1e-6)
-
-
-def test_kmeans_needs_enough_vectors():
-    with pytest.raises(ValueError, match='at least 16 vectors'):
-        beitv2.kmeans(F.normalize(torch.randn(10, 8), dim=-1), 16)
-
-
-def test_lr_schedules():
-    import types
-    from common import get_lr
-    cfg = types.SimpleNamespace(lr=1.0, min_lr=0.0, warmup_steps=10, steps=110, schedule='cosine')
-    assert get_lr(0, cfg) == 0 and get_lr(5, cfg) == 0.5 and get_lr(10, cfg) == 1.0
-    assert abs(get_lr(60, cfg) - 0.5) < 1e-12 and get_lr(110, cfg) == 0.0
-    cfg.schedule = 'poly'
-    assert abs(get_lr(35, cfg) - 0.75) < 1e-12 and get_lr(110, cfg) == 0.0
-
-
-def test_code_usage():
-    u = beitv2.code_usage(torch.tensor([2.0, 2.0, 0.0, 0.0]))
-    assert u['unused'] == 2 and u['usage'] == 0.5 and abs(u['perplexity'] - 2.0) < 1e-9
-
-
-def test_param_groups_official_rules():
-    m = tiny_beit()
-    groups = beitv2.param_groups(m, 0.05)
-    decayed = {id(p) for g in groups if g['weight_decay'] > 0 for p in g['params']}
-    names = {n for n, p in m.named_parameters() if id(p) in decayed}
-    assert 'mask_token' in names and 'rel_pos_bias.relative_position_bias_table' in names
-    assert 'cls_token' not in names and 'blocks.0.gamma_1' not in names and 'lm_head.bias' not in names
-    clf = beitv2.ViT(beitv2.classifier_config(m.cfg, 10))
-    scales = {n: g['lr_scale'] for g in beitv2.param_groups(clf, 0.05, 0.5, depth=3)
-              for n, p in clf.named_parameters() if any(p is q for q in g['params'])}
-    assert scales['patch_embed.proj.weight'] == 0.5 ** 4 and scales['cls_token'] == 0.5 ** 4
-    assert scales['blocks.0.norm1.weight'] == 0.5 ** 3 and scales['blocks.2.mlp.fc1.weight'] == 0.5
-    assert scales['head.weight'] == 1.0
 
 
 def test_checkpoint_with_code_is_refused(tmp_path):
@@ -498,6 +657,25 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     assert torch.equal(beitv2.state_dict_of(beitv2.load_file(ok))['w'], torch.ones(1))
 
 
+def junk_files(tmp_path):
+    good = tmp_path / 'good.pt'
+    torch.save({'model': {'w': torch.zeros(5000)}}, good)
+    data = good.read_bytes()
+    files = {'truncated': data[:len(data) // 2], 'random bytes': os.urandom(4000), 'text': b'hello\n', 'empty': b''}
+    for name, content in files.items():
+        (tmp_path / f'{name}.pt').write_bytes(content)
+    return [tmp_path / f'{name}.pt' for name in files]
+
+
+def test_load_file_gives_one_line_for_junk(tmp_path):
+    for path in junk_files(tmp_path):
+        with pytest.raises(ValueError, match='not a readable checkpoint') as e:
+            beitv2.load_file(path)
+        assert 'weights_only' not in str(e.value) and '\n' not in str(e.value)
+    with pytest.raises(ValueError, match='no such file'):
+        beitv2.load_file(tmp_path / 'missing.pt')
+
+
 def test_official_tokenizer_file_with_teacher_keys_loads(tmp_path, fx):
     t = fx['tokenizer']
     sd = dict(t['state_dict'], **{'teacher_model.visual.proj': torch.zeros(3), 'scaling_layer.shift': torch.zeros(1)})
@@ -506,114 +684,225 @@ def test_official_tokenizer_file_with_teacher_keys_loads(tmp_path, fx):
     m = beitv2.load_state(tokenizer_from_official(t['config']).eval(), sd)
     assert torch.equal(m.encode(t['images']), t['indices'])
 
-# ----------------------------------------------------------------------------- DDP codebook
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _ddp_codebook_worker(rank, world, port, sync, z, out):
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    dist.init_process_group('gloo', rank=rank, world_size=world)
+def test_load_tokenizer_reads_the_config_off_an_official_file(tmp_path):
     torch.manual_seed(0)
-    q = beitv2.NormEMACodebook(16, z.shape[-1], decay=0.9).train()
-    beitv2.NormEMACodebook.sync = sync
-    q(z[rank:rank + 1])  # k-means init on this rank's half, then one EMA step
-    torch.save(q.state_dict(), os.path.join(out, f'rank{rank}.pt'))
-    dist.destroy_process_group()
+    tok = tiny_vqkd(embed_dim=128, num_heads=2, decoder_depth=2, teacher_dim=40).eval()  # 64-dim heads
+    torch.save({'model': beitv2.export_state(tok)}, tmp_path / 'vqkd_official_layout.pth')
+    loaded = beitv2.load_tokenizer(tmp_path / 'vqkd_official_layout.pth')
+    assert loaded.cfg == tok.cfg and not any(p.requires_grad for p in loaded.parameters())
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(loaded.encode(x), tok.encode(x))
+    with pytest.raises(ValueError, match='not a tokenizer'):
+        torch.save({'model': tiny_beit().state_dict()}, tmp_path / 'pre.pth')
+        beitv2.load_tokenizer(tmp_path / 'pre.pth')
 
 
-def run_ddp_codebook(z, sync, tmp_path):
-    torch.multiprocessing.spawn(_ddp_codebook_worker, args=(2, _free_port(), sync, z, str(tmp_path)), nprocs=2)
-    return [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
+def test_load_tokenizer_refuses_a_backbone_file(tmp_path):
+    tiny_pretrain_file(tmp_path / 'p.pt')
+    with pytest.raises(ValueError, match='not a tokenizer checkpoint.*backbone'):
+        beitv2.load_tokenizer(tmp_path / 'p.pt')
+
+# -------------------------------------------------------------- common.py: settings, presets, devices, run safety, data
 
 
-def test_ddp_codebook_identical_on_ranks_and_equal_to_one_process(tmp_path):
-    torch.manual_seed(1)
-    z = torch.randn(2, 64, 8)
-    z[1] += 1.5  # the two ranks see different data
-    # one process that sees both halves with the initial means rank 0 draws
+def test_every_preset_parses_and_holds_the_paper_recipe():
+    import bench
+    import common
+    import pretrain
+    for mod in (TT, pretrain, E, bench):
+        for name in mod.PRESETS:
+            common.configure(mod.Config(), mod.PRESETS, [f'--preset={name}'])  # dies on a type error
+    p = common.configure(pretrain.Config(), pretrain.PRESETS, ['--preset=base_1600', '--accum=2'])
+    assert (p.lr, p.weight_decay, p.clip_grad, p.betas, p.epochs, p.warmup_epochs) == \
+        (1.5e-3, 0.05, 3.0, (0.9, 0.999), 1600, 10)
+    assert (p.min_crop_scale, p.layer_scale, p.early_layers, p.drop_path, p.batch_size, p.accum) == \
+        (0.2, 0.1, 9, 0.1, 128, 2)
+    p = common.configure(pretrain.Config(), pretrain.PRESETS, ['--preset=large_300'])
+    assert (p.betas, p.drop_path, p.layer_scale, p.early_layers, p.depth) == ((0.9, 0.98), 0.0, 1e-5, 21, 24)
+    t = common.configure(TT.Config(), TT.PRESETS, ['--preset=clip_3x'])
+    assert (t.lr, t.betas, t.weight_decay, t.epochs, t.codebook_size, t.code_dim, t.decoder_depth) == \
+        (5e-5, (0.9, 0.99), 1e-4, 100, 8192, 32, 3)
+
+
+def test_scripts_build_the_architecture_from_beitv2_presets():
+    """One definition per architecture: --model names a beitv2.PRESETS entry, settings override it."""
+    import common
+    import pretrain
+    p = common.configure(pretrain.Config(), pretrain.PRESETS, ['--model=beitv2_base_patch16_224', '--depth=6'])
+    m = common.model_config(p, vocab_size=64)
+    assert m == dataclasses.replace(beitv2.PRESETS['beitv2_base_patch16_224'], depth=6, vocab_size=64)
+    demo = common.model_config(common.configure(pretrain.Config(), pretrain.PRESETS, []), vocab_size=512)
+    assert demo == beitv2.PRESETS['beitv2_demo']
+    t = common.configure(TT.Config(), TT.PRESETS, [])
+    assert common.model_config(t, teacher_dim=512) == beitv2.PRESETS['vqkd_demo']
+
+
+@pytest.mark.parametrize('arg,msg', [('--batch_size=0', 'must be >= 1'), ('--lr=-1e-3', 'must be > 0'),
+                                     ('--log_every=0', 'must be >= 1'), ('--accum=0', 'must be >= 1'),
+                                     ('--workers=-1', 'must be >= 0'), ('--steps=-1', 'must be >= 1')])
+def test_ranges_beside_the_fields_are_checked(arg, msg, capsys):
+    import common
+    import pretrain
+    with pytest.raises(SystemExit):
+        common.configure(pretrain.Config(), pretrain.PRESETS, [arg])
+    err = capsys.readouterr().err
+    assert msg in err and arg.split('=')[0] in err and err.count('\n') == 1
+
+
+@pytest.mark.parametrize('device', ['gpu0', 'cuda', 'cuda:1'])
+def test_unknown_or_missing_device_is_an_error(device, capsys):
+    import common
+    import pretrain
+    if torch.cuda.is_available() and device != 'gpu0':
+        pytest.skip('this machine has CUDA')
+    cfg = common.configure(pretrain.Config(), pretrain.PRESETS, [f'--device={device}'])
+    with pytest.raises(SystemExit):
+        common.Env(cfg)
+    assert 'device' in capsys.readouterr().err
+
+
+def test_lr_schedules():
+    import types
+    from common import get_lr
+    cfg = types.SimpleNamespace(lr=1.0, min_lr=0.0, warmup_steps=10, steps=110, schedule='cosine')
+    assert get_lr(0, cfg) == 0 and get_lr(5, cfg) == 0.5 and get_lr(10, cfg) == 1.0
+    assert abs(get_lr(60, cfg) - 0.5) < 1e-12 and get_lr(110, cfg) == 0.0
+    cfg.schedule = 'poly'
+    assert abs(get_lr(35, cfg) - 0.75) < 1e-12 and get_lr(110, cfg) == 0.0
+
+
+def test_out_dir_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path, capsys):
+    import socket
+    import types
+    import common
+    env = types.SimpleNamespace(master=True, lock=None, print=print)
+    cfg = types.SimpleNamespace(out_dir=str(tmp_path / 'run'))
+    (tmp_path / 'run').mkdir()
+    other = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        (tmp_path / 'run' / 'lock').write_text(f'{other.pid}@{socket.gethostname()}')
+        with pytest.raises(SystemExit):
+            common.claim_out_dir(cfg, env)
+        assert 'in use by another run' in capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+    common.claim_out_dir(cfg, env)  # the owner is gone: a stale lock
+    assert 'taking it over' in capsys.readouterr().out
+    assert (tmp_path / 'run' / 'lock').read_text() == f'{os.getpid()}@{socket.gethostname()}'
+    common.release_lock(env.lock)
+    assert not (tmp_path / 'run' / 'lock').exists()
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(SystemExit):
+        common.claim_out_dir(types.SimpleNamespace(out_dir=str(tmp_path / 'file')), env)
+    assert 'cannot create it' in capsys.readouterr().err
+
+
+def test_full_disk_removes_the_temp_file_and_says_so(tmp_path, monkeypatch, capsys):
+    import types
+    import common
+    env = types.SimpleNamespace(master=True, ddp=False, world=1)
+    (tmp_path / 'ckpt.pt').write_bytes(b'previous')
+
+    def full(obj, f):
+        Path(f).write_bytes(b'partial')
+        raise RuntimeError('[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0')
+    monkeypatch.setattr(torch, 'save', full)
+    with pytest.raises(SystemExit):
+        common.save_checkpoint(str(tmp_path / 'ckpt.pt'), env, step=1)
+    err = capsys.readouterr().err
+    assert 'no space left?' in err and 'intact' in err and err.count('\n') == 1
+    assert not (tmp_path / 'ckpt.pt.tmp').exists() and (tmp_path / 'ckpt.pt').read_bytes() == b'previous'
+
+
+def test_resumed_log_is_cut_back_to_the_checkpoint(tmp_path):
+    import types
+    import common
+    (tmp_path / 'log.jsonl').write_text(''.join(json.dumps(dict(step=s, loss=1.0)) + '\n' for s in range(1, 8)))
+    common.Logger(types.SimpleNamespace(out_dir=str(tmp_path)), types.SimpleNamespace(master=True), 4)
+    steps = [json.loads(line)['step'] for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_fashion_mnist_files_load_as_rgb(tmp_path):
+    """torchvision's FashionMNIST with download=False, on idx files the test writes."""
+    import common
+    raw = tmp_path / 'FashionMNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for split, n in (('train', 6), ('t10k', 3)):
+        imgs = torch.randint(0, 255, (n, 28, 28), dtype=torch.uint8)
+        (raw / f'{split}-images-idx3-ubyte').write_bytes(
+            (2051).to_bytes(4, 'big') + n.to_bytes(4, 'big') + (28).to_bytes(4, 'big') * 2 + imgs.numpy().tobytes())
+        (raw / f'{split}-labels-idx1-ubyte').write_bytes(
+            (2049).to_bytes(4, 'big') + n.to_bytes(4, 'big') + bytes(range(n)))
+    ds = common.build_dataset(f'fashion_mnist:{tmp_path}', 'train', 32)
+    assert len(ds) == 6 and len(common.build_dataset(f'fashion_mnist:{tmp_path}', 'val', 32)) == 3
+    x, y = common.Augmented(ds, common.CropTransform(32), seed=0)[(0, 2)]
+    assert x.shape == (3, 32, 32) and y == 2
+
+# ----------------------------------------------------------------------------- train_tokenizer.py: teachers and runs
+
+
+def test_clip_teacher_from_torchscript_file(tmp_path):
     torch.manual_seed(0)
-    q = beitv2.NormEMACodebook(16, 8, decay=0.9).train()
-    z0 = F.normalize(z[0], dim=-1)
-    init = z0[torch.randperm(64)[:16]]
-    means, _ = beitv2.kmeans(F.normalize(z, dim=-1).flatten(0, 1), 16, means=init)
-    q.weight.copy_(means), q.initted.fill_(1)
-    q(z.reshape(1, 128, 8))
-    r0, r1 = run_ddp_codebook(z, True, tmp_path)
-    assert torch.equal(r0['weight'], r1['weight']) and torch.equal(r0['cluster_size'], r1['cluster_size'])
-    close(r0['weight'], q.weight, atol=1e-5)
-    close(r0['cluster_size'], q.cluster_size, atol=1e-5)
-    # the same check fails when synchronisation is off: the ranks then disagree
-    r0, r1 = run_ddp_codebook(z, False, tmp_path)
-    assert (r0['weight'] - r1['weight']).abs().max() > 1e-3
-
-# ----------------------------------------------------------------------------- timm (optional)
-
-
-def test_timm_beitv2_parity():
-    timm = pytest.importorskip('timm')
-    torch.manual_seed(0)
-    ref = timm.create_model('beitv2_base_patch16_224', pretrained=False).eval()
+    ref = TT.CLIPVisual(width=64, layers=2, patch=8, grid=4, out_dim=16)
     with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if 'relative_position_bias_table' in n or 'gamma' in n:
-                p.normal_(0, 0.1)
-    ours = beitv2.ViT(beitv2.classifier_config(beitv2.PRESETS['beitv2_base_patch16_224'], 1000)).eval()
-    ours = beitv2.load_state(ours, ref.state_dict())
-    x = torch.randn(2, 3, 224, 224)
+        for p in ref.parameters():
+            p.normal_(0, 0.1)
+    holder = torch.nn.Module()
+    holder.visual = ref
+    holder.forward = ref.forward
+    x = torch.rand(2, 3, 32, 32)
+    torch.jit.trace(holder, x).save(str(tmp_path / 'ViT-B-16.pt'))  # the OpenAI file is TorchScript
+    t = TT.load_clip(str(tmp_path / 'ViT-B-16.pt')).eval()
     with torch.no_grad():
-        close(ours(x), ref(x), atol=1e-4)
-    ref.load_state_dict(beitv2.export_state(ours, 'timm'))
+        close(t(x), ref(x), atol=1e-6)
+    assert t(x).shape == (2, 16, 16)
 
 
-def test_rel_pos_table_resize_matches_official_interp2d():
-    """The official loader: geometric source grid + scipy interp2d(kind='cubic'), which is
-    FITPACK's regrid, as RectBivariateSpline(s=0); 14x14 -> 32x32 patches (224 -> 512 px)."""
-    interp = pytest.importorskip('scipy.interpolate')
-    import numpy as np
+def test_dino_teacher_from_state_dict_file(tmp_path):
     torch.manual_seed(0)
-    table = torch.randn(27 * 27 + 3, 2, dtype=torch.float64)
-    out = beitv2.resize_rel_pos_table(table, 63 * 63 + 3)
-    lo, hi = 1.01, 1.5  # official bisection and offsets, written as in run_class_finetuning.py
-    while hi - lo > 1e-6:
-        q = (lo + hi) / 2.0
-        lo, hi = (lo, q) if (1.0 - q ** 13) / (1.0 - q) > 31 else (q, hi)
-    dis, cur = [], 1
-    for i in range(13):
-        dis.append(cur)
-        cur += q ** (i + 1)
-    x = np.array([-d for d in reversed(dis)] + [0] + dis)
-    dx = np.arange(-31.0, 31.1, 1.0)
-    for h in range(2):
-        z = table[:-3, h].view(27, 27).numpy()
-        ref = interp.RectBivariateSpline(x, x, z.T, kx=3, ky=3, s=0)(dx, dx).T
-        close(out[:-3, h].view(63, 63), torch.from_numpy(ref), atol=1e-10)
-    assert torch.equal(out[-3:], table[-3:])
-
-# ----------------------------------------------------------------------------- scripts (slow)
-
-TINY_TOK = ['--img_size=16', '--patch_size=4', '--embed_dim=32', '--depth=1', '--num_heads=2',
-            '--codebook_size=32', '--code_dim=8', '--batch_size=8', '--warmup_steps=1', '--log_every=1']
-TINY_PRE = ['--img_size=16', '--patch_size=4', '--embed_dim=32', '--depth=2', '--num_heads=2',
-            '--early_layers=1', '--batch_size=8', '--warmup_steps=1', '--log_every=1']
+    vit = beitv2.ViT(beitv2.ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1, layer_scale=0.0,
+                                      abs_pos_emb=True, rel_pos='none'))
+    sd = vit.state_dict()
+    for i in range(2):  # DINO names: one qkv.bias (with a k part), head.* to be dropped
+        q, v = sd.pop(f'blocks.{i}.attn.q_bias'), sd.pop(f'blocks.{i}.attn.v_bias')
+        sd[f'blocks.{i}.attn.qkv.bias'] = torch.cat([q, torch.randn(64), v])
+    sd['head.weight'] = torch.zeros(3, 64)
+    torch.save(sd, tmp_path / 'dino_vitbase16_pretrain.pth')
+    t = TT.load_dino(str(tmp_path / 'dino_vitbase16_pretrain.pth')).eval()
+    x = torch.rand(2, 3, 32, 32)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        close(t(x), vit.forward_patch_tokens((x - mean) / std), atol=1e-6)
 
 
-def run_script(*args, ok=True):
-    p = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert (p.returncode == 0) == ok, p.stdout[-2000:] + p.stderr[-3000:]
-    return p
+def test_torchvision_teacher_from_weights_file(tmp_path):
+    import torchvision
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / 'resnet18.pth')
+    cfg = TT.Config(teacher='tv:resnet18', teacher_weights=str(tmp_path / 'resnet18.pth'), img_size=64, patch_size=16)
+    t = TT.build_teacher(cfg)
+    assert t(torch.rand(2, 3, 64, 64)).shape == (2, 16, 256)  # layer3: 256 channels at stride 16
+    assert not any(p.requires_grad for p in t.parameters()) and not t.training
 
 
-@pytest.fixture(scope='module')
-def tokenizer_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp('tok')
-    run_script('train_tokenizer.py', *TINY_TOK, '--steps=3', '--workers=0', f'--out_dir={out}')
-    return out / 'ckpt.pt'
+@pytest.mark.parametrize('colour', [False, True])
+def test_hog_teacher_is_structured(colour):
+    t = TT.HOGTeacher(4, colour=colour)
+    img = torch.zeros(1, 3, 16, 16)
+    img[..., :, 8:] = 1.0  # a vertical edge between patch columns 1 and 2
+    f = t(img)
+    hog = 3 * 9 * 4 if colour else 9 * 4
+    assert f.shape == (1, 16, hog + (3 if colour else 0))
+    assert torch.allclose(f.mean(1), torch.zeros(1, f.shape[-1]), atol=1e-6)  # centred per image
+    edge = f.view(4, 4, -1)[:, 1:3, :hog].abs().sum()
+    flat = f.view(4, 4, -1)[:, [0, 3], :hog].std(0).sum()
+    assert edge > 10 * flat  # gradients show up where the edge is
+    red = torch.zeros(1, 3, 16, 16)
+    red[:, 0, :, 8:] = 1.0  # the same edge, black to red
+    assert torch.equal(t(red), f) != colour  # the default target sees geometry, not colour
 
 
 @pytest.mark.slow
@@ -626,6 +915,53 @@ def test_train_tokenizer_script_writes_loadable_checkpoint(tokenizer_ckpt):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('sync', [True, False])
+def test_torchrun_tokenizer_codebook_identical_on_ranks(tmp_path, sync):
+    out = tmp_path / 'ddp'
+    helper = tmp_path / 'ddp_check.py'  # train_tokenizer.main under torchrun; each rank saves its codebook
+    helper.write_text(f'''import os, sys, torch
+sys.path.insert(0, {str(HERE)!r})
+import beitv2, train_tokenizer
+beitv2.NormEMACodebook.sync = sys.argv[2] == 'True'
+model = train_tokenizer.main(sys.argv[3:] + ['--out_dir=' + sys.argv[1]])
+torch.save(model.quantize.weight, os.path.join(sys.argv[1], 'codebook_rank' + os.environ['RANK'] + '.pt'))
+''')
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
+                        str(helper), str(out), str(sync), *TINY_TOK, '--steps=3', '--workers=0'],
+                       cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    w0, w1 = (torch.load(out / f'codebook_rank{r}.pt') for r in range(2))
+    assert torch.equal(w0, w1) == sync  # with sync off the same check fails: ranks disagree
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    p = run_script('train_tokenizer.py', *TINY_TOK, '--steps=6', '--workers=0', '--lr=1e30', '--ckpt_every=1',
+                   f'--out_dir={tmp_path}', ok=False)
+    assert p.returncode == 2 and 'loss is nan' in p.stderr and 'Traceback' not in p.stderr, p.stderr[-800:]
+    ckpt = beitv2.load_file(tmp_path / 'ckpt.pt')
+    bad_step = int(p.stderr.split('at step ')[1].split(':')[0])
+    assert ckpt['step'] == bad_step - 1
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_tokenizer_vocabulary_mismatch_on_resume_is_a_clear_error(tokenizer_ckpt, tmp_path):
+    other = tmp_path / 'tok16'
+    run_script('train_tokenizer.py', *TINY_TOK, '--codebook_size=16', '--steps=1', '--workers=0', f'--out_dir={other}')
+    args = [*TINY_PRE, '--steps=2', '--workers=0', f'--out_dir={tmp_path / "pre"}']
+    run_script('pretrain.py', *args, f'--tokenizer={tokenizer_ckpt}')  # vocabulary 32
+    p = run_script('pretrain.py', *args, '--steps=3', f'--tokenizer={other / "ckpt.pt"}', ok=False)  # 16
+    assert p.returncode == 2 and '--tokenizer is' in p.stderr, p.stderr[-800:]  # the settings check comes first
+    p = run_script('pretrain.py', *args, '--steps=3', f'--tokenizer={other / "ckpt.pt"}',
+                   '--allow_change=steps,tokenizer', ok=False)  # allowed, but the weights cannot fit
+    assert p.returncode == 2 and 'cannot resume' in p.stderr and 'lm_head' in p.stderr, p.stderr[-800:]
+    assert 'Traceback' not in p.stderr
+
+# ----------------------------------------------------------------------------- pretrain.py
+
+
+@pytest.mark.slow
 def test_pretrain_script_writes_loadable_checkpoint(tokenizer_ckpt, tmp_path):
     p = run_script('pretrain.py', *TINY_PRE, '--steps=3', '--workers=1', f'--tokenizer={tokenizer_ckpt}',
                    f'--out_dir={tmp_path}')
@@ -635,6 +971,41 @@ def test_pretrain_script_writes_loadable_checkpoint(tokenizer_ckpt, tmp_path):
     assert model.lm_head.out_features == 32
     clf = beitv2.ViT(beitv2.classifier_config(model.cfg, 3))
     beitv2.load_state(clf, ckpt['model'], ignore=beitv2.PRETRAIN_ONLY + ('fc_norm', 'head'))
+
+
+def test_pretrain_logs_only_the_branches_that_exist():
+    import pretrain
+    both = {'mim': dict(loss=1.0, acc=0.5), 'cls': dict(loss=2.0, acc=0.25)}
+    assert pretrain.official_names(both) == dict(loss_1=1.0, mlm_acc_1=0.5, loss_2=2.0, mlm_acc_2=0.25)
+    assert pretrain.official_names({'mim': both['mim']}) == dict(loss_1=1.0, mlm_acc_1=0.5)
+    logits, losses = tiny_beit(head_layers=0)(torch.randn(2, 3, 32, 32), torch.ones(2, 16, dtype=torch.bool),
+                                              torch.zeros(2, 16, dtype=torch.long))
+    assert set(logits) == {'mim'} and set(losses) == {'loss_mim', 'loss'}
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_large_batch(tokenizer_ckpt, tmp_path):
+    """2 micro-batches of 8 are the same 16 samples as one batch of 16 (same sampler order)."""
+    args = [*TINY_PRE, f'--tokenizer={tokenizer_ckpt}', '--steps=3', '--workers=0', '--data=demo:64',
+            '--dtype=fp32']  # the default is bf16 on CPUs with bf16 hardware
+    run_script('pretrain.py', *args, '--batch_size=16', f'--out_dir={tmp_path / "big"}')
+    run_script('pretrain.py', *args, '--batch_size=8', '--accum=2', f'--out_dir={tmp_path / "acc"}')
+    a = beitv2.load_file(tmp_path / 'big' / 'ckpt.pt')['model']
+    b = beitv2.load_file(tmp_path / 'acc' / 'ckpt.pt')['model']
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # AdamW ignores the gradient's scale; the logged norm does not (a missing 1/accum shows here)
+    norms = [[json.loads(line)['gnorm'] for line in (tmp_path / d / 'log.jsonl').read_text().splitlines()]
+             for d in ('big', 'acc')]
+    assert all(abs(x - y) < 1e-4 * x for x, y in zip(*norms)) and len(norms[0]) == 3
+
+
+@pytest.mark.slow
+def test_nan_without_a_checkpoint_says_so(tmp_path):
+    p = run_script('train_tokenizer.py', *TINY_TOK, '--steps=6', '--workers=0', '--lr=1e30', '--ckpt_every=100',
+                   f'--out_dir={tmp_path}', ok=False)
+    assert 'loss is nan' in p.stderr and 'no checkpoint was written yet' in p.stderr, p.stderr[-800:]
+
+# -------------------------------------------------------------------------- every script: exact resume, one-line errors
 
 
 def same_state(a, b):
@@ -692,62 +1063,45 @@ def test_scripts_give_one_line_errors(tmp_path, tokenizer_ckpt):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('sync', [True, False])
-def test_torchrun_tokenizer_codebook_identical_on_ranks(tmp_path, sync):
-    out = tmp_path / 'ddp'
-    helper = tmp_path / 'ddp_check.py'  # train_tokenizer.main under torchrun; each rank saves its codebook
-    helper.write_text(f'''import os, sys, torch
-sys.path.insert(0, {str(HERE)!r})
-import beitv2, train_tokenizer
-beitv2.NormEMACodebook.sync = sys.argv[2] == 'True'
-model = train_tokenizer.main(sys.argv[3:] + ['--out_dir=' + sys.argv[1]])
-torch.save(model.quantize.weight, os.path.join(sys.argv[1], 'codebook_rank' + os.environ['RANK'] + '.pt'))
-''')
-    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
-                        str(helper), str(out), str(sync), *TINY_TOK, '--steps=3', '--workers=0'],
-                       cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    w0, w1 = (torch.load(out / f'codebook_rank{r}.pt') for r in range(2))
-    assert torch.equal(w0, w1) == sync  # with sync off the same check fails: ranks disagree
+def test_scripts_refuse_bad_files_and_changed_settings(tmp_path, tokenizer_ckpt, pretrain_ckpt):
+    junk = junk_files(tmp_path)
+    pre = [*TINY_PRE, '--workers=0', '--steps=2']
+    cases = [(['pretrain.py', *pre, f'--tokenizer={j}', f'--out_dir={tmp_path / "o"}'], 'not a readable checkpoint')
+             for j in junk]
+    cases += [
+        (['pretrain.py', *pre, f'--tokenizer={pretrain_ckpt}', f'--out_dir={tmp_path / "o"}'], 'not a tokenizer'),
+        (['evaluate.py', '--mode=codebook', f'--checkpoint={pretrain_ckpt}', f'--out_dir={tmp_path / "o"}'],
+         'not a tokenizer'),
+        (['evaluate.py', '--mode=knn', f'--checkpoint={junk[0]}', f'--out_dir={tmp_path / "o"}'],
+         'not a readable checkpoint'),
+        (['pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', f'--resume={junk[1]}', f'--out_dir={tmp_path / "o"}'],
+         'not a readable checkpoint'),
+        (['pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', '--num_mask=100', f'--out_dir={tmp_path / "o"}'],
+         'cannot mask 100 of 16'),
+        (['train_tokenizer.py', *TINY_TOK, '--batch_size=1', '--codebook_size=64', f'--out_dir={tmp_path / "o"}'],
+         'k-means init needs at least codebook_size=64'),
+        (['pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', f'--out_dir={junk[2]}'], 'cannot create it'),
+    ]
+    for args, msg in cases:
+        p = run_script(*args, ok=False)
+        assert p.returncode == 2 and msg in p.stderr and 'Traceback' not in p.stderr, (args, p.stderr[-1500:])
+        assert p.stderr.strip().count('\n') == 0, p.stderr
+    # a resume with settings that change the run's meaning is refused, naming the setting
+    out = tmp_path / 'resume'
+    run_script('pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', f'--out_dir={out}')
+    for arg, name in [('--batch_size=4', '--batch_size'), ('--steps=3', '--steps'), ('--seed=1', '--seed'),
+                      (f'--tokenizer={tmp_path / "copy.pt"}', '--tokenizer')]:
+        (tmp_path / 'copy.pt').write_bytes(tokenizer_ckpt.read_bytes())
+        args = [a for a in [*pre, f'--tokenizer={tokenizer_ckpt}'] if a.split('=')[0] != arg.split('=')[0]]
+        p = run_script('pretrain.py', *args, arg, f'--out_dir={out}', ok=False)
+        assert name in p.stderr and 'allow_change' in p.stderr and 'Traceback' not in p.stderr, p.stderr
+    p = run_script('pretrain.py', *pre, '--steps=3', '--allow_change=steps', f'--tokenizer={tokenizer_ckpt}',
+                   f'--out_dir={out}')
+    assert 'resumed from' in p.stdout and beitv2.load_file(out / 'ckpt.pt')['step'] == 3
+    steps = [json.loads(line)['step'] for line in (out / 'log.jsonl').read_text().splitlines()]
+    assert steps == [1, 2, 3] and not (out / 'lock').exists()
 
-
-def test_pretrain_logs_only_the_branches_that_exist():
-    import pretrain
-    both = {'mim': dict(loss=1.0, acc=0.5), 'cls': dict(loss=2.0, acc=0.25)}
-    assert pretrain.official_names(both) == dict(loss_1=1.0, mlm_acc_1=0.5, loss_2=2.0, mlm_acc_2=0.25)
-    assert pretrain.official_names({'mim': both['mim']}) == dict(loss_1=1.0, mlm_acc_1=0.5)
-    logits, losses = tiny_beit(head_layers=0)(torch.randn(2, 3, 32, 32), torch.ones(2, 16, dtype=torch.bool),
-                                              torch.zeros(2, 16, dtype=torch.long))
-    assert set(logits) == {'mim'} and set(losses) == {'loss_mim', 'loss'}
-
-
-def test_pretrain_fast_path_equals_full_computation():
-    """forward() computes only [CLS] + masked rows in the last blocks when every image has the
-    same masked count; the result must equal selecting from the full computation."""
-    torch.manual_seed(0)
-    for early in (2, 3):  # early_layers < depth, and = depth (the head then reads the last block)
-        m = tiny_beit(early_layers=early).double().eval()
-        with torch.no_grad():
-            m.rel_pos_bias.relative_position_bias_table.normal_()
-        x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
-        mask = torch.stack([beitv2.MaskingGenerator((4, 4))() for _ in range(3)])
-        logits, _ = m(x, mask)
-        for name, t in m.branches(x, mask).items():
-            close(logits[name], m.lm_head(m.norm(t)[:, 1:][mask]))
-    mask[0, mask[0].nonzero()[0]] = False  # unequal counts: the general path
-    assert m(x, mask)[0]['mim'].shape[0] == int(mask.sum())
-
-# ----------------------------------------------------------------------------- evaluate.py
-
-
-
-def test_miou_against_hand_computed_confusion():
-    pred = torch.tensor([0, 0, 1, 1, 2, 2, 2, 0])
-    target = torch.tensor([0, 1, 1, 1, 2, 255, 0, 0])
-    conf = E.confusion(pred, target, 3)
-    assert conf.tolist() == [[2, 0, 1], [1, 2, 0], [0, 0, 1]]  # rows: target, columns: prediction
-    # IoU: class 0: 2 / (3 + 3 - 2), class 1: 2 / (3 + 2 - 2), class 2: 1 / (1 + 2 - 1)
-    assert abs(E.miou(conf) - 100 * (2 / 4 + 2 / 3 + 1 / 2) / 3) < 1e-9
+# ---------------------------------------------------------------------------- evaluate.py: probes, compare, fine-tuning
 
 
 def test_knn_on_separable_features_is_exact():
@@ -776,67 +1130,6 @@ def test_lars_linear_head_learns_separable_features():
         loss.backward()
         opt.step()
     assert (head.eval()(x).argmax(1) == y).float().mean() > 0.95
-
-
-def tiny_segmenter():
-    torch.manual_seed(0)
-    vit = beitv2.ViT(beitv2.ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
-                                      rel_pos='per_block', fc_norm=True))
-    return E.Segmenter(vit, (0, 1, 2, 3), num_classes=3, channels=16).eval()
-
-
-def test_sliding_window_equals_whole_image_when_one_window_covers_it():
-    m = tiny_segmenter()
-    img = torch.randn(3, 32, 32)
-    with torch.no_grad():
-        whole = m(img[None])[0][0]
-    close(E.sliding_window(m, img, 3, crop=32, stride=21), whole, atol=1e-6)
-    big = E.sliding_window(m, torch.randn(3, 40, 48), 3, crop=32, stride=21)  # overlapping windows
-    assert big.shape == (3, 40, 48) and torch.isfinite(big).all()
-
-
-def test_segmenter_shapes_and_gradients():
-    m = tiny_segmenter().train()
-    logits, aux = m(torch.randn(2, 3, 32, 32))
-    assert logits.shape == aux.shape == (2, 3, 32, 32)
-    (logits.mean() + aux.mean()).backward()
-    assert all(p.grad is not None for p in m.parameters())
-
-
-def test_segmentation_loss_counts_ignored_pixels_as_zero():
-    import evaluate
-    logits = torch.randn(2, 3, 4, 5, dtype=torch.float64)
-    target = torch.randint(0, 3, (2, 4, 5))
-    target[0, :2] = 255
-    per_pixel = -logits.log_softmax(1).gather(1, target.clamp(max=2)[:, None])[:, 0]
-    expected = per_pixel.masked_fill(target == 255, 0).sum() / target.numel()  # mmseg 0.x: / all pixels
-    close(evaluate.seg_loss(logits, target), expected, atol=1e-6)
-
-
-def test_segmenter_heads_have_mmseg_init_and_cls_token_is_decayed():
-    torch.manual_seed(0)
-    m = tiny_segmenter()
-    seg = m.cls[1].weight
-    assert abs(seg.std().item() - 0.01) < 0.003 and not m.cls[1].bias.any()
-    conv = m.fuse[0].weight  # kaiming normal, fan_out = out_channels * k * k
-    fan_out = conv.shape[0] * conv.shape[2] * conv.shape[3]
-    assert abs(conv.std().item() / math.sqrt(2 / fan_out) - 1) < 0.1
-    groups = beitv2.param_groups(m, 0.05, 0.9, m.backbone.cfg.depth, no_decay=())
-    decayed = {id(p) for g in groups if g['weight_decay'] > 0 for p in g['params']}
-    assert id(m.backbone.cls_token) in decayed  # as the official mmseg run (its name test misses the prefix)
-    assert id(m.backbone.cls_token) not in {id(p) for g in beitv2.param_groups(m, 0.05) if g['weight_decay'] > 0
-                                            for p in g['params']}
-
-
-@pytest.fixture(scope='module')
-def pretrain_ckpt(tokenizer_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp('pre')
-    run_script('pretrain.py', *TINY_PRE, '--steps=2', '--workers=0', f'--tokenizer={tokenizer_ckpt}',
-               f'--out_dir={out}')
-    return out / 'ckpt.pt'
-
-
-EVAL_TINY = ['--img_size=16', '--batch_size=8', '--workers=0', '--log_every=1', '--data=demo:48']
 
 
 @pytest.mark.slow
@@ -896,151 +1189,6 @@ def test_demo_pretraining_beats_random_init_on_knn(tmp_path):
     assert top1['checkpoint'] >= top1['random'] + 10, top1
 
 
-@pytest.mark.slow
-def test_evaluate_codebook_png_and_errors(tokenizer_ckpt, pretrain_ckpt, tmp_path):
-    run_script('evaluate.py', '--mode=codebook', f'--checkpoint={tokenizer_ckpt}', '--img_size=16',
-               '--data=demo', f'--out_dir={tmp_path}')
-    from PIL import Image
-    assert Image.open(tmp_path / 'codebook.png').size[0] > 16 and (tmp_path / 'token_maps.png').exists()
-    p = run_script('evaluate.py', '--mode=linear', f'--checkpoint={tokenizer_ckpt}', *EVAL_TINY, ok=False)
-    assert 'is a tokenizer' in p.stderr and 'Traceback' not in p.stderr
-    p = run_script('evaluate.py', '--mode=segment', f'--checkpoint={pretrain_ckpt}', '--data=ade20k:/nonexistent',
-                   *EVAL_TINY[:-1], ok=False)
-    assert 'ADE20K' in p.stderr and 'Traceback' not in p.stderr
-    p = run_script('evaluate.py', '--mode=finetune', '--eval_only=True', f'--checkpoint={pretrain_ckpt}',
-                   *EVAL_TINY, ok=False)
-    assert 'class head' in p.stderr and 'Traceback' not in p.stderr
-
-# ----------------------------------------------------------------------------- teachers (train_tokenizer.py)
-
-
-
-def test_clip_teacher_from_torchscript_file(tmp_path):
-    torch.manual_seed(0)
-    ref = TT.CLIPVisual(width=64, layers=2, patch=8, grid=4, out_dim=16)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.1)
-    holder = torch.nn.Module()
-    holder.visual = ref
-    holder.forward = ref.forward
-    x = torch.rand(2, 3, 32, 32)
-    torch.jit.trace(holder, x).save(str(tmp_path / 'ViT-B-16.pt'))  # the OpenAI file is TorchScript
-    t = TT.load_clip(str(tmp_path / 'ViT-B-16.pt')).eval()
-    with torch.no_grad():
-        close(t(x), ref(x), atol=1e-6)
-    assert t(x).shape == (2, 16, 16)
-
-
-def test_attention_without_k_bias_equals_full_qkv_bias():
-    """Why DINO's qkv.bias loads into q_bias/v_bias: the k bias adds q.b_k to every logit of a
-    query, a constant that softmax removes."""
-    torch.manual_seed(0)
-    attn = beitv2.Attention(32, 2).double()
-    with torch.no_grad():
-        attn.q_bias.normal_(), attn.v_bias.normal_()
-    k_bias = torch.randn(32, dtype=torch.float64)
-    x = torch.randn(2, 5, 32, dtype=torch.float64)
-    qkv = x @ attn.qkv.weight.T + torch.cat([attn.q_bias, k_bias, attn.v_bias])
-    q, k, v = qkv.view(2, 5, 3, 2, 16).permute(2, 0, 3, 1, 4)
-    ref = ((q @ k.transpose(-2, -1) / 4).softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 32)
-    close(attn(x), attn.proj(ref))
-
-
-def test_dino_teacher_from_state_dict_file(tmp_path):
-    torch.manual_seed(0)
-    vit = beitv2.ViT(beitv2.ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1, layer_scale=0.0,
-                                      abs_pos_emb=True, rel_pos='none'))
-    sd = vit.state_dict()
-    for i in range(2):  # DINO names: one qkv.bias (with a k part), head.* to be dropped
-        q, v = sd.pop(f'blocks.{i}.attn.q_bias'), sd.pop(f'blocks.{i}.attn.v_bias')
-        sd[f'blocks.{i}.attn.qkv.bias'] = torch.cat([q, torch.randn(64), v])
-    sd['head.weight'] = torch.zeros(3, 64)
-    torch.save(sd, tmp_path / 'dino_vitbase16_pretrain.pth')
-    t = TT.load_dino(str(tmp_path / 'dino_vitbase16_pretrain.pth')).eval()
-    x = torch.rand(2, 3, 32, 32)
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    with torch.no_grad():
-        close(t(x), vit.forward_patch_tokens((x - mean) / std), atol=1e-6)
-
-
-
-def test_torchvision_teacher_from_weights_file(tmp_path):
-    import torchvision
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / 'resnet18.pth')
-    cfg = TT.Config(teacher='tv:resnet18', teacher_weights=str(tmp_path / 'resnet18.pth'), img_size=64, patch_size=16)
-    t = TT.build_teacher(cfg)
-    assert t(torch.rand(2, 3, 64, 64)).shape == (2, 16, 256)  # layer3: 256 channels at stride 16
-    assert not any(p.requires_grad for p in t.parameters()) and not t.training
-
-
-@pytest.mark.parametrize('colour', [False, True])
-def test_hog_teacher_is_structured(colour):
-    t = TT.HOGTeacher(4, colour=colour)
-    img = torch.zeros(1, 3, 16, 16)
-    img[..., :, 8:] = 1.0  # a vertical edge between patch columns 1 and 2
-    f = t(img)
-    hog = 3 * 9 * 4 if colour else 9 * 4
-    assert f.shape == (1, 16, hog + (3 if colour else 0))
-    assert torch.allclose(f.mean(1), torch.zeros(1, f.shape[-1]), atol=1e-6)  # centred per image
-    edge = f.view(4, 4, -1)[:, 1:3, :hog].abs().sum()
-    flat = f.view(4, 4, -1)[:, [0, 3], :hog].std(0).sum()
-    assert edge > 10 * flat  # gradients show up where the edge is
-    red = torch.zeros(1, 3, 16, 16)
-    red[:, 0, :, 8:] = 1.0  # the same edge, black to red
-    assert torch.equal(t(red), f) != colour  # the default target sees geometry, not colour
-
-
-@pytest.mark.slow
-def test_readme_python_blocks_run(tmp_path, monkeypatch):
-    """The README's example, with a small tokenizer saved under the official file name."""
-    import re
-    torch.manual_seed(0)
-    cfg = beitv2.VQKDConfig(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_depth=1,
-                            codebook_size=8192, code_dim=8)
-    torch.save({'model': beitv2.VQKD(cfg).state_dict(), 'model_config': cfg.__dict__},
-               tmp_path / 'vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth')
-    monkeypatch.chdir(tmp_path)
-    blocks = re.findall(r'```python\n(.*?)```', (HERE / 'README.md').read_text(), re.S)
-    scope = {}
-    exec('\n'.join(blocks), scope)
-    assert scope['codes'].shape == (2, 196) and torch.isfinite(scope['losses']['loss'])
-
-
-def test_fashion_mnist_files_load_as_rgb(tmp_path):
-    """torchvision's FashionMNIST with download=False, on idx files the test writes."""
-    import common
-    raw = tmp_path / 'FashionMNIST' / 'raw'
-    raw.mkdir(parents=True)
-    for split, n in (('train', 6), ('t10k', 3)):
-        imgs = torch.randint(0, 255, (n, 28, 28), dtype=torch.uint8)
-        (raw / f'{split}-images-idx3-ubyte').write_bytes(
-            (2051).to_bytes(4, 'big') + n.to_bytes(4, 'big') + (28).to_bytes(4, 'big') * 2 + imgs.numpy().tobytes())
-        (raw / f'{split}-labels-idx1-ubyte').write_bytes(
-            (2049).to_bytes(4, 'big') + n.to_bytes(4, 'big') + bytes(range(n)))
-    ds = common.build_dataset(f'fashion_mnist:{tmp_path}', 'train', 32)
-    assert len(ds) == 6 and len(common.build_dataset(f'fashion_mnist:{tmp_path}', 'val', 32)) == 3
-    x, y = common.Augmented(ds, common.CropTransform(32), seed=0)[(0, 2)]
-    assert x.shape == (3, 32, 32) and y == 2
-
-
-def test_ade20k_layout_and_reduce_zero_label(tmp_path):
-    from PIL import Image
-    for sub in ('training', 'validation'):
-        (tmp_path / 'images' / sub).mkdir(parents=True)
-        (tmp_path / 'annotations' / sub).mkdir(parents=True)
-        Image.new('RGB', (40, 30), (10, 20, 30)).save(tmp_path / 'images' / sub / 'ADE_1.jpg')
-        mask = torch.zeros(30, 40, dtype=torch.uint8)
-        mask[:, 20:] = 150  # class 150 -> 149; 0 ("other") -> ignore
-        Image.fromarray(mask.numpy()).save(tmp_path / 'annotations' / sub / 'ADE_1.png')
-    ds = E.SegData(f'ade20k:{tmp_path}', 'train', 32)
-    img, mask = ds[0]
-    assert ds.num_classes == 150 and set(mask.unique().tolist()) == {149, 255}
-    x, y = E.SegTransform(32, train=True)((img, mask), random.Random(0))
-    assert x.shape == (3, 32, 32) and y.shape == (32, 32) and set(y.unique().tolist()) <= {149, 255}
-
-
 def test_evaluate_reads_official_pretraining_file(tmp_path):
     import argparse
     torch.manual_seed(0)
@@ -1061,33 +1209,6 @@ def test_evaluate_reads_official_pretraining_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    p = run_script('train_tokenizer.py', *TINY_TOK, '--steps=6', '--workers=0', '--lr=1e30', '--ckpt_every=1',
-                   f'--out_dir={tmp_path}', ok=False)
-    assert p.returncode == 2 and 'loss is nan' in p.stderr and 'Traceback' not in p.stderr, p.stderr[-800:]
-    ckpt = beitv2.load_file(tmp_path / 'ckpt.pt')
-    bad_step = int(p.stderr.split('at step ')[1].split(':')[0])
-    assert ckpt['step'] == bad_step - 1
-    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
-
-
-@pytest.mark.slow
-def test_gradient_accumulation_equals_the_large_batch(tokenizer_ckpt, tmp_path):
-    """2 micro-batches of 8 are the same 16 samples as one batch of 16 (same sampler order)."""
-    args = [*TINY_PRE, f'--tokenizer={tokenizer_ckpt}', '--steps=3', '--workers=0', '--data=demo:64',
-            '--dtype=fp32']  # the default is bf16 on CPUs with bf16 hardware
-    run_script('pretrain.py', *args, '--batch_size=16', f'--out_dir={tmp_path / "big"}')
-    run_script('pretrain.py', *args, '--batch_size=8', '--accum=2', f'--out_dir={tmp_path / "acc"}')
-    a = beitv2.load_file(tmp_path / 'big' / 'ckpt.pt')['model']
-    b = beitv2.load_file(tmp_path / 'acc' / 'ckpt.pt')['model']
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    # AdamW ignores the gradient's scale; the logged norm does not (a missing 1/accum shows here)
-    norms = [[json.loads(line)['gnorm'] for line in (tmp_path / d / 'log.jsonl').read_text().splitlines()]
-             for d in ('big', 'acc')]
-    assert all(abs(x - y) < 1e-4 * x for x, y in zip(*norms)) and len(norms[0]) == 3
-
-
-@pytest.mark.slow
 def test_torchrun_knn_equals_one_process(pretrain_ckpt, tmp_path):
     args = ['evaluate.py', '--mode=knn', f'--checkpoint={pretrain_ckpt}', *EVAL_TINY[:-1], '--data=demo:50']
     run_script(*args, f'--out_dir={tmp_path / "one"}')
@@ -1097,66 +1218,84 @@ def test_torchrun_knn_equals_one_process(pretrain_ckpt, tmp_path):
     one, two = (json.loads((tmp_path / d / 'result.json').read_text()) for d in ('one', 'two'))
     assert one['top1'] == two['top1'] and one['top5'] == two['top5']
 
-
-def test_every_preset_parses_and_holds_the_paper_recipe():
-    import bench
-    import common
-    import pretrain
-    for mod in (TT, pretrain, E, bench):
-        for name in mod.PRESETS:
-            common.configure(mod.Config(), mod.PRESETS, [f'--preset={name}'])  # dies on a type error
-    p = common.configure(pretrain.Config(), pretrain.PRESETS, ['--preset=base_1600', '--accum=2'])
-    assert (p.lr, p.weight_decay, p.clip_grad, p.betas, p.epochs, p.warmup_epochs) == \
-        (1.5e-3, 0.05, 3.0, (0.9, 0.999), 1600, 10)
-    assert (p.min_crop_scale, p.layer_scale, p.early_layers, p.drop_path, p.batch_size, p.accum) == \
-        (0.2, 0.1, 9, 0.1, 128, 2)
-    p = common.configure(pretrain.Config(), pretrain.PRESETS, ['--preset=large_300'])
-    assert (p.betas, p.drop_path, p.layer_scale, p.early_layers, p.depth) == ((0.9, 0.98), 0.0, 1e-5, 21, 24)
-    t = common.configure(TT.Config(), TT.PRESETS, ['--preset=clip_3x'])
-    assert (t.lr, t.betas, t.weight_decay, t.epochs, t.codebook_size, t.code_dim, t.decoder_depth) == \
-        (5e-5, (0.9, 0.99), 1e-4, 100, 8192, 32, 3)
+# ----------------------------------------------------------------------------- evaluate.py: segmentation
 
 
-def test_scripts_build_the_architecture_from_beitv2_presets():
-    """One definition per architecture: --model names a beitv2.PRESETS entry, settings override it."""
-    import common
-    import pretrain
-    p = common.configure(pretrain.Config(), pretrain.PRESETS, ['--model=beitv2_base_patch16_224', '--depth=6'])
-    m = common.model_config(p, vocab_size=64)
-    assert m == dataclasses.replace(beitv2.PRESETS['beitv2_base_patch16_224'], depth=6, vocab_size=64)
-    demo = common.model_config(common.configure(pretrain.Config(), pretrain.PRESETS, []), vocab_size=512)
-    assert demo == beitv2.PRESETS['beitv2_demo']
-    t = common.configure(TT.Config(), TT.PRESETS, [])
-    assert common.model_config(t, teacher_dim=512) == beitv2.PRESETS['vqkd_demo']
+def test_miou_against_hand_computed_confusion():
+    pred = torch.tensor([0, 0, 1, 1, 2, 2, 2, 0])
+    target = torch.tensor([0, 1, 1, 1, 2, 255, 0, 0])
+    conf = E.confusion(pred, target, 3)
+    assert conf.tolist() == [[2, 0, 1], [1, 2, 0], [0, 0, 1]]  # rows: target, columns: prediction
+    # IoU: class 0: 2 / (3 + 3 - 2), class 1: 2 / (3 + 2 - 2), class 2: 1 / (1 + 2 - 1)
+    assert abs(E.miou(conf) - 100 * (2 / 4 + 2 / 3 + 1 / 2) / 3) < 1e-9
 
 
-@pytest.mark.slow
-def test_tokenizer_vocabulary_mismatch_on_resume_is_a_clear_error(tokenizer_ckpt, tmp_path):
-    other = tmp_path / 'tok16'
-    run_script('train_tokenizer.py', *TINY_TOK, '--codebook_size=16', '--steps=1', '--workers=0', f'--out_dir={other}')
-    args = [*TINY_PRE, '--steps=2', '--workers=0', f'--out_dir={tmp_path / "pre"}']
-    run_script('pretrain.py', *args, f'--tokenizer={tokenizer_ckpt}')  # vocabulary 32
-    p = run_script('pretrain.py', *args, '--steps=3', f'--tokenizer={other / "ckpt.pt"}', ok=False)  # 16
-    assert p.returncode == 2 and '--tokenizer is' in p.stderr, p.stderr[-800:]  # the settings check comes first
-    p = run_script('pretrain.py', *args, '--steps=3', f'--tokenizer={other / "ckpt.pt"}',
-                   '--allow_change=steps,tokenizer', ok=False)  # allowed, but the weights cannot fit
-    assert p.returncode == 2 and 'cannot resume' in p.stderr and 'lm_head' in p.stderr, p.stderr[-800:]
-    assert 'Traceback' not in p.stderr
-
-
-def test_load_tokenizer_reads_the_config_off_an_official_file(tmp_path):
+def tiny_segmenter():
     torch.manual_seed(0)
-    tok = tiny_vqkd(embed_dim=128, num_heads=2, decoder_depth=2, teacher_dim=40).eval()  # 64-dim heads
-    torch.save({'model': beitv2.export_state(tok)}, tmp_path / 'vqkd_official_layout.pth')
-    loaded = beitv2.load_tokenizer(tmp_path / 'vqkd_official_layout.pth')
-    assert loaded.cfg == tok.cfg and not any(p.requires_grad for p in loaded.parameters())
-    x = torch.rand(2, 3, 32, 32)
-    assert torch.equal(loaded.encode(x), tok.encode(x))
-    with pytest.raises(ValueError, match='not a tokenizer'):
-        torch.save({'model': tiny_beit().state_dict()}, tmp_path / 'pre.pth')
-        beitv2.load_tokenizer(tmp_path / 'pre.pth')
+    vit = beitv2.ViT(beitv2.ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
+                                      rel_pos='per_block', fc_norm=True))
+    return E.Segmenter(vit, (0, 1, 2, 3), num_classes=3, channels=16).eval()
 
-# ----------------------------------------------------------------------------- evaluate.py: attention and code pictures
+
+def test_sliding_window_equals_whole_image_when_one_window_covers_it():
+    m = tiny_segmenter()
+    img = torch.randn(3, 32, 32)
+    with torch.no_grad():
+        whole = m(img[None])[0][0]
+    close(E.sliding_window(m, img, 3, crop=32, stride=21), whole, atol=1e-6)
+    big = E.sliding_window(m, torch.randn(3, 40, 48), 3, crop=32, stride=21)  # overlapping windows
+    assert big.shape == (3, 40, 48) and torch.isfinite(big).all()
+
+
+def test_segmenter_shapes_and_gradients():
+    m = tiny_segmenter().train()
+    logits, aux = m(torch.randn(2, 3, 32, 32))
+    assert logits.shape == aux.shape == (2, 3, 32, 32)
+    (logits.mean() + aux.mean()).backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_segmentation_loss_counts_ignored_pixels_as_zero():
+    import evaluate
+    logits = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    target = torch.randint(0, 3, (2, 4, 5))
+    target[0, :2] = 255
+    per_pixel = -logits.log_softmax(1).gather(1, target.clamp(max=2)[:, None])[:, 0]
+    expected = per_pixel.masked_fill(target == 255, 0).sum() / target.numel()  # mmseg 0.x: / all pixels
+    close(evaluate.seg_loss(logits, target), expected, atol=1e-6)
+
+
+def test_segmenter_heads_have_mmseg_init_and_cls_token_is_decayed():
+    torch.manual_seed(0)
+    m = tiny_segmenter()
+    seg = m.cls[1].weight
+    assert abs(seg.std().item() - 0.01) < 0.003 and not m.cls[1].bias.any()
+    conv = m.fuse[0].weight  # kaiming normal, fan_out = out_channels * k * k
+    fan_out = conv.shape[0] * conv.shape[2] * conv.shape[3]
+    assert abs(conv.std().item() / math.sqrt(2 / fan_out) - 1) < 0.1
+    groups = beitv2.param_groups(m, 0.05, 0.9, m.backbone.cfg.depth, no_decay=())
+    decayed = {id(p) for g in groups if g['weight_decay'] > 0 for p in g['params']}
+    assert id(m.backbone.cls_token) in decayed  # as the official mmseg run (its name test misses the prefix)
+    assert id(m.backbone.cls_token) not in {id(p) for g in beitv2.param_groups(m, 0.05) if g['weight_decay'] > 0
+                                            for p in g['params']}
+
+
+def test_ade20k_layout_and_reduce_zero_label(tmp_path):
+    from PIL import Image
+    for sub in ('training', 'validation'):
+        (tmp_path / 'images' / sub).mkdir(parents=True)
+        (tmp_path / 'annotations' / sub).mkdir(parents=True)
+        Image.new('RGB', (40, 30), (10, 20, 30)).save(tmp_path / 'images' / sub / 'ADE_1.jpg')
+        mask = torch.zeros(30, 40, dtype=torch.uint8)
+        mask[:, 20:] = 150  # class 150 -> 149; 0 ("other") -> ignore
+        Image.fromarray(mask.numpy()).save(tmp_path / 'annotations' / sub / 'ADE_1.png')
+    ds = E.SegData(f'ade20k:{tmp_path}', 'train', 32)
+    img, mask = ds[0]
+    assert ds.num_classes == 150 and set(mask.unique().tolist()) == {149, 255}
+    x, y = E.SegTransform(32, train=True)((img, mask), random.Random(0))
+    assert x.shape == (3, 32, 32) and y.shape == (32, 32) and set(y.unique().tolist()) <= {149, 255}
+
+# ------------------------------------------------------------------- evaluate.py: attention, codebook and code pictures
 
 
 def tiny_pretrain_file(path, table_row=None):
@@ -1208,6 +1347,30 @@ def test_attention_picture_lights_the_forced_key(tmp_path):
     assert res['query'] == 'cls' and Image.open(res['png']).size == (2 + 3 * (128 + 2), 132)
 
 
+def test_attention_at_a_size_that_is_not_a_multiple_of_8(tmp_path):
+    import evaluate
+    tiny_pretrain_file(tmp_path / 'p.pt')  # patch 4
+    res = evaluate.main(['--mode=attention', f'--checkpoint={tmp_path / "p.pt"}', '--img_size=36', '--query=8,8',
+                         '--data=demo:8', '--workers=0', f'--out_dir={tmp_path}'])
+    assert res['heads'] == 2
+
+
+@pytest.mark.slow
+def test_evaluate_codebook_png_and_errors(tokenizer_ckpt, pretrain_ckpt, tmp_path):
+    run_script('evaluate.py', '--mode=codebook', f'--checkpoint={tokenizer_ckpt}', '--img_size=16',
+               '--data=demo', f'--out_dir={tmp_path}')
+    from PIL import Image
+    assert Image.open(tmp_path / 'codebook.png').size[0] > 16 and (tmp_path / 'token_maps.png').exists()
+    p = run_script('evaluate.py', '--mode=linear', f'--checkpoint={tokenizer_ckpt}', *EVAL_TINY, ok=False)
+    assert 'is a tokenizer' in p.stderr and 'Traceback' not in p.stderr
+    p = run_script('evaluate.py', '--mode=segment', f'--checkpoint={pretrain_ckpt}', '--data=ade20k:/nonexistent',
+                   *EVAL_TINY[:-1], ok=False)
+    assert 'ADE20K' in p.stderr and 'Traceback' not in p.stderr
+    p = run_script('evaluate.py', '--mode=finetune', '--eval_only=True', f'--checkpoint={pretrain_ckpt}',
+                   *EVAL_TINY, ok=False)
+    assert 'class head' in p.stderr and 'Traceback' not in p.stderr
+
+
 @pytest.mark.slow
 def test_codes_picture_equals_encode(tokenizer_ckpt, tmp_path):
     import common
@@ -1225,7 +1388,7 @@ def test_codes_picture_equals_encode(tokenizer_ckpt, tmp_path):
                    ok=False)
     assert 'not found' in p.stderr and 'Traceback' not in p.stderr
 
-# ----------------------------------------------------------------------------- plot.py
+# ----------------------------------------------------------------------------- plot.py and README.md
 
 
 def test_plot_writes_curves_and_results(tmp_path):
@@ -1244,181 +1407,18 @@ def test_plot_writes_curves_and_results(tmp_path):
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path / 'nothing')])
 
-# ----------------------------------------------------------------------------- bad input: one clear line, nothing lost
-
-
-def junk_files(tmp_path):
-    good = tmp_path / 'good.pt'
-    torch.save({'model': {'w': torch.zeros(5000)}}, good)
-    data = good.read_bytes()
-    files = {'truncated': data[:len(data) // 2], 'random bytes': os.urandom(4000), 'text': b'hello\n', 'empty': b''}
-    for name, content in files.items():
-        (tmp_path / f'{name}.pt').write_bytes(content)
-    return [tmp_path / f'{name}.pt' for name in files]
-
-
-def test_load_file_gives_one_line_for_junk(tmp_path):
-    for path in junk_files(tmp_path):
-        with pytest.raises(ValueError, match='not a readable checkpoint') as e:
-            beitv2.load_file(path)
-        assert 'weights_only' not in str(e.value) and '\n' not in str(e.value)
-    with pytest.raises(ValueError, match='no such file'):
-        beitv2.load_file(tmp_path / 'missing.pt')
-
-
-def test_load_tokenizer_refuses_a_backbone_file(tmp_path):
-    tiny_pretrain_file(tmp_path / 'p.pt')
-    with pytest.raises(ValueError, match='not a tokenizer checkpoint.*backbone'):
-        beitv2.load_tokenizer(tmp_path / 'p.pt')
-
-
-def test_encode_says_what_it_expects():
-    tok = beitv2.VQKD(beitv2.VQKDConfig(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_depth=1,
-                                        codebook_size=8, code_dim=4, teacher_dim=8)).eval()
-    for bad, msg in [(torch.rand(3, 16, 16), r'shape \(B, 3, 16, 16\)'), (torch.rand(2, 3, 32, 32), 'shape'),
-                     (torch.rand(2, 1, 16, 16), 'shape'), (torch.rand(2, 3, 16, 16) * 255, r'\[0, 1\]'),
-                     ((torch.rand(2, 3, 16, 16) - 0.45) / 0.225, r'\[0, 1\]'),
-                     (torch.full((2, 3, 16, 16), float('nan')), 'non-finite')]:
-        tok.checked_values = False
-        with pytest.raises(ValueError, match=msg):
-            tok.encode(bad)
-    assert tok.encode(torch.rand(2, 3, 16, 16)).shape == (2, 16)
-
-
-def test_masking_generator_rejects_impossible_settings():
-    for kwargs in [dict(min_aspect=0), dict(num_masking_patches=100), dict(min_num_patches=0),
-                   dict(min_num_patches=10, max_num_patches=5)]:
-        with pytest.raises(ValueError):
-            beitv2.MaskingGenerator((8, 8), **kwargs)
-
-
-@pytest.mark.parametrize('arg,msg', [('--batch_size=0', 'must be >= 1'), ('--lr=-1e-3', 'must be > 0'),
-                                     ('--log_every=0', 'must be >= 1'), ('--accum=0', 'must be >= 1'),
-                                     ('--workers=-1', 'must be >= 0'), ('--steps=-1', 'must be >= 1')])
-def test_ranges_beside_the_fields_are_checked(arg, msg, capsys):
-    import common
-    import pretrain
-    with pytest.raises(SystemExit):
-        common.configure(pretrain.Config(), pretrain.PRESETS, [arg])
-    err = capsys.readouterr().err
-    assert msg in err and arg.split('=')[0] in err and err.count('\n') == 1
-
-
-@pytest.mark.parametrize('device', ['gpu0', 'cuda', 'cuda:1'])
-def test_unknown_or_missing_device_is_an_error(device, capsys):
-    import common
-    import pretrain
-    if torch.cuda.is_available() and device != 'gpu0':
-        pytest.skip('this machine has CUDA')
-    cfg = common.configure(pretrain.Config(), pretrain.PRESETS, [f'--device={device}'])
-    with pytest.raises(SystemExit):
-        common.Env(cfg)
-    assert 'device' in capsys.readouterr().err
-
-
-def test_out_dir_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path, capsys):
-    import socket
-    import types
-    import common
-    env = types.SimpleNamespace(master=True, lock=None, print=print)
-    cfg = types.SimpleNamespace(out_dir=str(tmp_path / 'run'))
-    (tmp_path / 'run').mkdir()
-    other = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
-    try:
-        (tmp_path / 'run' / 'lock').write_text(f'{other.pid}@{socket.gethostname()}')
-        with pytest.raises(SystemExit):
-            common.claim_out_dir(cfg, env)
-        assert 'in use by another run' in capsys.readouterr().err
-    finally:
-        other.kill()
-        other.wait()
-    common.claim_out_dir(cfg, env)  # the owner is gone: a stale lock
-    assert 'taking it over' in capsys.readouterr().out
-    assert (tmp_path / 'run' / 'lock').read_text() == f'{os.getpid()}@{socket.gethostname()}'
-    common.release_lock(env.lock)
-    assert not (tmp_path / 'run' / 'lock').exists()
-    (tmp_path / 'file').write_text('x')
-    with pytest.raises(SystemExit):
-        common.claim_out_dir(types.SimpleNamespace(out_dir=str(tmp_path / 'file')), env)
-    assert 'cannot create it' in capsys.readouterr().err
-
-
-def test_full_disk_removes_the_temp_file_and_says_so(tmp_path, monkeypatch, capsys):
-    import types
-    import common
-    env = types.SimpleNamespace(master=True, ddp=False, world=1)
-    (tmp_path / 'ckpt.pt').write_bytes(b'previous')
-
-    def full(obj, f):
-        Path(f).write_bytes(b'partial')
-        raise RuntimeError('[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0')
-    monkeypatch.setattr(torch, 'save', full)
-    with pytest.raises(SystemExit):
-        common.save_checkpoint(str(tmp_path / 'ckpt.pt'), env, step=1)
-    err = capsys.readouterr().err
-    assert 'no space left?' in err and 'intact' in err and err.count('\n') == 1
-    assert not (tmp_path / 'ckpt.pt.tmp').exists() and (tmp_path / 'ckpt.pt').read_bytes() == b'previous'
-
-
-def test_resumed_log_is_cut_back_to_the_checkpoint(tmp_path):
-    import types
-    import common
-    (tmp_path / 'log.jsonl').write_text(''.join(json.dumps(dict(step=s, loss=1.0)) + '\n' for s in range(1, 8)))
-    common.Logger(types.SimpleNamespace(out_dir=str(tmp_path)), types.SimpleNamespace(master=True), 4)
-    steps = [json.loads(line)['step'] for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
-
 
 @pytest.mark.slow
-def test_scripts_refuse_bad_files_and_changed_settings(tmp_path, tokenizer_ckpt, pretrain_ckpt):
-    junk = junk_files(tmp_path)
-    pre = [*TINY_PRE, '--workers=0', '--steps=2']
-    cases = [(['pretrain.py', *pre, f'--tokenizer={j}', f'--out_dir={tmp_path / "o"}'], 'not a readable checkpoint')
-             for j in junk]
-    cases += [
-        (['pretrain.py', *pre, f'--tokenizer={pretrain_ckpt}', f'--out_dir={tmp_path / "o"}'], 'not a tokenizer'),
-        (['evaluate.py', '--mode=codebook', f'--checkpoint={pretrain_ckpt}', f'--out_dir={tmp_path / "o"}'],
-         'not a tokenizer'),
-        (['evaluate.py', '--mode=knn', f'--checkpoint={junk[0]}', f'--out_dir={tmp_path / "o"}'],
-         'not a readable checkpoint'),
-        (['pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', f'--resume={junk[1]}', f'--out_dir={tmp_path / "o"}'],
-         'not a readable checkpoint'),
-        (['pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', '--num_mask=100', f'--out_dir={tmp_path / "o"}'],
-         'cannot mask 100 of 16'),
-        (['train_tokenizer.py', *TINY_TOK, '--batch_size=1', '--codebook_size=64', f'--out_dir={tmp_path / "o"}'],
-         'k-means init needs at least codebook_size=64'),
-        (['pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', f'--out_dir={junk[2]}'], 'cannot create it'),
-    ]
-    for args, msg in cases:
-        p = run_script(*args, ok=False)
-        assert p.returncode == 2 and msg in p.stderr and 'Traceback' not in p.stderr, (args, p.stderr[-1500:])
-        assert p.stderr.strip().count('\n') == 0, p.stderr
-    # a resume with settings that change the run's meaning is refused, naming the setting
-    out = tmp_path / 'resume'
-    run_script('pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', f'--out_dir={out}')
-    for arg, name in [('--batch_size=4', '--batch_size'), ('--steps=3', '--steps'), ('--seed=1', '--seed'),
-                      (f'--tokenizer={tmp_path / "copy.pt"}', '--tokenizer')]:
-        (tmp_path / 'copy.pt').write_bytes(tokenizer_ckpt.read_bytes())
-        args = [a for a in [*pre, f'--tokenizer={tokenizer_ckpt}'] if a.split('=')[0] != arg.split('=')[0]]
-        p = run_script('pretrain.py', *args, arg, f'--out_dir={out}', ok=False)
-        assert name in p.stderr and 'allow_change' in p.stderr and 'Traceback' not in p.stderr, p.stderr
-    p = run_script('pretrain.py', *pre, '--steps=3', '--allow_change=steps', f'--tokenizer={tokenizer_ckpt}',
-                   f'--out_dir={out}')
-    assert 'resumed from' in p.stdout and beitv2.load_file(out / 'ckpt.pt')['step'] == 3
-    steps = [json.loads(line)['step'] for line in (out / 'log.jsonl').read_text().splitlines()]
-    assert steps == [1, 2, 3] and not (out / 'lock').exists()
-
-
-@pytest.mark.slow
-def test_nan_without_a_checkpoint_says_so(tmp_path):
-    p = run_script('train_tokenizer.py', *TINY_TOK, '--steps=6', '--workers=0', '--lr=1e30', '--ckpt_every=100',
-                   f'--out_dir={tmp_path}', ok=False)
-    assert 'loss is nan' in p.stderr and 'no checkpoint was written yet' in p.stderr, p.stderr[-800:]
-
-
-def test_attention_at_a_size_that_is_not_a_multiple_of_8(tmp_path):
-    import evaluate
-    tiny_pretrain_file(tmp_path / 'p.pt')  # patch 4
-    res = evaluate.main(['--mode=attention', f'--checkpoint={tmp_path / "p.pt"}', '--img_size=36', '--query=8,8',
-                         '--data=demo:8', '--workers=0', f'--out_dir={tmp_path}'])
-    assert res['heads'] == 2
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    """The README's example, with a small tokenizer saved under the official file name."""
+    import re
+    torch.manual_seed(0)
+    cfg = beitv2.VQKDConfig(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_depth=1,
+                            codebook_size=8192, code_dim=8)
+    torch.save({'model': beitv2.VQKD(cfg).state_dict(), 'model_config': cfg.__dict__},
+               tmp_path / 'vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth')
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r'```python\n(.*?)```', (HERE / 'README.md').read_text(), re.S)
+    scope = {}
+    exec('\n'.join(blocks), scope)
+    assert scope['codes'].shape == (2, 196) and torch.isfinite(scope['losses']['loss'])
