@@ -685,14 +685,14 @@ class BEiTv2(ViT):
         row-major order; losses {'loss_mim', 'loss_cls', 'loss' (their sum)}, None without targets.
         The official logs call them loss_1 / loss_2 (mlm_acc_1 / mlm_acc_2)."""
         rows = rows_read_by_heads(mask)                    # None: every row (the plain path)
-        tokens = self.branches(images, mask, rows)
+        tokens = self.branches(images, mask, rows)         # {'mim': last layer, 'cls': [CLS] head}
         logits = {k: self.lm_head(self.norm(masked_patches(x, mask, rows))) for k, x in tokens.items()}
-        if targets is None:
-            return logits, None
-        labels = targets[mask]
+        return logits, None if targets is None else self.forward_loss(logits, targets[mask])
+
+    def forward_loss(self, logits, labels):  # labels (M,): the tokenizer's codes of the masked patches
         losses = {f'loss_{k}': F.cross_entropy(lg, labels) for k, lg in logits.items()}
         losses['loss'] = sum(losses.values())
-        return logits, losses
+        return losses
 
 # ----------------------------------------------------------------------------- optimizer
 
