@@ -392,11 +392,16 @@ def eval_transform(img_size, normalize=True):
 
 def get_lr(step, cfg):
     """Linear warmup from 0, then to min_lr by cosine (official cosine_scheduler), or linearly
-    with schedule='poly' (mmseg's poly, power 1, used for segmentation); per step."""
+    with schedule='poly' (mmseg's poly, power 1, used for segmentation); per step. 'cosine_epoch':
+    torch's CosineAnnealingLR stepped once per epoch, no warmup (BEiT v1's linear evaluation)."""
+    schedule = getattr(cfg, 'schedule', 'cosine')
+    if schedule == 'cosine_epoch':
+        epoch = step * cfg.epochs // cfg.steps
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
     if step < cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
     t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    decay = 1 - t if getattr(cfg, 'schedule', 'cosine') == 'poly' else 0.5 * (1 + math.cos(math.pi * t))
+    decay = 1 - t if schedule == 'poly' else 0.5 * (1 + math.cos(math.pi * t))
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * decay
 
 
@@ -466,8 +471,8 @@ def save_checkpoint(path, env, **state):
 
 # how a run is run, not what it computes: these may differ on resume; any other setting that
 # differs from the checkpoint's is refused unless named in --allow_change
-RUN_ONLY = ('preset', 'out_dir', 'resume', 'allow_change', 'log_every', 'ckpt_every', 'stop_after', 'workers',
-            'device', 'compile')
+RUN_ONLY = ('preset', 'out_dir', 'resume', 'allow_change', 'log_every', 'ckpt_every', 'eval_every', 'stop_after',
+            'workers', 'device', 'compile')
 
 
 def check_same_run(cfg, env, saved, path):
@@ -537,6 +542,14 @@ class Logger:
         shown = ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
                            for k, v in metrics.items() if k not in ('step', 'time'))
         print(f'step {step}/{total} | {shown}', flush=True)
+
+    def scores(self, step, **metrics):  # an evaluation during training: one line, and in log.jsonl
+        if not self.env.master:
+            return
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(dict(metrics, step=step)) + '\n')
+        print(f'step {step} | ' + ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
+                                             for k, v in metrics.items()), flush=True)
 
 
 def check_finite(loss, step, cfg):

@@ -64,6 +64,8 @@ class Config:
     reprob: float = 0.25            # random erasing probability
     randaug: bool = True            # RandAugment(2 ops, magnitude 9)
     eval_only: bool = False         # score --checkpoint on the val split, no training
+    eval_every: int = common.at_least(-1, -1)  # training modes: score val every N steps too (log: val_*;
+    #                                 result: final and best_*); -1 = each epoch of --epochs recipes, else 0: the end
     # segmentation
     seg_layers: tuple = (1, 2, 3, 5)  # blocks feeding the 4 scales (official base: 3, 5, 7, 11)
     seg_stride: int = 0             # sliding-window stride at test time; 0 = 2/3 of img_size
@@ -78,7 +80,8 @@ class Config:
     steps: int = common.at_least(1, 300)
     warmup_steps: int = common.at_least(0, 30)
     lr: float = common.above(0, 4.0)     # demo LARS: 300 steps need more than MAE's 0.1 x batch / 256
-    schedule: str = 'cosine'        # cosine | poly (linear decay: the official segmentation schedule)
+    schedule: str = 'cosine'        # cosine (per step) | poly (linear decay: the official segmentation one) |
+    #                                 cosine_epoch (per epoch, no warmup: BEiT v1 linear; needs --epochs)
     min_lr: float = common.at_least(0, 0.0)
     weight_decay: float = common.at_least(0, 0.0)
     betas: tuple = (0.9, 0.999)
@@ -97,6 +100,9 @@ class Config:
 
 
 IN1K = dict(data='', checkpoint='', img_size=224, min_crop_scale=0.08, workers=10, log_every=100, ckpt_every=5000)
+FT = dict(IN1K, mode='finetune', min_lr=1e-6, weight_decay=0.05)
+SEG = dict(IN1K, mode='segment', img_size=512, batch_size=2, steps=160000, warmup_steps=1500, weight_decay=0.05,
+           seg_stride=341, schedule='poly')
 PRESETS = {
     'demo': {},
     'demo_finetune': dict(mode='finetune', lr=1e-3, weight_decay=0.05, steps=300, warmup_steps=30),
@@ -104,17 +110,38 @@ PRESETS = {
     # MAE linear protocol: batch 16384 with LARS, lr 0.1 x batch / 256, 90 epochs, 10 warmup
     'linear_base': dict(IN1K, mode='linear', batch_size=1024, accum=2, epochs=90, warmup_epochs=10, lr=6.4),
     'linear_beit': dict(IN1K, mode='linear', linear_recipe='beit', batch_size=128, epochs=100, lr=4e-3,
-                        weight_decay=1e-4),
+                        weight_decay=1e-4, schedule='cosine_epoch'),  # official BEiT v1 run_linear_eval.py
     'knn_base': dict(IN1K, mode='knn', batch_size=256),
-    # official: 8 GPUs x 128, lr 5e-4, 100 epochs, layer decay 0.6 (from 1600 ep) / 0.65 (300 ep)
-    'finetune_base': dict(IN1K, mode='finetune', batch_size=128, epochs=100, warmup_epochs=20, lr=5e-4,
-                          min_lr=1e-6, weight_decay=0.05, layer_decay=0.6, drop_path=0.2),
-    'finetune_base_300': dict(IN1K, mode='finetune', batch_size=128, epochs=100, warmup_epochs=20, lr=5e-4,
-                              min_lr=1e-6, weight_decay=0.05, layer_decay=0.65, drop_path=0.1),
-    # official ADE20K UperNet: 8 GPUs x 2 images of 512, 160k iterations, lr 5e-5, layer decay 0.75
-    'segment_base': dict(IN1K, mode='segment', img_size=512, seg_layers=(3, 5, 7, 11), batch_size=2,
-                         steps=160000, warmup_steps=1500, lr=5e-5, weight_decay=0.05, layer_decay=0.75,
-                         drop_path=0.15, seg_stride=341, schedule='poly'),
+    # fine-tuning, official get_started_for_image_classification.md (8 GPUs; batch = GPUs x batch x accum)
+    # base from the pretrained model: 8 x 128, lr 5e-4, 100 epochs, layer decay 0.6 (1600 ep) / 0.65 (300 ep)
+    'finetune_base': dict(FT, batch_size=128, epochs=100, warmup_epochs=20, lr=5e-4, layer_decay=0.6,
+                          drop_path=0.2),
+    'finetune_base_300': dict(FT, batch_size=128, epochs=100, warmup_epochs=20, lr=5e-4, layer_decay=0.65,
+                              drop_path=0.1),
+    # large from the pretrained model: 8 x 64 x update_freq 2, lr 2e-4 (1600 ep) / 5e-4 (300 ep), 50 epochs,
+    # 5 warmup, layer decay 0.8, drop path 0.2
+    'finetune_large': dict(FT, batch_size=64, accum=2, epochs=50, warmup_epochs=5, lr=2e-4, layer_decay=0.8,
+                           drop_path=0.2),
+    'finetune_large_300': dict(FT, batch_size=64, accum=2, epochs=50, warmup_epochs=5, lr=5e-4, layer_decay=0.8,
+                               drop_path=0.2),
+    # intermediate fine-tuning on ImageNet-21k (21841 classes): 32 GPUs x 128 = 4096 (8 GPUs: accum 4), lr 6e-4,
+    # 90 epochs, 20 warmup, layer decay 0.75, drop path 0.1 base / 0.2 large, no evaluation during training
+    'finetune_21k_base': dict(FT, batch_size=128, accum=4, epochs=90, warmup_epochs=20, lr=6e-4, layer_decay=0.75,
+                              drop_path=0.1, eval_every=0),
+    'finetune_21k_large': dict(FT, batch_size=128, accum=4, epochs=90, warmup_epochs=20, lr=6e-4, layer_decay=0.75,
+                               drop_path=0.2, eval_every=0),
+    # then ImageNet-1k from the 21k model, no mixup/cutmix: base 8 x 128, lr 5e-5, 30 epochs, 20 warmup,
+    # layer decay 0.75, drop path 0.1; large 8 x 64 x 2, lr 7e-5, 20 epochs, 5 warmup, 0.8, drop path 0.25
+    'finetune_21kto1k_base': dict(FT, batch_size=128, epochs=30, warmup_epochs=20, lr=5e-5, layer_decay=0.75,
+                                  drop_path=0.1, mixup=0.0, cutmix=0.0),
+    'finetune_21kto1k_large': dict(FT, batch_size=64, accum=2, epochs=20, warmup_epochs=5, lr=7e-5, layer_decay=0.8,
+                                   drop_path=0.25, mixup=0.0, cutmix=0.0),
+    # segmentation, official semantic_segmentation/configs/beit/upernet/upernet_beit_*_512_slide_160k_*.py:
+    # UperNet on ADE20K, 8 GPUs x 2 images of 512, 160k iterations, poly schedule, 1500 warmup, slide 341
+    'segment_base': dict(SEG, seg_layers=(3, 5, 7, 11), lr=5e-5, layer_decay=0.75, drop_path=0.15),
+    'segment_base_21ktoade20k': dict(SEG, seg_layers=(3, 5, 7, 11), lr=5e-5, layer_decay=0.85, drop_path=0.15),
+    'segment_large': dict(SEG, seg_layers=(7, 11, 15, 23), lr=4e-5, layer_decay=0.9, drop_path=0.2),
+    'segment_large_21ktoade20k': dict(SEG, seg_layers=(7, 11, 15, 23), lr=3e-5, layer_decay=0.9, drop_path=0.2),
 }
 
 # -------------------------------------------------------------- backbones: a checkpoint, its random init, or raw pixels
@@ -242,12 +269,15 @@ class _Mapped(torch.utils.data.Dataset):  # dataset with a per-image transform (
 
 
 class TrainTransform:
-    """Linear probe: RandomResizedCrop + flip (MAE). Fine-tuning adds RandAugment(2, 9) and random
-    erasing (torchvision's versions of timm's rand-m9-mstd0.5-inc1 and reprob 0.25, pixel mode)."""
+    """Linear probe: RandomResizedCrop + flip (MAE: bicubic; BEiT v1's linear recipe: bilinear).
+    Fine-tuning adds RandAugment(2, 9) and random erasing (torchvision's versions of timm's
+    rand-m9-mstd0.5-inc1 and reprob 0.25, pixel mode)."""
 
     def __init__(self, cfg, finetune):
-        t = [T.RandomResizedCrop(cfg.img_size, scale=(cfg.min_crop_scale, 1.0),
-                                 interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()]
+        bilinear = not finetune and cfg.linear_recipe == 'beit'
+        mode = T.InterpolationMode.BILINEAR if bilinear else T.InterpolationMode.BICUBIC
+        t = [T.RandomResizedCrop(cfg.img_size, scale=(cfg.min_crop_scale, 1.0), interpolation=mode),
+             T.RandomHorizontalFlip()]
         if finetune and cfg.randaug:
             t.append(T.RandAugment(2, 9))
         t += [T.ToTensor(), T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
@@ -283,14 +313,18 @@ def extract(fn, dataset, cfg, env):
     return f, y
 
 
-def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, quiet=False):
+def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, metric='top1', quiet=False):
     """The training loop of the three trained modes (the stage scripts' loop): per-step lr with
     warmup + cosine, scaled per group, accumulation, clipping, logging, atomic checkpoints, resume.
-    loss_fn(model, batch) -> loss; score(model) -> dict of metrics, run at the end."""
+    loss_fn(model, batch) -> loss; score(model) -> dict of metrics, every --eval_every steps and at
+    the end. -> the final scores, and the best `metric` of all those evaluations with its step
+    (best_top1, best_step: what the official fine-tuning script reports as max accuracy)."""
     steps_per_epoch, per_step = common.steps_from_epochs(cfg, env, n_train)
     if not quiet:
         common.print_setup(cfg, env, steps_per_epoch, per_step)
+    every = cfg.eval_every if cfg.eval_every >= 0 else (steps_per_epoch if cfg.epochs else 0)
     step = common.resume(cfg, env, model, optimizer)
+    best = resumed_best(cfg) if step else None
     ddp_model = DDP(model) if env.ddp else model  # broadcast buffers: one set of BatchNorm statistics
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
     start = step
@@ -311,15 +345,32 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, qu
         common.check_finite(loss.item(), step, cfg)
         if (step % cfg.log_every == 0 or step == cfg.steps) and not quiet:
             log(step, cfg.steps, per_step, loss=loss.item(), lr=lr, gnorm=gnorm)
+        if every and step % every == 0 and step < cfg.steps:
+            best = better(best, score(model), step, metric, log if not quiet else None)
         stop = cfg.stop_after and step - start >= cfg.stop_after
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
             model_config = asdict(model.cfg) if isinstance(model, beitv2.ViT) else None
             common.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
                                    optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
-                                   config=asdict(cfg), model_config=model_config)
+                                   config=asdict(cfg), model_config=model_config, best=best)
         if stop:
             return None
-    return score(model)
+    final = score(model)
+    best = better(best, final, step, metric, log if not quiet else None)
+    return dict(final, **{f'best_{metric}': best[metric], 'best_step': best['step']})
+
+
+def better(best, scores, step, metric, log):
+    """The best of the evaluations so far (higher `metric`), logging this one."""
+    if log is not None:
+        log.scores(step, **{f'val_{k}': v for k, v in scores.items()})
+    if best is None or scores[metric] > best[metric]:
+        best = dict(scores, step=step)
+    return best
+
+
+def resumed_best(cfg):  # the best evaluation a resumed run had seen, from its checkpoint
+    return beitv2.load_file(cfg.resume or os.path.join(cfg.out_dir, 'ckpt.pt')).get('best')
 
 
 def topk_acc(scores, y, ks=(1, 5)):
@@ -415,7 +466,7 @@ def run_linear(cfg, env, quiet=False):
         x, y = batch[0].to(env.device), batch[1].to(env.device)
         return sum(F.cross_entropy(lg, y) for lg in m(x))
     return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
-               lambda m: classify(m, val, cfg, env), quiet)
+               lambda m: classify(m, val, cfg, env), quiet=quiet)
 
 # ----------------------------------------------------------------------------- k-NN
 
@@ -700,7 +751,7 @@ def run_segment(cfg, env):
         logits, aux = m(x)
         return seg_loss(logits, y) + 0.4 * seg_loss(aux, y)  # auxiliary FCN head, weight 0.4
     return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
-               lambda m: segment_score(m, val, cfg, env))
+               lambda m: segment_score(m, val, cfg, env), metric='mIoU')
 
 # -------------------------------------------------------------------------- look inside a backbone: a patch's attention
 
@@ -858,6 +909,10 @@ def main(argv=None):
         common.die(f'--mode must be one of {", ".join(modes)}')
     if not cfg.data or not cfg.checkpoint:
         common.die('--data and --checkpoint are required for this preset')
+    if cfg.schedule not in ('cosine', 'poly', 'cosine_epoch'):
+        common.die(f'--schedule must be cosine, poly or cosine_epoch, got {cfg.schedule!r}')
+    if cfg.schedule == 'cosine_epoch' and not cfg.epochs:
+        common.die('--schedule=cosine_epoch steps once per epoch: give --epochs')
     env = common.Env(cfg)
     common.claim_out_dir(cfg, env)
     result = modes[cfg.mode](cfg, env)

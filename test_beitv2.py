@@ -724,6 +724,27 @@ def test_every_preset_parses_and_holds_the_paper_recipe():
     assert (t.lr, t.betas, t.weight_decay, t.epochs, t.codebook_size, t.code_dim, t.decoder_depth) == \
         (5e-5, (0.9, 0.99), 1e-4, 100, 8192, 32, 3)
 
+    # evaluation recipes: official get_started_for_image_classification.md and the upernet_beit_* configs
+    def ev(name):
+        e = common.configure(E.Config(), E.PRESETS, [f'--preset={name}'])
+        return (e.batch_size * e.accum, e.lr, e.epochs, e.warmup_epochs, e.layer_decay, e.drop_path)
+    assert ev('finetune_large') == (128, 2e-4, 50, 5, 0.8, 0.2)            # x 8 GPUs = 1024
+    assert ev('finetune_large_300')[1] == 5e-4
+    assert ev('finetune_21k_base') == (512, 6e-4, 90, 20, 0.75, 0.1)       # x 8 GPUs = 4096
+    assert ev('finetune_21k_large')[-1] == 0.2
+    assert ev('finetune_21kto1k_base') == (128, 5e-5, 30, 20, 0.75, 0.1)
+    assert ev('finetune_21kto1k_large') == (128, 7e-5, 20, 5, 0.8, 0.25)
+    for name in ('finetune_21kto1k_base', 'finetune_21kto1k_large'):
+        assert (E.PRESETS[name]['mixup'], E.PRESETS[name]['cutmix']) == (0.0, 0.0)
+
+    def seg(name):
+        e = common.configure(E.Config(), E.PRESETS, [f'--preset={name}'])
+        return (e.lr, e.layer_decay, e.drop_path, e.seg_layers, e.steps, e.img_size, e.batch_size)
+    assert seg('segment_base') == (5e-5, 0.75, 0.15, (3, 5, 7, 11), 160000, 512, 2)
+    assert seg('segment_base_21ktoade20k')[:2] == (5e-5, 0.85)
+    assert seg('segment_large') == (4e-5, 0.9, 0.2, (7, 11, 15, 23), 160000, 512, 2)
+    assert seg('segment_large_21ktoade20k')[:2] == (3e-5, 0.9)
+
 
 def test_scripts_build_the_architecture_from_beitv2_presets():
     """One definition per architecture: --model names a beitv2.PRESETS entry, settings override it."""
@@ -770,6 +791,25 @@ def test_lr_schedules():
     assert abs(get_lr(60, cfg) - 0.5) < 1e-12 and get_lr(110, cfg) == 0.0
     cfg.schedule = 'poly'
     assert abs(get_lr(35, cfg) - 0.75) < 1e-12 and get_lr(110, cfg) == 0.0
+    # BEiT v1 linear evaluation: torch's CosineAnnealingLR(T_max=epochs) stepped once per epoch, no warmup
+    cfg = types.SimpleNamespace(lr=4e-3, min_lr=0.0, warmup_steps=0, steps=50, epochs=5, schedule='cosine_epoch')
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs, eta_min=0)
+    for epoch in range(cfg.epochs):
+        for step in range(epoch * 10, epoch * 10 + 10):
+            assert abs(get_lr(step, cfg) - opt.param_groups[0]['lr']) < 1e-12, (step, epoch)
+        sched.step()
+
+
+def test_linear_recipes_crop_as_their_official_scripts():
+    cfg = E.Config(img_size=32)
+    crop = E.TrainTransform(cfg, finetune=False).t.transforms[0]
+    assert crop.interpolation == E.T.InterpolationMode.BICUBIC  # MAE
+    cfg.linear_recipe = 'beit'
+    crop = E.TrainTransform(cfg, finetune=False).t.transforms[0]
+    assert crop.interpolation == E.T.InterpolationMode.BILINEAR and crop.scale == (0.5, 1.0)
+    p = E.PRESETS['linear_beit']
+    assert (p['schedule'], p['min_crop_scale'], p['epochs']) == ('cosine_epoch', 0.08, 100)
 
 
 def test_out_dir_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path, capsys):
@@ -1150,6 +1190,18 @@ def test_evaluate_modes_run(mode, extra, metric, pretrain_ckpt, tmp_path):
                    *EVAL_TINY, f'--out_dir={tmp_path}/again')
         again = json.loads((tmp_path / 'again' / 'result.json').read_text())
         assert again['top1'] == res['top1']
+
+
+@pytest.mark.slow
+def test_eval_every_logs_each_score_and_reports_final_and_best(pretrain_ckpt, tmp_path):
+    run_script('evaluate.py', '--mode=finetune', f'--checkpoint={pretrain_ckpt}', *EVAL_TINY, '--steps=4',
+               '--eval_every=2', '--lr=1e-3', f'--out_dir={tmp_path}')
+    scored = [json.loads(ln) for ln in (tmp_path / 'log.jsonl').read_text().splitlines() if 'val_top1' in ln]
+    assert [r['step'] for r in scored] == [2, 4]
+    res = json.loads((tmp_path / 'result.json').read_text())
+    best = max(scored, key=lambda r: r['val_top1'])  # the first of equals, as the result keeps
+    assert res['top1'] == scored[-1]['val_top1']
+    assert (res['best_top1'], res['best_step']) == (best['val_top1'], best['step'])
 
 
 @pytest.mark.slow
