@@ -5,7 +5,8 @@ https://arxiv.org/abs/2208.06366. Official code: github.com/microsoft/unilm, fol
 Stage 1 (train_tokenizer.py): VQKD learns 8192 codes by regressing a teacher's (CLIP) features.
 Stage 2 (pretrain.py): BEiTv2 predicts the codes of ~40% block-masked patches.
 Stage 3 (evaluate.py): linear probe / fine-tune / segment with the backbone.
-Read top to bottom; each section only uses what is above it. Imports torch only.
+Read top to bottom; each section only uses what is above it, except BEiTv2.forward's speed path,
+fenced in its own section right after it. Imports torch only.
 Parameter names are the official (and timm) ones, so official weights load with a short filter.
 """
 import argparse
@@ -95,7 +96,8 @@ def classifier_config(cfg, num_classes, drop_path=0.1, img_size=None):
     return ViTConfig(**vit)
 
 
-RENAMED = {'rel_pos_bias': 'rel_pos', 'mean_pooling': 'fc_norm', 'n_embed': 'codebook_size'}
+RENAMED = {'rel_pos_bias': 'rel_pos', 'mean_pooling': 'fc_norm', 'n_embed': 'codebook_size'}  # config
+# field names in our checkpoints written before c69103e, read as today's by config_from_dict
 
 
 def config_from_dict(cls, d):
@@ -338,6 +340,8 @@ class ViT(nn.Module):
         return (self.fc_norm if self.norm is None else self.norm)(x[:, 1:])
 
     def forward(self, images):
+        if self.head is None:
+            raise ValueError('this ViT has no classification head (num_classes=0): use forward_features')
         return self.head(self.forward_features(images))
 
 # ----------------------------------------------------------------------------- stage 1: VQ-KD
@@ -392,7 +396,7 @@ class NormEMACodebook(nn.Module):
         # official: a frozen nn.Parameter `quantize.embedding.weight`; a buffer says what it is
         self.register_buffer('weight', l2norm(torch.randn(K, d)))
         self.register_buffer('initted', torch.zeros(1))       # 1 once k-means has run
-        self.register_buffer('cluster_size', torch.zeros(K))  # EMA of code counts (statistics)
+        self.register_buffer('cluster_size', torch.zeros(K))  # EMA of code counts: official layout; unread
 
     def distances(self, z):  # (M, K) for unit z (M, d), computed as the official code does
         return z.pow(2).sum(1, keepdim=True) + self.weight.pow(2).sum(1) - 2 * z @ self.weight.t()
@@ -461,6 +465,7 @@ class VQKD(nn.Module):
                                      depth=cfg.depth, **vit))
         # the decoder's "image" is the (d, h, w) code map, embedded by a 1x1 conv
         self.grid = self.encoder.grid
+        self.checked_values = False  # check_images looks at the pixel values of the first batch only
         self.decoder = ViT(ViTConfig(img_size=self.grid[0], patch_size=1, in_chans=cfg.code_dim,
                                      depth=cfg.decoder_depth, **vit))
         self.quantize = NormEMACodebook(cfg.codebook_size, cfg.code_dim, cfg.decay, cfg.beta)
@@ -490,7 +495,7 @@ class VQKD(nn.Module):
         size = self.cfg.img_size
         if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
             raise ValueError(f'encode expects images of shape (B, 3, {size}, {size}), got {tuple(images.shape)}')
-        if getattr(self, 'checked_values', False):
+        if self.checked_values:
             return
         lo, hi = images.aminmax()
         if not (torch.isfinite(lo) and torch.isfinite(hi)):
@@ -570,55 +575,6 @@ class MaskingGenerator:
         return flat
 
 
-# speed path: the last block of each branch computes only the rows the heads read, [CLS] and the
-# masked patches: the same numbers (tested against the plain path), a ViT-Tiny training step 3.7%
-# faster in fp32 (459 vs 476 ms, batch 8, 2-core CPU without bf16 units) and 4.6% in bf16.
-
-
-def rows_read_by_heads(mask):
-    """(B, 1 + K) token rows ([CLS], then the masked patches in row-major order) when every image
-    has the same masked count K, as the masking generator gives; else None (the plain path)."""
-    counts = mask.sum(1)
-    if not bool((counts == counts[0]).all()):
-        return None
-    return F.pad(mask.nonzero()[:, 1].view(len(mask), -1) + 1, (1, 0))  # +1: after [CLS]
-
-
-def take(x, rows):  # x (B, N, D), rows (B, K) -> the rows of each sample, (B, K, D)
-    return x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def block_rows(blk, x, pos_bias, rows):
-    """= take(blk(x, pos_bias), rows), computing queries, projection and MLP for those rows only."""
-    B, N, C = x.shape
-    q, k, v = blk.attn.heads(blk.norm1(x))                             # each (B, nh, N, hs)
-    q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # (B, nh, K, hs)
-    if pos_bias is not None:
-        pos_bias = pos_bias[:, rows].transpose(0, 1)                   # (B, nh, K, N)
-    a = blk.attn.proj(attention(q, k, v, pos_bias).transpose(1, 2).reshape(B, rows.shape[1], C))
-    x = take(x, rows) + drop_path(blk.scaled(blk.gamma_1, a), blk.drop_path, blk.training)
-    m = blk.scaled(blk.gamma_2, blk.mlp(blk.norm2(x)))
-    return x + drop_path(m, blk.drop_path, blk.training)
-
-
-def through(blocks, x, pos_bias, rows=None):
-    """x (B, N, D) through `blocks`; with rows (B, K) only those rows come out, (B, K, D), and the
-    last block computes only them."""
-    if rows is None:
-        for blk in blocks:
-            x = blk(x, pos_bias)
-        return x
-    if not blocks:
-        return take(x, rows)
-    for blk in blocks[:-1]:
-        x = blk(x, pos_bias)
-    return block_rows(blocks[-1], x, pos_bias, rows)
-
-
-def masked_patches(x, mask, rows):  # branch tokens -> (M, D): the masked patches, row-major
-    return x[:, 1:][mask] if rows is None else x[:, 1:].flatten(0, 1)
-
-
 class BEiTv2(ViT):
     """Masked image modeling with a [CLS] patch-aggregation head (paper Sec. 2.3, Fig. 3).
     Main branch (mim): predict the tokenizer's code of every masked patch from the last layer.
@@ -627,6 +583,8 @@ class BEiTv2(ViT):
     so the [CLS] token must gather global information. loss = CE(mim) + CE(cls)."""
 
     def __init__(self, cfg: BEiTConfig):
+        if cfg.rel_pos != 'shared':  # the [CLS] head blocks and the speed path read the shared table
+            raise ValueError(f"BEiTv2 pretrains with one shared relative position table, got rel_pos={cfg.rel_pos!r}")
         super().__init__(cfg, init=False)  # initialised below, once the heads exist
         D = cfg.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
@@ -668,7 +626,7 @@ class BEiTv2(ViT):
 
     def branches(self, images, mask, rows=None):
         """Each branch's tokens before the final norm: {'mim': (B, N, D), 'cls': (B, N, D)} ('cls'
-        only with head layers); with rows (B, K) only those token rows, (B, K, D)."""
+        only with head layers); with rows (B, R) only those token rows, (B, R, D) (the speed path)."""
         pos_bias = self.shared_pos_bias()                  # (nh, N, N): one table for every block
         E = self.cfg.early_layers
         early = through(self.blocks[:E], self.embed_masked(images, mask), pos_bias)
@@ -680,19 +638,75 @@ class BEiTv2(ViT):
         return out
 
     def forward(self, images, mask, targets=None):
-        """images (B, 3, H, W) normalised; mask (B, n) bool; targets (B, n) codes.
+        """images (B, 3, H, W) ImageNet-normalised (the tokenizer's encode takes [0, 1]); mask (B, n)
+        bool, True = masked; targets (B, n) the tokenizer's codes.
         -> (logits, losses): logits {'mim', 'cls'}, each (M, vocab) for the M masked patches in
         row-major order; losses {'loss_mim', 'loss_cls', 'loss' (their sum)}, None without targets.
         The official logs call them loss_1 / loss_2 (mlm_acc_1 / mlm_acc_2)."""
-        rows = rows_read_by_heads(mask)                    # None: every row (the plain path)
+        rows = rows_read_by_heads(mask)                    # speed path (next section); None: every row
         tokens = self.branches(images, mask, rows)         # {'mim': last layer, 'cls': [CLS] head}
-        logits = {k: self.lm_head(self.norm(masked_patches(x, mask, rows))) for k, x in tokens.items()}
-        return logits, None if targets is None else self.forward_loss(logits, targets[mask])
+        logits = {}
+        for name, x in tokens.items():                     # the final norm and the shared LM head
+            logits[name] = self.lm_head(self.norm(masked_patches(x, mask, rows)))
+        return logits, (None if targets is None else self.forward_loss(logits, targets[mask]))
 
     def forward_loss(self, logits, labels):  # labels (M,): the tokenizer's codes of the masked patches
         losses = {f'loss_{k}': F.cross_entropy(lg, labels) for k, lg in logits.items()}
         losses['loss'] = sum(losses.values())
         return losses
+
+# ----------------------------------------------------------------------------- stage 2: speed path
+# BEiTv2.forward's one trick: the last block of each branch computes only the rows the heads read,
+# [CLS] and the masked patches. The same numbers (test_pretrain_fast_path_equals_full_computation);
+# a ViT-Tiny training step 3.7% faster in fp32 (459 vs 476 ms, batch 8, 2-core CPU without bf16
+# units) and 4.6% in bf16, measured in one process. On a GPU its mask-count check is a host sync
+# per step (as the official x[mask] is); its gain there was not measured on its own.
+
+
+def rows_read_by_heads(mask):
+    """(B, 1 + R) token rows, [CLS] then the masked patches in row-major order, when every image
+    has the same masked count R, as the masking generator gives; else None (the plain path)."""
+    counts = mask.sum(1)
+    if not bool((counts == counts[0]).all()):
+        return None
+    patch_rows = mask.nonzero()[:, 1].view(len(mask), -1) + 1          # (B, R); +1: after [CLS]
+    return F.pad(patch_rows, (1, 0))                                    # row 0, [CLS], in front
+
+
+def gather_rows(x, rows):  # x (B, N, D), rows (B, R) -> the rows of each sample, (B, R, D)
+    return x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def block_rows(blk, x, pos_bias, rows):
+    """= gather_rows(blk(x, pos_bias), rows), computing queries, projection and MLP for those rows
+    only (keys and values still come from every row)."""
+    B, N, C = x.shape
+    q, k, v = blk.attn.heads(blk.norm1(x))                             # each (B, nh, N, hs)
+    q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # (B, nh, R, hs)
+    if pos_bias is not None:
+        pos_bias = pos_bias[:, rows].transpose(0, 1)                   # (B, nh, R, N)
+    a = blk.attn.proj(attention(q, k, v, pos_bias).transpose(1, 2).reshape(B, rows.shape[1], C))
+    x = gather_rows(x, rows) + drop_path(blk.scaled(blk.gamma_1, a), blk.drop_path, blk.training)
+    m = blk.scaled(blk.gamma_2, blk.mlp(blk.norm2(x)))
+    return x + drop_path(m, blk.drop_path, blk.training)
+
+
+def through(blocks, x, pos_bias, rows=None):
+    """x (B, N, D) through `blocks`: the plain loop; with rows (B, R) only those rows come out,
+    (B, R, D), and the last block computes only them."""
+    if rows is None:
+        for blk in blocks:
+            x = blk(x, pos_bias)
+        return x
+    if not blocks:
+        return gather_rows(x, rows)
+    for blk in blocks[:-1]:
+        x = blk(x, pos_bias)
+    return block_rows(blocks[-1], x, pos_bias, rows)
+
+
+def masked_patches(x, mask, rows):  # a branch's tokens -> (M, D): the masked patches, row-major
+    return x[:, 1:][mask] if rows is None else x[:, 1:].flatten(0, 1)
 
 # ----------------------------------------------------------------------------- optimizer
 
@@ -813,6 +827,7 @@ def _convert(own, sd):
     for k, v in list(sd.items()):
         if k.endswith('relative_position_bias_table') and k in own and v.shape != own[k].shape:
             sd[k] = resize_rel_pos_table(v, own[k].shape[0])
+            sd.pop(k.replace('bias_table', 'index'), None)  # the file's index is of its own grid
         if k.endswith('pos_embed') and k in own and v.shape != own[k].shape:  # bicubic, as official
             s, d = int(math.sqrt(v.shape[1] - 1)), int(math.sqrt(own[k].shape[1] - 1))
             g = v[:, 1:].reshape(1, s, s, -1).permute(0, 3, 1, 2).float()

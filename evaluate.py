@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms as T
 import torchvision.transforms.v2 as T2
 from PIL import Image
@@ -64,6 +65,7 @@ class Config:
     reprob: float = 0.25            # random erasing probability
     randaug: bool = True            # RandAugment(2 ops, magnitude 9)
     eval_only: bool = False         # score --checkpoint on the val split, no training
+    robust_test: str = ''           # finetune --eval_only: imagenet_a | imagenet_r; --data = that set's folder
     eval_every: int = common.at_least(-1, -1)  # training modes: score val every N steps too (log: val_*;
     #                                 result: final and best_*); -1 = each epoch of --epochs recipes, else 0: the end
     # segmentation
@@ -379,13 +381,15 @@ def topk_acc(scores, y, ks=(1, 5)):
 
 
 @torch.no_grad()
-def classify(model, val, cfg, env):
-    """Top-1 / top-5 on the val split (resize 1/0.875 + centre crop); the best head of a probe."""
+def classify(model, val, cfg, env, restrict=None):
+    """Top-1 / top-5 on the val split (resize 1/0.875 + centre crop); the best head of a probe.
+    restrict: the class indices that count (ImageNet-A/R), in the order of val's labels."""
     model.eval()
 
     def fn(x):  # -> (B, heads, classes)
         out = model(x)
-        return torch.stack(out, 1) if isinstance(out, list) else out[:, None]
+        out = torch.stack(out, 1) if isinstance(out, list) else out[:, None]
+        return out if restrict is None else out[..., restrict.to(out.device)]
     scores, y = extract(fn, _Mapped(val, common.eval_transform(cfg.img_size)), cfg, env)
     res = [topk_acc(scores[:, h], y) for h in range(scores.shape[1])]
     best = max(range(len(res)), key=lambda h: res[h]['top1'])
@@ -536,6 +540,8 @@ def run_compare(cfg, env):
 
 def run_finetune(cfg, env):
     sd, mcfg = load_backbone_weights(cfg)
+    if cfg.robust_test:
+        return robust_test(cfg, env, sd, mcfg)
     train, classes = classification_data(cfg, 'train')
     val, _ = classification_data(cfg, 'val')
     if cfg.eval_only and sd.get('head.weight', torch.empty(0)).shape[:1] != (classes,):
@@ -558,6 +564,55 @@ def run_finetune(cfg, env):
         return torch.sum(-soft * F.log_softmax(m(x).float(), -1), -1).mean()
     return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
                lambda m: classify(m, val, cfg, env))
+
+
+# robustness (paper Table 2, official --robust_test): ImageNet-A and ImageNet-R hold 200 of the 1000
+# ImageNet classes; a 1000-class model is scored with its logits restricted to those, in ImageNet
+# order, which is also the sorted order of the sets' class folders. The ImageNet-1k indices of the
+# 200 classes, from the official imagenet_a_r_indices.py (its masks over the sorted 1000 wnids):
+IMAGENET_A = (
+    6, 11, 13, 15, 17, 22, 23, 27, 30, 37, 39, 42, 47, 50, 57, 70, 71, 76, 79, 89, 90, 94, 96, 97, 99, 105,
+    107, 108, 110, 113, 124, 125, 130, 132, 143, 144, 150, 151, 207, 234, 235, 254, 277, 283, 287, 291, 295,
+    298, 301, 306, 307, 308, 309, 310, 311, 313, 314, 315, 317, 319, 323, 324, 326, 327, 330, 334, 335, 336,
+    347, 361, 363, 372, 378, 386, 397, 400, 401, 402, 404, 407, 411, 416, 417, 420, 425, 428, 430, 437, 438,
+    445, 456, 457, 461, 462, 470, 472, 483, 486, 488, 492, 496, 514, 516, 528, 530, 539, 542, 543, 549, 552,
+    557, 561, 562, 569, 572, 573, 575, 579, 589, 606, 607, 609, 614, 626, 627, 640, 641, 642, 643, 658, 668,
+    677, 682, 684, 687, 701, 704, 719, 736, 746, 749, 752, 758, 763, 765, 768, 773, 774, 776, 779, 780, 786,
+    792, 797, 802, 803, 804, 813, 815, 820, 823, 831, 833, 835, 839, 845, 847, 850, 859, 862, 870, 879, 880,
+    888, 890, 897, 900, 907, 913, 924, 932, 933, 934, 937, 943, 945, 947, 951, 954, 956, 957, 959, 971, 972,
+    980, 981, 984, 986, 987, 988)
+IMAGENET_R = (
+    1, 2, 4, 6, 8, 9, 11, 13, 22, 23, 26, 29, 31, 39, 47, 63, 71, 76, 79, 84, 90, 94, 96, 97, 99, 100, 105,
+    107, 113, 122, 125, 130, 132, 144, 145, 147, 148, 150, 151, 155, 160, 161, 162, 163, 171, 172, 178, 187,
+    195, 199, 203, 207, 208, 219, 231, 232, 234, 235, 242, 245, 247, 250, 251, 254, 259, 260, 263, 265, 267,
+    269, 276, 277, 281, 288, 289, 291, 292, 293, 296, 299, 301, 308, 309, 310, 311, 314, 315, 319, 323, 327,
+    330, 334, 335, 337, 338, 340, 341, 344, 347, 353, 355, 361, 362, 365, 366, 367, 368, 372, 388, 390, 393,
+    397, 401, 407, 413, 414, 425, 428, 430, 435, 437, 441, 447, 448, 457, 462, 463, 469, 470, 471, 472, 476,
+    483, 487, 515, 546, 555, 558, 570, 579, 583, 587, 593, 594, 596, 609, 613, 617, 621, 629, 637, 657, 658,
+    701, 717, 724, 763, 768, 774, 776, 779, 780, 787, 805, 812, 815, 820, 824, 833, 847, 852, 866, 875, 883,
+    889, 895, 907, 928, 931, 932, 933, 934, 936, 937, 943, 945, 947, 948, 949, 951, 953, 954, 957, 963, 965,
+    967, 980, 981, 983, 988)
+
+
+def robust_test(cfg, env, sd, mcfg):
+    """Top-1/5 of a fine-tuned 1000-class checkpoint on --data, an ImageNet-A or -R folder
+    (ROOT/CLASS/image, its 200 class folders), with the logits restricted to that set's classes."""
+    classes = {'imagenet_a': IMAGENET_A, 'imagenet_r': IMAGENET_R}.get(cfg.robust_test)
+    if classes is None:
+        common.die(f'--robust_test must be imagenet_a or imagenet_r, got {cfg.robust_test!r}')
+    if not cfg.eval_only:
+        common.die('--robust_test scores a fine-tuned model: pass --eval_only=True')
+    if sd.get('head.weight', torch.empty(0)).shape[:1] != (1000,):
+        common.die(f'--robust_test: {cfg.checkpoint} has no 1000-class (ImageNet) head')
+    try:
+        val = torchvision.datasets.ImageFolder(cfg.data, loader=common.load_image)
+    except (FileNotFoundError, OSError) as e:
+        common.die(f'--robust_test: {cfg.data}: {e}')
+    if len(val.classes) != len(classes):
+        common.die(f'--robust_test: {cfg.data} has {len(val.classes)} class folders, {cfg.robust_test} has '
+                   f'{len(classes)} (expected ROOT/CLASS/image)')
+    model = build_backbone(cfg, sd, mcfg, rel_pos='per_block', fc_norm=True, num_classes=1000).to(env.device)
+    return classify(model, val, cfg, env, restrict=torch.tensor(classes))
 
 # ---------------------------------------------------------- segmentation: UperNet on the ViT (official ADE20K protocol)
 

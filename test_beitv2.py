@@ -353,6 +353,24 @@ def test_pretrain_state_into_classifier_gives_same_tokens():
         beitv2.load_state(beitv2.ViT(beitv2.classifier_config(pre.cfg, num_classes=5)), pre.state_dict())
 
 
+def test_official_layout_classifier_loads_at_another_size():
+    """An official fine-tuned file carries relative_position_index buffers of its own grid: at another
+    image size the tables are resized and those buffers (derived) are not compared."""
+    torch.manual_seed(0)
+    small = beitv2.ViT(beitv2.classifier_config(tiny_beit().cfg, 10))
+    big = beitv2.ViT(beitv2.classifier_config(tiny_beit().cfg, 10, img_size=48))
+    beitv2.load_state(big, beitv2.export_state(small))
+    assert big.blocks[0].attn.relative_position_bias_table.shape[0] == 11 * 11 + 3  # 6x6 patches
+
+
+def test_clear_errors_for_models_built_wrong():
+    with pytest.raises(ValueError, match='shared relative position table'):
+        tiny_beit(rel_pos='per_block')
+    with pytest.raises(ValueError, match='no classification head'):
+        beitv2.ViT(beitv2.ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2))(
+            torch.randn(1, 3, 32, 32))
+
+
 def test_classifier_at_higher_resolution_interpolates_tables():
     torch.manual_seed(0)
     pre = tiny_beit()
@@ -1190,6 +1208,43 @@ def test_evaluate_modes_run(mode, extra, metric, pretrain_ckpt, tmp_path):
                    *EVAL_TINY, f'--out_dir={tmp_path}/again')
         again = json.loads((tmp_path / 'again' / 'result.json').read_text())
         assert again['top1'] == res['top1']
+
+
+def test_robust_indices_are_the_official_masks():
+    """The 200 ImageNet-1k indices of ImageNet-A and -R: sorted, distinct, in range; spot checks
+    against the official imagenet_a_r_indices.py (its first and last entries of each mask)."""
+    for idx in (E.IMAGENET_A, E.IMAGENET_R):
+        assert len(idx) == 200 and list(idx) == sorted(set(idx)) and 0 <= idx[0] and idx[-1] < 1000
+    assert E.IMAGENET_A[:3] == (6, 11, 13) and E.IMAGENET_A[-1] == 988  # n01498041 (shark), ...
+    assert E.IMAGENET_R[:3] == (1, 2, 4) and E.IMAGENET_R[-1] == 988
+
+
+@pytest.mark.slow
+def test_robust_test_restricts_logits_to_the_sets_classes(tmp_path):
+    """A tiny ImageNet-A-like folder (200 class folders; class 7 holds 5 images, the others 1) and a
+    1000-class model that always answers ImageNet class IMAGENET_A[7]: restricted to the 200 classes
+    in folder order, it is right exactly on class 7's images: top-1 = 5 / 204."""
+    from PIL import Image
+    for k in range(200):
+        (tmp_path / 'a' / f'n{k:08d}').mkdir(parents=True)
+        for j in range(5 if k == 7 else 1):
+            Image.new('RGB', (16, 16), (k, j, 0)).save(tmp_path / 'a' / f'n{k:08d}' / f'{j}.png')
+    torch.manual_seed(0)
+    vit = beitv2.ViT(beitv2.classifier_config(tiny_beit(img_size=16).cfg, 1000))
+    with torch.no_grad():
+        vit.head.weight.zero_()
+        vit.head.bias.zero_()
+        vit.head.bias[E.IMAGENET_A[7]] = 1.0
+        vit.head.bias[0] = 2.0  # the largest logit overall, but not an ImageNet-A class
+    torch.save({'model': vit.state_dict(), 'model_config': dataclasses.asdict(vit.cfg)}, tmp_path / 'ft.pt')
+    run_script('evaluate.py', '--mode=finetune', '--eval_only=True', '--robust_test=imagenet_a',
+               f'--data={tmp_path / "a"}', f'--checkpoint={tmp_path / "ft.pt"}', '--img_size=16', '--workers=0',
+               f'--out_dir={tmp_path / "out"}')
+    res = json.loads((tmp_path / 'out' / 'result.json').read_text())
+    assert abs(res['top1'] - 100 * 5 / 204) < 1e-4, res
+    p = run_script('evaluate.py', '--mode=finetune', '--robust_test=imagenet_a', f'--data={tmp_path / "a"}',
+                   f'--checkpoint={tmp_path / "ft.pt"}', f'--out_dir={tmp_path / "o2"}', ok=False)
+    assert p.returncode == 2 and '--eval_only=True' in p.stderr
 
 
 @pytest.mark.slow
