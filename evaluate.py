@@ -63,7 +63,7 @@ class Config:
     cutmix: float = 1.0
     smoothing: float = 0.1
     reprob: float = 0.25            # random erasing probability
-    randaug: bool = True            # RandAugment(2 ops, magnitude 9)
+    randaug: bool = True            # timm's RandAugment rand-m9-mstd0.5-inc1 (official --aa)
     eval_only: bool = False         # score --checkpoint on the val split, no training
     robust_test: str = ''           # finetune --eval_only: imagenet_a | imagenet_r; --data = that set's folder
     eval_every: int = common.at_least(-1, -1)  # training modes: score val every N steps too (log: val_*;
@@ -270,25 +270,79 @@ class _Mapped(torch.utils.data.Dataset):  # dataset with a per-image transform (
         return self.t(common.rgb(img)), y
 
 
+class RandAugment:
+    """timm's rand-m9-mstd0.5-inc1, the official fine-tuning `--aa`, with torchvision's and PIL's ops:
+    `layers` ops drawn with replacement from OPS; each applied with probability `prob`, at a magnitude
+    drawn from N(magnitude, std) clipped to [0, 10] (timm's _LEVEL_DENOM) and mapped to its range,
+    signed ops negated with probability 0.5; fill = the ImageNet mean colour, bicubic resampling
+    (the official hyper-parameters). rng: a random.Random; the draws come in timm's order."""
+    OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
+           'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
+           'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+    ENHANCE = {'Color': T.functional.adjust_saturation, 'Contrast': T.functional.adjust_contrast,
+               'Brightness': T.functional.adjust_brightness, 'Sharpness': T.functional.adjust_sharpness}
+
+    def __init__(self, magnitude=9.0, std=0.5, layers=2, prob=0.5):
+        self.magnitude, self.std, self.layers, self.prob = magnitude, std, layers, prob
+        self.fill = tuple(min(255, round(255 * m)) for m in common.IMAGENET_MEAN)  # (124, 116, 104)
+
+    def __call__(self, img, rng):
+        for name in rng.choices(self.OPS, k=self.layers):
+            if rng.random() > self.prob:
+                continue
+            level = max(0.0, min(rng.gauss(self.magnitude, self.std), 10.0)) / 10  # in [0, 1]
+            img = self.apply(img, name, level, rng)
+        return img
+
+    def apply(self, img, name, level, rng):
+        """One op at `level` in [0, 1] (timm's magnitude / 10), on a PIL RGB image."""
+        def signed(v):  # timm's _randomly_negate
+            return -v if rng.random() > 0.5 else v
+        TF = T.functional
+        if name in ('AutoContrast', 'Equalize', 'Invert'):
+            return {'AutoContrast': TF.autocontrast, 'Equalize': TF.equalize, 'Invert': TF.invert}[name](img)
+        if name == 'Rotate':                                      # up to 30 degrees
+            return TF.rotate(img, signed(level * 30), T.InterpolationMode.BICUBIC, fill=self.fill)
+        if name == 'PosterizeIncreasing':                         # keep 4 down to 0 bits
+            bits = 4 - int(level * 4)  # 0 (at magnitude 10) is black; newer PIL refuses posterize(0)
+            return TF.posterize(img, bits) if bits else Image.new(img.mode, img.size)
+        if name == 'SolarizeIncreasing':                          # invert above 256 down to 0
+            return TF.solarize(img, 256 - min(256, int(level * 256)))
+        if name == 'SolarizeAdd':                                 # add up to 110 below 128
+            add = min(128, int(level * 110))
+            return img.point([min(255, i + add) if i < 128 else i for i in range(256)] * 3)
+        if name.endswith('Increasing'):                           # blend factor 1 -/+ up to 0.9
+            return self.ENHANCE[name[:-len('Increasing')]](img, max(0.1, 1.0 + signed(level * 0.9)))
+        if name in ('ShearX', 'ShearY'):                          # shear factor up to 0.3
+            s = signed(level * 0.3)
+            matrix = (1, s, 0, 0, 1, 0) if name == 'ShearX' else (1, 0, 0, s, 1, 0)
+        else:                                                     # shift up to 45% of the side
+            t = signed(level * 0.45)
+            matrix = (1, 0, t * img.size[0], 0, 1, 0) if name == 'TranslateXRel' else (1, 0, 0, 0, 1, t * img.size[1])
+        return img.transform(img.size, Image.AFFINE, matrix, Image.BICUBIC, fillcolor=self.fill)
+
+
 class TrainTransform:
     """Linear probe: RandomResizedCrop + flip (MAE: bicubic; BEiT v1's linear recipe: bilinear).
-    Fine-tuning adds RandAugment(2, 9) and random erasing (torchvision's versions of timm's
-    rand-m9-mstd0.5-inc1 and reprob 0.25, pixel mode)."""
+    Fine-tuning adds RandAugment (timm's rand-m9-mstd0.5-inc1, as the official run) and random
+    erasing (reprob 0.25, pixel mode)."""
 
     def __init__(self, cfg, finetune):
         bilinear = not finetune and cfg.linear_recipe == 'beit'
         mode = T.InterpolationMode.BILINEAR if bilinear else T.InterpolationMode.BICUBIC
-        t = [T.RandomResizedCrop(cfg.img_size, scale=(cfg.min_crop_scale, 1.0), interpolation=mode),
-             T.RandomHorizontalFlip()]
-        if finetune and cfg.randaug:
-            t.append(T.RandAugment(2, 9))
-        t += [T.ToTensor(), T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
+        self.crop = T.Compose([T.RandomResizedCrop(cfg.img_size, scale=(cfg.min_crop_scale, 1.0), interpolation=mode),
+                               T.RandomHorizontalFlip()])
+        self.randaug = RandAugment() if finetune and cfg.randaug else None
+        after = [T.ToTensor(), T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
         if finetune and cfg.reprob > 0:
-            t.append(T.RandomErasing(cfg.reprob, value='random'))
-        self.t = T.Compose(t)
+            after.append(T.RandomErasing(cfg.reprob, value='random'))
+        self.after = T.Compose(after)
 
     def __call__(self, img, rng):
-        return self.t(img)
+        img = self.crop(img)
+        if self.randaug is not None:
+            img = self.randaug(img, rng)
+        return self.after(img)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -819,12 +820,89 @@ def test_lr_schedules():
         sched.step()
 
 
+def test_image(size=40):
+    """An RGB test picture with gradients, edges and every channel used (PIL)."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    x = torch.linspace(0, 1, size)
+    img = torch.stack([x[None].expand(size, -1), x[:, None].expand(-1, size), torch.rand(size, size, generator=g)])
+    img[:, 10:20, 10:30] = torch.tensor([0.9, 0.1, 0.4])[:, None, None]
+    return Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().numpy())
+
+
+class FixedDraws:  # an rng whose random() draws are given: sign draws > 0.5 negate
+    def __init__(self, *draws):
+        self.draws = list(draws)
+
+    def random(self):
+        return self.draws.pop(0)
+
+
+@pytest.mark.parametrize('level', [0.9, 0.35])
+def test_randaugment_ops_follow_timms_formulas(level):
+    """Each op of rand-m9-mstd0.5-inc1 at a magnitude level (timm's magnitude / 10), against the
+    formulas of timm's auto_augment.py written out with PIL (fill (124, 116, 104), bicubic)."""
+    from PIL import Image, ImageEnhance, ImageOps
+    img, ra, fill = test_image(), E.RandAugment(), (124, 116, 104)
+    assert ra.fill == fill
+
+    def same(name, expected, *draws):
+        got = ra.apply(img, name, level, FixedDraws(*draws))
+        assert np.array_equal(np.asarray(got), np.asarray(expected)), name
+    for name, op in (('AutoContrast', ImageOps.autocontrast), ('Equalize', ImageOps.equalize),
+                     ('Invert', ImageOps.invert)):
+        same(name, op(img))
+    same('Rotate', img.rotate(level * 30, Image.BICUBIC, fillcolor=fill), 0.2)     # 0.2 <= 0.5: positive
+    same('Rotate', img.rotate(-level * 30, Image.BICUBIC, fillcolor=fill), 0.7)    # negated
+    same('PosterizeIncreasing', ImageOps.posterize(img, 4 - int(level * 4)))
+    same('SolarizeIncreasing', ImageOps.solarize(img, 256 - int(level * 256)))
+    add = int(level * 110)
+    same('SolarizeAdd', img.point([min(255, i + add) if i < 128 else i for i in range(256)] * 3))
+    for op in ('Color', 'Contrast', 'Brightness', 'Sharpness'):
+        enhance = getattr(ImageEnhance, op)(img)
+        same(op + 'Increasing', enhance.enhance(1 + level * 0.9), 0.2)
+        same(op + 'Increasing', enhance.enhance(max(0.1, 1 - level * 0.9)), 0.7)
+    for name, matrix in (('ShearX', (1, level * 0.3, 0, 0, 1, 0)), ('ShearY', (1, 0, 0, level * 0.3, 1, 0)),
+                         ('TranslateXRel', (1, 0, level * 0.45 * 40, 0, 1, 0)),
+                         ('TranslateYRel', (1, 0, 0, 0, 1, level * 0.45 * 40))):
+        same(name, img.transform(img.size, Image.AFFINE, matrix, Image.BICUBIC, fillcolor=fill), 0.2)
+
+
+def test_randaugment_draws_two_ops_at_half_probability():
+    ra, img = E.RandAugment(), test_image()
+    rng = random.Random(0)
+    changed = sum(not np.array_equal(np.asarray(ra(img, rng)), np.asarray(img)) for _ in range(400))
+    assert 0.6 < changed / 400 < 0.85  # 1 - 0.5^2 = 0.75 of the images get at least one op (most change them)
+
+
+def test_randaugment_equals_timms_when_installed():
+    """Same seed, same image: timm's rand_augment_transform('rand-m9-mstd0.5-inc1') with the official
+    hyper-parameters, and ours. timm picks the ops with numpy: here it draws them as ours does."""
+    aa = pytest.importorskip('timm.data.auto_augment')
+    from PIL import Image
+    img = test_image()
+    theirs = aa.rand_augment_transform('rand-m9-mstd0.5-inc1', dict(img_mean=(124, 116, 104),
+                                                                    interpolation=Image.BICUBIC))
+    ours = E.RandAugment()
+    real_choice = aa.np.random.choice
+    aa.np.random.choice = lambda ops, n, replace=True, p=None: random.choices(ops, k=n)
+    try:
+        for seed in range(300):
+            random.seed(seed)
+            a = np.asarray(theirs(img))
+            random.seed(seed)
+            b = np.asarray(ours(img, random))
+            assert np.array_equal(a, b), seed
+    finally:
+        aa.np.random.choice = real_choice
+
+
 def test_linear_recipes_crop_as_their_official_scripts():
     cfg = E.Config(img_size=32)
-    crop = E.TrainTransform(cfg, finetune=False).t.transforms[0]
+    crop = E.TrainTransform(cfg, finetune=False).crop.transforms[0]
     assert crop.interpolation == E.T.InterpolationMode.BICUBIC  # MAE
     cfg.linear_recipe = 'beit'
-    crop = E.TrainTransform(cfg, finetune=False).t.transforms[0]
+    crop = E.TrainTransform(cfg, finetune=False).crop.transforms[0]
     assert crop.interpolation == E.T.InterpolationMode.BILINEAR and crop.scale == (0.5, 1.0)
     p = E.PRESETS['linear_beit']
     assert (p['schedule'], p['min_crop_scale'], p['epochs']) == ('cosine_epoch', 0.08, 100)
