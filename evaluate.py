@@ -28,7 +28,6 @@ import torchvision.transforms as T
 import torchvision.transforms.v2 as T2
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision import tv_tensors
 
 import beitv2
 import common
@@ -767,25 +766,79 @@ class SegData(torch.utils.data.Dataset):
         return common.rgb(img), mask
 
 
-class SegTransform:
-    """Train: random scale 0.5-2 of the crop size, crop (pad: 0 / ignore), flip, colour jitter
-    (a stand-in for mmseg's PhotoMetricDistortion). Eval: the image resized to the crop size."""
+def fit_size(h, w, long, short):
+    """mmcv's imrescale (mmseg's Resize, keep_ratio): the largest (h, w) of the same aspect with
+    the long side <= long and the short side <= short."""
+    f = min(long / max(h, w), short / min(h, w))
+    return int(h * f + 0.5), int(w * f + 0.5)
 
-    def __init__(self, size, train):
-        self.size, self.train = size, train
+
+def photometric_distortion(img, rng, brightness=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=18):
+    """mmseg 0.x's PhotoMetricDistortion on a uint8 (3, H, W) image: each step with probability 0.5,
+    in its order: brightness +- 32, contrast x 0.5-1.5 (before or after the colour steps, at random),
+    saturation x 0.5-1.5 and hue +- 18 of OpenCV's 180 (computed in float here: mmseg rounds through
+    OpenCV's uint8 HSV, a difference of a level at most)."""
+    def convert(x, alpha=1.0, beta=0.0):  # mmseg's convert: scale, shift, clip, back to uint8
+        return (x.float() * alpha + beta).clamp(0, 255).to(torch.uint8)
+    if rng.randint(0, 1):
+        img = convert(img, beta=rng.uniform(-brightness, brightness))
+    contrast_first = rng.randint(0, 1)
+    if contrast_first and rng.randint(0, 1):
+        img = convert(img, alpha=rng.uniform(*contrast))
+    if rng.randint(0, 1):  # HSV saturation x alpha at the same hue and value: each channel moves from V
+        x = img.float()
+        v, low = x.max(0).values, x.min(0).values
+        sat = torch.where(v > 0, (v - low) / v.clamp(min=1), torch.zeros_like(v))
+        new = (sat * rng.uniform(*saturation)).clamp(max=1)
+        ratio = torch.where(sat > 0, new / sat.clamp(min=1e-12), torch.ones_like(sat))
+        img = (v - (v - x) * ratio).round().clamp(0, 255).to(torch.uint8)
+    if rng.randint(0, 1):
+        img = T.functional.adjust_hue(img, rng.randint(-hue, hue - 1) / 180)  # numpy's randint excludes hue
+    if not contrast_first and rng.randint(0, 1):
+        img = convert(img, alpha=rng.uniform(*contrast))
+    return img
+
+
+class SegTransform:
+    """The official mmseg 0.x ADE20K pipeline at crop size S (512 there), with ratios kept for
+    other sizes. Train: resize to fit (4S, S) x U(0.5, 2), aspect kept (bilinear; masks nearest);
+    an S x S crop, drawn again (up to 10 times) while one class covers >= cat_max_ratio of its
+    labelled pixels; flip; photometric distortion; normalise; pad bottom/right to S (image 0 = the
+    mean colour after normalising, mask 255). Eval: resize to fit (4S, S); the mask is returned at
+    its original size, where the prediction is scored."""
+
+    def __init__(self, size, train, cat_max_ratio=0.75):
+        self.size, self.train, self.cat_max_ratio = size, train, cat_max_ratio
         self.norm = T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)
 
+    def resize(self, img, mask, ratio=1.0):
+        h, w = fit_size(*img.shape[1:], 4 * self.size * ratio, self.size * ratio)
+        img = T.functional.resize(img, [h, w], T.InterpolationMode.BILINEAR, antialias=False)
+        return img, T.functional.resize(mask[None], [h, w], T.InterpolationMode.NEAREST)[0]
+
+    def crop_box(self, mask, rng):
+        S, (H, W) = self.size, mask.shape
+        for _ in range(10):  # mmseg: a first box, then up to 10 redraws
+            y, x = rng.randint(0, max(H - S, 0)), rng.randint(0, max(W - S, 0))
+            labels = mask[y:y + S, x:x + S]
+            counts = torch.bincount(labels[labels != 255].flatten())
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                break
+        return y, x
+
     def __call__(self, item, rng):
-        img, mask = T2.ToImage()(common.rgb(item[0])), tv_tensors.Mask(item[1][None])
-        if self.train:
-            s = int(self.size * rng.uniform(0.5, 2.0))
-            fill = {tv_tensors.Image: 0, tv_tensors.Mask: 255}
-            t = T2.Compose([T2.Resize(s), T2.RandomCrop(self.size, pad_if_needed=True, fill=fill),
-                            T2.RandomHorizontalFlip(), T2.ColorJitter(0.3, 0.3, 0.3)])
-        else:
-            t = T2.Resize(self.size)
-        img, mask = t(img, mask)
-        return self.norm(img.float() / 255), mask[0]
+        img, mask = T.functional.pil_to_tensor(common.rgb(item[0])), item[1]
+        if not self.train:
+            return self.norm(self.resize(img, mask)[0].float() / 255), mask
+        img, mask = self.resize(img, mask, rng.uniform(0.5, 2.0))
+        y, x = self.crop_box(mask, rng)
+        img, mask = img[:, y:y + self.size, x:x + self.size], mask[y:y + self.size, x:x + self.size]
+        if rng.random() < 0.5:
+            img, mask = img.flip(-1), mask.flip(-1)
+        img = self.norm(photometric_distortion(img, rng).float() / 255)
+        pad = (0, self.size - img.shape[2], 0, self.size - img.shape[1])  # bottom / right
+        return F.pad(img, pad, value=0.0), F.pad(mask, pad, value=255)
 
 
 def seg_loss(logits, target):
@@ -824,7 +877,8 @@ def miou(conf):
 
 @torch.no_grad()
 def segment_score(model, val, cfg, env):
-    """mIoU on the val split with sliding-window inference at the training crop size."""
+    """mIoU on the val split as mmseg scores it: the image resized to fit (4S, S), sliding windows
+    of the crop size S, the logits resized (bilinear) back to the original mask's size."""
     model.eval()
     t = SegTransform(cfg.img_size, False)
     conf = torch.zeros(val.num_classes, val.num_classes, dtype=torch.long, device=env.device)
@@ -833,6 +887,7 @@ def segment_score(model, val, cfg, env):
         with env.autocast():
             logits = sliding_window(model, img.to(env.device), val.num_classes, cfg.img_size,
                                     cfg.seg_stride or cfg.img_size * 2 // 3)
+        logits = F.interpolate(logits[None].float(), size=mask.shape, mode='bilinear', align_corners=False)[0]
         conf += confusion(logits.argmax(0).flatten(), mask.to(env.device).flatten(), val.num_classes)
     return dict(mIoU=miou(env.all_reduce(conf)))
 

@@ -1480,6 +1480,71 @@ def test_ade20k_layout_and_reduce_zero_label(tmp_path):
     x, y = E.SegTransform(32, train=True)((img, mask), random.Random(0))
     assert x.shape == (3, 32, 32) and y.shape == (32, 32) and set(y.unique().tolist()) <= {149, 255}
 
+
+class Scripted:  # an rng whose randint / uniform / random answers are given in order
+    def __init__(self, randint=(), uniform=(), random=()):
+        self.ints, self.floats, self.unit = list(randint), list(uniform), list(random)
+
+    def randint(self, a, b):
+        v = self.ints.pop(0)
+        assert a <= v <= b
+        return v
+
+    def uniform(self, a, b):
+        return self.floats.pop(0)
+
+    def random(self):
+        return self.unit.pop(0)
+
+
+def test_segmentation_resize_fits_mmsegs_scale():
+    assert E.fit_size(400, 600, 2048, 512) == (512, 768)     # the short side reaches 512
+    assert E.fit_size(100, 1000, 2048, 512) == (205, 2048)   # the long side caps first
+    from PIL import Image
+    t = E.SegTransform(32, train=False)
+    img, mask = t((Image.new('RGB', (30, 20)), torch.zeros(20, 30, dtype=torch.long)), None)
+    assert img.shape == (3, 32, 48) and mask.shape == (20, 30)  # scored at the original size
+
+
+def test_segmentation_crop_redraws_while_one_class_dominates():
+    """cat_max_ratio 0.75: crops where one class holds >= 75% of the labelled pixels are drawn
+    again (up to 10 draws in all); ignored pixels (255) do not count."""
+    mask = torch.zeros(64, 64, dtype=torch.long)
+    mask[32:, 32:] = torch.arange(2).repeat(32, 16)  # classes 0 and 1 in alternate columns
+    mask[:32, :32] = 255
+    t = E.SegTransform(32, train=True)
+    # (0, 32) and (32, 0) are all class 0; (0, 0) is all ignored; (32, 32) is half 0, half 1
+    assert t.crop_box(mask, Scripted(randint=[0, 32, 32, 0, 0, 0, 32, 32, 0, 0])) == (32, 32)
+    assert t.crop_box(mask, Scripted(randint=[0, 32] * 10)) == (0, 32)  # 10 draws, none good: the last
+
+
+def test_photometric_distortion_steps_follow_mmseg():
+    img = torch.tensor([[[250, 10]], [[0, 10]], [[0, 10]]], dtype=torch.uint8)  # red, grey; (3, 1, 2)
+    # brightness only (+20; the red channel clips at 255, uint8 truncation)
+    out = E.photometric_distortion(img, Scripted(randint=[1, 0, 0, 0, 0, 0], uniform=[20.5]))
+    assert out[:, 0, 0].tolist() == [255, 20, 20] and out[:, 0, 1].tolist() == [30, 30, 30]
+    # contrast first (x 1.5), then nothing else
+    out = E.photometric_distortion(img, Scripted(randint=[0, 1, 1, 0, 0], uniform=[1.5]))
+    assert out[:, 0, 0].tolist() == [255, 0, 0] and out[:, 0, 1].tolist() == [15, 15, 15]
+    # saturation x 0.5 keeps hue and value: red (S 1) -> S 0.5; grey stays grey
+    out = E.photometric_distortion(img, Scripted(randint=[0, 0, 1, 0, 0], uniform=[0.5]))
+    assert out[:, 0, 0].tolist() == [250, 125, 125] and out[:, 0, 1].tolist() == [10, 10, 10]
+
+
+def test_segmentation_train_pads_bottom_right_after_normalising():
+    from PIL import Image
+    t = E.SegTransform(32, train=True)
+    mask = torch.ones(20, 24, dtype=torch.long)
+    mask[:, 12:] = 2
+    pil = Image.new('RGB', (24, 20), (200, 200, 200))
+    # ratio 0.5: fit (64, 16) -> 16 x 19; crop (0, 0) (two classes: kept); no flip; no distortion
+    x, y = t((pil, mask), Scripted(randint=[0] * 7, uniform=[0.5], random=[0.9]))
+    assert x.shape == (3, 32, 32) and y.shape == (32, 32)
+    assert (y[16:] == 255).all() and (y[:, 19:] == 255).all() and (y[:16, :19] != 255).all()
+    assert (x[:, 16:] == 0).all() and (x[:, :, 19:] == 0).all()  # 0 after normalising: the mean colour
+    grey = (200 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert torch.allclose(x[:, 0, 0], grey)
+
 # ------------------------------------------------------------------- evaluate.py: attention, codebook and code pictures
 
 
