@@ -537,19 +537,18 @@ class Logger:
         metrics.update(img_per_s=done * images_per_step / elapsed, eta_min=(total - step) * elapsed / done / 60,
                        step=step, time=round(now - self.t0, 3))
         self.t0 = now
+        self.write(f'step {step}/{total}', metrics)
+
+    def scores(self, step, **metrics):  # an evaluation during training: one line, and in log.jsonl
+        if self.env.master:
+            self.write(f'step {step}', dict(metrics, step=step))
+
+    def write(self, head, metrics):  # a line of log.jsonl, and the same numbers printed
         with open(self.path, 'a') as f:
             f.write(json.dumps(metrics) + '\n')
         shown = ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
                            for k, v in metrics.items() if k not in ('step', 'time'))
-        print(f'step {step}/{total} | {shown}', flush=True)
-
-    def scores(self, step, **metrics):  # an evaluation during training: one line, and in log.jsonl
-        if not self.env.master:
-            return
-        with open(self.path, 'a') as f:
-            f.write(json.dumps(dict(metrics, step=step)) + '\n')
-        print(f'step {step} | ' + ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
-                                             for k, v in metrics.items()), flush=True)
+        print(f'{head} | {shown}', flush=True)
 
 
 def check_finite(loss, step, cfg):
