@@ -492,12 +492,13 @@ def check_same_run(cfg, env, saved, path):
 
 
 def resume(cfg, env, model, optimizer):
-    """Continue from --resume=PATH, or from OUT_DIR/ckpt.pt when it exists. -> start step."""
+    """Continue from --resume=PATH, or from OUT_DIR/ckpt.pt when it exists. -> (start step, the
+    checkpoint's `loop` entry: what a training loop saved of its own, e.g. its best score; {} if none)."""
     path = cfg.resume or os.path.join(cfg.out_dir, 'ckpt.pt')
     if not os.path.exists(path):
         if cfg.resume:
             die(f'--resume: {path} does not exist')
-        return 0
+        return 0, {}
     import beitv2
     try:
         ckpt = beitv2.load_file(path)
@@ -513,7 +514,7 @@ def resume(cfg, env, model, optimizer):
     else:
         env.print(f'note: checkpoint written by {ckpt["world"]} ranks, now {env.world}: RNG not restored')
     env.print(f'resumed from {path} at step {ckpt["step"]}')
-    return ckpt['step']
+    return ckpt['step'], ckpt.get('loop', {})
 
 
 class Logger:

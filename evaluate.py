@@ -378,8 +378,8 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, me
     if not quiet:
         common.print_setup(cfg, env, steps_per_epoch, per_step)
     every = cfg.eval_every if cfg.eval_every >= 0 else (steps_per_epoch if cfg.epochs else 0)
-    step = common.resume(cfg, env, model, optimizer)
-    best = resumed_best(cfg) if step else None
+    step, kept = common.resume(cfg, env, model, optimizer)
+    best = kept.get('best')  # the best evaluation a resumed run had seen
     ddp_model = DDP(model) if env.ddp else model  # broadcast buffers: one set of BatchNorm statistics
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
     start = step
@@ -407,7 +407,7 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, me
             model_config = asdict(model.cfg) if isinstance(model, beitv2.ViT) else None
             common.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
                                    optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
-                                   config=asdict(cfg), model_config=model_config, best=best)
+                                   config=asdict(cfg), model_config=model_config, loop=dict(best=best))
         if stop:
             return None
     final = score(model)
@@ -422,10 +422,6 @@ def better(best, scores, step, metric, log):
     if best is None or scores[metric] > best[metric]:
         best = dict(scores, step=step)
     return best
-
-
-def resumed_best(cfg):  # the best evaluation a resumed run had seen, from its checkpoint
-    return beitv2.load_file(cfg.resume or os.path.join(cfg.out_dir, 'ckpt.pt')).get('best')
 
 
 def topk_acc(scores, y, ks=(1, 5)):

@@ -145,7 +145,7 @@ def main(argv=None):
     mcfg = common.model_config(cfg, vocab_size=tokenizer.cfg.codebook_size)
     model = beitv2.BEiTv2(mcfg).to(env.device)
     optimizer = torch.optim.AdamW(beitv2.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    step = common.resume(cfg, env, model, optimizer)
+    step, _ = common.resume(cfg, env, model, optimizer)
     ddp_model = DDP(model, broadcast_buffers=False) if env.ddp else model  # buffers are derived
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
 

@@ -1335,6 +1335,18 @@ def test_eval_every_logs_each_score_and_reports_final_and_best(pretrain_ckpt, tm
     best = max(scored, key=lambda r: r['val_top1'])  # the first of equals, as the result keeps
     assert res['top1'] == scored[-1]['val_top1']
     assert (res['best_top1'], res['best_step']) == (best['val_top1'], best['step'])
+    # stopped after step 2 and resumed: the best of steps 1-2 comes back from the checkpoint
+    cut = tmp_path / 'cut'
+    args = ['evaluate.py', '--mode=finetune', f'--checkpoint={pretrain_ckpt}', *EVAL_TINY, '--steps=4',
+            '--eval_every=1', '--lr=1e-3', f'--out_dir={cut}']
+    run_script(*args, '--stop_after=2')
+    first = [json.loads(ln) for ln in (cut / 'log.jsonl').read_text().splitlines() if 'val_top1' in ln]
+    assert beitv2.load_file(cut / 'ckpt.pt')['loop']['best']['top1'] == max(r['val_top1'] for r in first)
+    run_script(*args)
+    scored = [json.loads(ln) for ln in (cut / 'log.jsonl').read_text().splitlines() if 'val_top1' in ln]
+    res = json.loads((cut / 'result.json').read_text())
+    assert [r['step'] for r in scored] == [1, 2, 3, 4]
+    assert res['best_top1'] == max(r['val_top1'] for r in scored)
 
 
 @pytest.mark.slow

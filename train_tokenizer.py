@@ -294,7 +294,7 @@ def main(argv=None):
     mcfg = common.model_config(cfg, teacher_dim=probe.shape[-1])
     model = beitv2.VQKD(mcfg).to(env.device)
     optimizer = torch.optim.AdamW(beitv2.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    step = common.resume(cfg, env, model, optimizer)
+    step, _ = common.resume(cfg, env, model, optimizer)
     # the codebook is a buffer that is kept in sync by its own all-reduces, not by DDP broadcasts
     ddp_model = DDP(model, broadcast_buffers=False) if env.ddp else model
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
