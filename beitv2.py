@@ -96,13 +96,13 @@ def classifier_config(cfg, num_classes, drop_path=0.1, img_size=None):
     return ViTConfig(**vit)
 
 
-RENAMED = {'rel_pos_bias': 'rel_pos', 'mean_pooling': 'fc_norm', 'n_embed': 'codebook_size'}  # config
-# field names in our checkpoints written before c69103e, read as today's by config_from_dict
+RENAMED = {'rel_pos_bias': 'rel_pos', 'mean_pooling': 'fc_norm', 'n_embed': 'codebook_size'}
 
 
-def config_from_dict(cls, d):
-    """A config saved in a checkpoint (asdict) back to `cls`, reading the older field names."""
-    return cls(**{RENAMED.get(k, k): v for k, v in d.items()})
+def current_names(saved):
+    """A config dict saved in one of our checkpoints (asdict), with the field names of ours written
+    before c69103e read as today's."""
+    return {RENAMED.get(k, k): v for k, v in saved.items()}
 
 # ----------------------------------------------------------------------------- backbone
 
@@ -463,11 +463,11 @@ class VQKD(nn.Module):
                    rel_pos='none', fc_norm=True)
         self.encoder = ViT(ViTConfig(img_size=cfg.img_size, patch_size=cfg.patch_size,
                                      depth=cfg.depth, **vit))
-        # the decoder's "image" is the (d, h, w) code map, embedded by a 1x1 conv
         self.grid = self.encoder.grid
-        self.checked_values = False  # check_images looks at the pixel values of the first batch only
+        # the decoder's "image" is the (d, h, w) code map, embedded by a 1x1 conv
         self.decoder = ViT(ViTConfig(img_size=self.grid[0], patch_size=1, in_chans=cfg.code_dim,
                                      depth=cfg.decoder_depth, **vit))
+        self.checked_values = False  # check_images looks at the pixel values of the first batch only
         self.quantize = NormEMACodebook(cfg.codebook_size, cfg.code_dim, cfg.decay, cfg.beta)
         self.encode_task_layer = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, cfg.code_dim))
         self.decode_task_layer = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, cfg.teacher_dim))
@@ -906,7 +906,7 @@ def load_tokenizer(path):
         what = 'a backbone (pretraining or fine-tuning) checkpoint' if 'patch_embed.proj.weight' in sd else 'not one'
         raise ValueError(f'{path}: not a tokenizer checkpoint (no codebook in it): {what}')
     if isinstance(ckpt.get('model_config'), dict):
-        cfg = config_from_dict(VQKDConfig, ckpt['model_config'])
+        cfg = VQKDConfig(**current_names(ckpt['model_config']))
     else:
         cfg = vqkd_config_from_state(sd)
     model = load_state(VQKD(cfg), sd).eval()

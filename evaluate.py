@@ -177,8 +177,8 @@ def load_weights(path):
         common.die(f'{path} is a tokenizer; this mode needs a pretraining or fine-tuned backbone')
     if 'patch_embed.proj.weight' not in sd:
         common.die(f'{path}: no ViT weights in it')
-    mcfg = ckpt.get('model_config')  # ours; with older checkpoints' field names read as today's
-    return sd, {beitv2.RENAMED.get(k, k): v for k, v in mcfg.items()} if isinstance(mcfg, dict) else None
+    mcfg = ckpt.get('model_config')  # ours only
+    return sd, beitv2.current_names(mcfg) if isinstance(mcfg, dict) else None
 
 
 def load_backbone_weights(cfg):

@@ -717,6 +717,19 @@ def test_load_tokenizer_reads_the_config_off_an_official_file(tmp_path):
         beitv2.load_tokenizer(tmp_path / 'pre.pth')
 
 
+def test_checkpoints_with_the_older_config_names_load(tmp_path):
+    """Our checkpoints written before the config renames (n_embed, rel_pos_bias, mean_pooling)."""
+    tok = tiny_vqkd()
+    old = {('n_embed' if k == 'codebook_size' else k): v for k, v in dataclasses.asdict(tok.cfg).items()}
+    torch.save({'model': tok.state_dict(), 'model_config': old}, tmp_path / 'tok.pt')
+    assert beitv2.load_tokenizer(tmp_path / 'tok.pt').cfg == tok.cfg
+    pre = tiny_beit()
+    old = {({'rel_pos': 'rel_pos_bias', 'fc_norm': 'mean_pooling'}).get(k, k): v
+           for k, v in dataclasses.asdict(pre.cfg).items()}
+    torch.save({'model': pre.state_dict(), 'model_config': old}, tmp_path / 'pre.pt')
+    assert E.load_weights(str(tmp_path / 'pre.pt'))[1] == dataclasses.asdict(pre.cfg)
+
+
 def test_load_tokenizer_refuses_a_backbone_file(tmp_path):
     tiny_pretrain_file(tmp_path / 'p.pt')
     with pytest.raises(ValueError, match='not a tokenizer checkpoint.*backbone'):
