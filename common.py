@@ -1,12 +1,14 @@
-"""What the three stage scripts share: config overrides, distributed setup, data (the demo
-generator, ImageFolder, torchvision datasets), resumable sampling, the lr schedule,
-checkpoints and logging. No model code: that is beitv2.py."""
+"""What the three stage scripts share: `--key=value` settings with their ranges and choices, the
+process's place (DDP, device, dtype), the OUT_DIR lock, optimizer groups and the lr schedule,
+checkpoints (safe reading, atomic writing, exact resume) and logging. Model code is in beitv2.py,
+data in data.py."""
 import ast
 import atexit
 import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -15,14 +17,10 @@ import sys
 import time
 from dataclasses import asdict, field, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torchvision.transforms as T
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+import beitv2
 
 
 def die(msg):
@@ -43,10 +41,15 @@ def above(lowest, default):
     return field(default=default, metadata=dict(rule=(f'> {lowest}', lambda v: v > lowest)))
 
 
+def one_of(*choices):
+    """A setting with a fixed set of values, the first being the default: `feature: str = one_of('cls', 'mean')`."""
+    return field(default=choices[0], metadata=dict(rule=(f'one of {", ".join(map(repr, choices))}',
+                                                         lambda v: v in choices)))
+
+
 def from_model(cfg):
     """Settings left at None take their value from the architecture --model names in
     beitv2.PRESETS, so that each architecture is defined once; a value given overrides it."""
-    import beitv2
     if cfg.model not in beitv2.PRESETS:
         die(f'unknown --model={cfg.model!r}; choose from {", ".join(beitv2.PRESETS)}')
     arch = asdict(beitv2.PRESETS[cfg.model])
@@ -57,7 +60,6 @@ def from_model(cfg):
 
 def model_config(cfg, **fixed):
     """The beitv2 config of --model with this run's settings of the same names, and `fixed`."""
-    import beitv2
     arch = beitv2.PRESETS[cfg.model]
     own = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in arch.__dataclass_fields__}
     return type(arch)(**{**asdict(arch), **own, **fixed})
@@ -92,7 +94,7 @@ def configure(cfg, presets, argv=None):
         setattr(cfg, key, val)
     if hasattr(cfg, 'model'):
         from_model(cfg)
-    for f in fields(cfg):  # the ranges written beside the fields (at_least, above)
+    for f in fields(cfg):  # the ranges and choices written beside the fields (at_least, above, one_of)
         if 'rule' in f.metadata and not f.metadata['rule'][1](getattr(cfg, f.name)):
             die(f'--{f.name}={getattr(cfg, f.name)!r}: must be {f.metadata["rule"][0]}')
     return cfg
@@ -216,193 +218,51 @@ def release_lock(lock):
     except (OSError, TypeError):  # already gone, or no lock
         pass
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- optimizer, schedule
 
 
-def square_wave(t):  # True on the first half of every unit period
-    return np.sin(2 * np.pi * t) > 0
+def layer_id(name, depth):
+    """Official layer ids for layer-wise lr decay: embeddings 0, block l -> l+1, the rest L+1."""
+    m = re.search(r'(?:^|\.)blocks\.(\d+)\.', name)
+    if m:
+        return int(m.group(1)) + 1
+    leaf = name.split('.')[-1]
+    if leaf in ('cls_token', 'mask_token', 'pos_embed') or 'patch_embed.' in name:
+        return 0
+    return depth + 1
 
 
-class DemoTextures(Dataset):
-    """Offline demo data, generated deterministically from (split, index): a large object (disk,
-    square or triangle) near the centre, covered by one of five two-colour patterns, on a plain
-    background. The class is the pattern: horizontal or vertical stripes, diagonal lattice,
-    checks, dots; flips keep it. Its period and phase, the object and all three colours are
-    random. Built so that learning is visible (README, "Quick start"): most of the pixel
-    variance is colour, which says nothing about the class, so raw pixels and a random network
-    are near chance, while the pattern decides the demo teacher's target (HOG: edge orientations)
-    in every patch of the object. Items: (PIL image, class) or, with masks=True, (PIL image,
-    per-pixel class map with 0 = background and 1..5 = the object's class + 1)."""
-    classes = ('horizontal', 'vertical', 'diagonal', 'checks', 'dots')
-
-    def __init__(self, split='train', size=32, length=None, masks=False):
-        self.split, self.size, self.masks = split, size, masks
-        self.length = length or (10000 if split == 'train' else 1000)
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, i):
-        g = np.random.default_rng([0 if self.split == 'train' else 1, i])
-        label = int(g.integers(len(self.classes)))
-        yy, xx = (np.mgrid[0:self.size, 0:self.size] + 0.5) / self.size  # pixel centres in (0, 1)
-        r = g.uniform(0.32, 0.46)                                     # object half size
-        cy, cx = 0.5 + g.uniform(-0.06, 0.06, size=2)
-        dy, dx = (yy - cy) / r, (xx - cx) / r                         # object frame, unit half size
-        obj = [dy ** 2 + dx ** 2 <= 1, np.maximum(abs(dy), abs(dx)) <= 0.85,
-               (dy <= 0.8) & (dy >= 1.6 * abs(dx) - 1)][int(g.integers(3))]
-        period = g.uniform(5, 9) / self.size                          # 5 to 9 pixels
-        py, px = (yy - g.uniform()) / period, (xx - g.uniform()) / period  # random phase
-        pattern = [square_wave(py), square_wave(px),                      # stripes
-                   square_wave((px + py) / 1.4) ^ square_wave((px - py) / 1.4),  # diagonal lattice
-                   square_wave(py) ^ square_wave(px),                       # checks
-                   (py % 1 - 0.5) ** 2 + (px % 1 - 0.5) ** 2 < 0.09][label]  # dots
-        ink, paper, bg = g.uniform(0, 1, size=(3, 3))
-        while np.abs(ink - paper).mean() < 0.25:                      # keep the pattern visible
-            paper = g.uniform(0, 1, 3)
-        img = np.where(obj[..., None], np.where(pattern[..., None], ink, paper), bg)
-        img = np.clip(img + g.normal(0, 0.03, img.shape), 0, 1)
-        pil = Image.fromarray((img * 255).astype(np.uint8))
-        if self.masks:
-            return pil, Image.fromarray((obj * (label + 1)).astype(np.uint8))
-        return pil, label
+def param_groups(model, weight_decay, layer_decay=1.0, depth=None, no_decay=('cls_token', 'pos_embed')):
+    """AdamW groups as the official optim_factory: no weight decay for 1-D parameters, biases,
+    and the parameters named in no_decay (mask_token and the shared relative position table ARE
+    decayed); each group carries lr_scale = layer_decay ** (depth + 1 - layer_id)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.split('.')[-1]
+        no_wd = p.ndim <= 1 or name.endswith('.bias') or leaf in no_decay
+        lid = layer_id(name, depth) if depth is not None else 0
+        scale = layer_decay ** (depth + 1 - lid) if depth is not None else 1.0
+        g = groups.setdefault((lid, no_wd), dict(params=[], weight_decay=0.0 if no_wd else weight_decay,
+                                                 lr_scale=scale))
+        g['params'].append(p)
+    return list(groups.values())
 
 
-def build_dataset(spec, split, img_size):
-    """spec: 'demo' (or demo:N), a folder in ImageNet layout (ROOT/train/CLASS/*.JPEG, ROOT/val/...), or
-    NAME:ROOT for torchvision's cifar10, cifar100, stl10, fashion_mnist (files already there)."""
-    import torchvision.datasets as tvd
-    name, _, root = spec.partition(':')
-    if name == 'demo':  # demo or demo:N (N training images)
-        return DemoTextures(split, size=img_size, length=int(root) if root and split == 'train' else None)
-    tv = {'cifar10': tvd.CIFAR10, 'cifar100': tvd.CIFAR100, 'stl10': tvd.STL10,
-          'fashion_mnist': tvd.FashionMNIST}
-    if name in tv and root:
-        if not os.path.isdir(root):
-            die(f'data folder {root} does not exist')
-        try:
-            if name == 'stl10':
-                return tv[name](root, split='train' if split == 'train' else 'test', download=False)
-            return tv[name](root, train=split == 'train', download=False)
-        except RuntimeError as e:
-            die(f'{spec}: {str(e).splitlines()[0]} (downloads are off: put the files in {root})')
-    folder = os.path.join(spec, split)
-    if not os.path.isdir(folder):
-        die(f'data: {folder} does not exist (expected ImageNet layout ROOT/{split}/CLASS/image)')
-    try:
-        return tvd.ImageFolder(folder, loader=load_image)
-    except FileNotFoundError:
-        die(f'data: no images found under {folder} (expected {folder}/CLASS/image)')
 
-
-def load_image(path):
-    try:
-        with open(path, 'rb') as f:
-            return Image.open(f).convert('RGB')
-    except Exception as e:  # any decoder error is the same problem for the user
-        raise RuntimeError(f'unreadable image {path}: {e}') from None
-
-
-def rgb(img):
-    return img.convert('RGB') if img.mode != 'RGB' else img
-
-
-class Augmented(Dataset):
-    """Applies `transform(image, rng)` with randomness fixed by (seed, epoch, index), so sample i
-    of epoch e is augmented identically whichever worker loads it: a resumed run sees exactly the
-    batches of an uninterrupted one. Keys come from ResumableSampler as (epoch, index)."""
-
-    def __init__(self, dataset, transform, seed, joint=False):  # joint: transform(item, rng)
-        self.dataset, self.transform, self.seed, self.joint = dataset, transform, seed, joint
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, i = key
-        item = self.dataset[i]
-        seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + i
-        with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
-            torch.manual_seed(seed)
-            if self.joint:  # e.g. (image, mask) pairs transformed together
-                return self.transform(item, random.Random(seed))
-            return self.transform(rgb(item[0]), random.Random(seed)), item[1]
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (also for one process) that yields (epoch, index) keys and can start
-    mid-epoch: `start` = samples of this rank already consumed in the current epoch."""
-    start = 0
-
-    def __iter__(self):
-        for i in list(super().__iter__())[self.start:]:
-            yield self.epoch, i
-
-
-def make_loader(dataset, transform, cfg, env, shuffle=True, joint=False):
-    ds = Augmented(dataset, transform, cfg.seed, joint)
-    sampler = ResumableSampler(ds, num_replicas=env.world, rank=env.rank, shuffle=shuffle,
-                               seed=cfg.seed, drop_last=True)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.workers, pin_memory=env.device.type == 'cuda',
-                        persistent_workers=cfg.workers > 0,
-                        generator=torch.Generator())  # leaves the global RNG alone (exact resume)
-    return loader, sampler
-
-
-def stream(loader, sampler, step, steps_per_epoch, accum):
-    """The batches from optimizer step `step` on, epoch after epoch: a resumed run continues
-    mid-epoch at the same sample. A worker's 'unreadable image' error becomes a one-line error."""
-    epoch, it = divmod(step, steps_per_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        sampler.start = it * accum * loader.batch_size
-        data = iter(loader)
-        for _ in range((steps_per_epoch - it) * accum):
-            try:
-                yield next(data)
-            except RuntimeError as e:  # in a worker, the message is the last line of its traceback
-                lines = [ln for ln in str(e).splitlines() if ln.startswith(('unreadable image', 'RuntimeError: '))]
-                if not lines or 'unreadable image' not in lines[-1]:
-                    raise
-                die(lines[-1].removeprefix('RuntimeError: '))
-        epoch, it = epoch + 1, 0
-
-
-class CropTransform:
-    """Tokenizer training: RandomResizedCrop (bicubic) + flip, values in [0, 1] (official)."""
-
-    def __init__(self, img_size, min_scale=0.08):
-        self.t = T.Compose([T.RandomResizedCrop(img_size, scale=(min_scale, 1.0),
-                                                interpolation=T.InterpolationMode.BICUBIC),
-                            T.RandomHorizontalFlip(), T.ToTensor()])
-
-    def __call__(self, img, rng):
-        return self.t(img)
-
-
-def eval_transform(img_size, normalize=True):
-    """Resize to img_size/0.875 (bicubic) + centre crop, as the official evaluation."""
-    t = [T.Resize(int(img_size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
-         T.CenterCrop(img_size), T.ToTensor()]
-    return T.Compose(t + ([T.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if normalize else []))
-
-# ----------------------------------------------------------------------------- schedule, checkpoints, logging
-
-
-def get_lr(step, cfg):
+def get_lr(step, steps, warmup_steps, lr, min_lr, schedule='cosine', epochs=0):
     """Linear warmup from 0, then to min_lr by cosine (official cosine_scheduler), or linearly
     with schedule='poly' (mmseg's poly, power 1, used for segmentation); per step. 'cosine_epoch':
     torch's CosineAnnealingLR stepped once per epoch, no warmup (BEiT v1's linear evaluation)."""
-    schedule = getattr(cfg, 'schedule', 'cosine')
     if schedule == 'cosine_epoch':
-        epoch = step * cfg.epochs // cfg.steps
-        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-    if step < cfg.warmup_steps:
-        return cfg.lr * step / cfg.warmup_steps
-    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        epoch = step * epochs // steps
+        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
     decay = 1 - t if schedule == 'poly' else 0.5 * (1 + math.cos(math.pi * t))
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * decay
+    return min_lr + (lr - min_lr) * decay
 
 
 def set_lr(optimizer, lr):
@@ -431,6 +291,36 @@ def steps_from_epochs(cfg, env, n_images):
         cfg.steps = cfg.epochs * steps_per_epoch
         cfg.warmup_steps = cfg.warmup_epochs * steps_per_epoch
     return steps_per_epoch, per_step
+
+
+# ----------------------------------------------------------------------------- checkpoints, logging
+
+
+def read_checkpoint(path):
+    """beitv2.load_file (no code runs) with a one-line error: a missing, truncated or foreign file, or one
+    that would run code, ends the run naming it."""
+    if not os.path.isfile(path):
+        die(f'{path}: no such file')
+    junk = f'{path}: not a readable checkpoint (truncated, or not a PyTorch file)'
+    try:
+        return beitv2.load_file(path)
+    except pickle.UnpicklingError:  # a zip checkpoint names the callables it would call
+        try:
+            code = ', '.join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # not a zip checkpoint at all
+            die(junk)
+        die(f'{path}: refused to load: it would run code ({code}); a checkpoint holds only tensors and plain '
+            'containers' if code else junk)
+    except (RuntimeError, OSError, EOFError, KeyError, IndexError, ValueError):  # what torch raises on junk
+        die(junk)
+
+
+def code_usage(counts):
+    """counts: (K,) code histogram -> dict(unused codes, usage fraction, perplexity)."""
+    p = counts.double() / counts.sum().clamp(min=1)
+    perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum()).item()
+    unused = int((counts == 0).sum())
+    return dict(unused=unused, usage=1 - unused / counts.numel(), perplexity=perplexity)
 
 
 def rng_state():
@@ -471,16 +361,16 @@ def save_checkpoint(path, env, **state):
 
 # how a run is run, not what it computes: these may differ on resume; any other setting that
 # differs from the checkpoint's is refused unless named in --allow_change
-RUN_ONLY = ('preset', 'out_dir', 'resume', 'allow_change', 'log_every', 'ckpt_every', 'eval_every', 'stop_after',
-            'workers', 'device', 'compile')
+RUN_ONLY = ('preset', 'out_dir', 'resume', 'allow_change', 'log_every', 'ckpt_every', 'stop_after', 'workers',
+            'device', 'compile')
 
 
-def check_same_run(cfg, env, saved, path):
+def check_same_run(cfg, env, saved, path, run_only=RUN_ONLY):
     """One-line error naming the first setting that differs from the checkpoint's config."""
     now = dict(asdict(cfg), world=env.world)
     allowed = {k.strip() for k in cfg.allow_change.split(',') if k.strip()}
     for key, value in now.items():
-        if key in RUN_ONLY or key in allowed or key not in saved:
+        if key in run_only or key in allowed or key not in saved:
             continue
         old = saved[key]
         if isinstance(value, tuple) and isinstance(old, (list, tuple)):
@@ -491,7 +381,7 @@ def check_same_run(cfg, env, saved, path):
                 f'a new --out_dir, or pass --allow_change={key} if the change is intended (e.g. more --steps)')
 
 
-def resume(cfg, env, model, optimizer):
+def resume(cfg, env, model, optimizer, run_only=RUN_ONLY):
     """Continue from --resume=PATH, or from OUT_DIR/ckpt.pt when it exists. -> (start step, the
     checkpoint's `loop` entry: what a training loop saved of its own, e.g. its best score; {} if none)."""
     path = cfg.resume or os.path.join(cfg.out_dir, 'ckpt.pt')
@@ -499,11 +389,10 @@ def resume(cfg, env, model, optimizer):
         if cfg.resume:
             die(f'--resume: {path} does not exist')
         return 0, {}
-    import beitv2
+    ckpt = read_checkpoint(path)
     try:
-        ckpt = beitv2.load_file(path)
         if isinstance(ckpt.get('config'), dict):
-            check_same_run(cfg, env, dict(ckpt['config'], world=ckpt.get('world', env.world)), path)
+            check_same_run(cfg, env, dict(ckpt['config'], world=ckpt.get('world', env.world)), path, run_only)
         beitv2.load_state(model, ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as e:

@@ -1,13 +1,10 @@
 """Stage 3: evaluate a pretrained backbone (ours or an official file) by linear probing, k-NN,
-fine-tuning or semantic segmentation, and look inside a backbone or a tokenizer. The modes, in the
-order this file holds them:
+fine-tuning (with the ImageNet-A/R robustness test) or semantic segmentation. The modes, in the
+order this file holds them (pictures.py looks inside a backbone or a tokenizer):
 
     python evaluate.py --mode=linear | knn          # one probe on the --backbone
     python evaluate.py                              # compare (demo): both probes, pretrained vs random init vs pixels
     python evaluate.py --mode=finetune | segment
-    python evaluate.py --mode=attention --image=PATH --query=3,4   # a patch's attention, per head
-    python evaluate.py --mode=codebook --checkpoint=out/tokenizer/ckpt.pt
-    python evaluate.py --mode=codes --checkpoint=out/tokenizer/ckpt.pt --image=PATH
     torchrun --nproc_per_node=8 evaluate.py --preset=finetune_base --data=/data/imagenet \\
         --checkpoint=beitv2_base_patch16_224_pt1k.pth
 Settings are --key=value (see Config, grouped by mode); README.md has the recipes.
@@ -18,7 +15,6 @@ import math
 import os
 from dataclasses import asdict, dataclass, replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -26,18 +22,20 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 import torchvision.transforms.v2 as T2
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import beitv2
 import common
+import data
+import upernet
+
+RUN_ONLY = common.RUN_ONLY + ('eval_every',)  # how a run is run: may differ on resume
 
 
 @dataclass
 class Config:
     preset: str = 'demo'
-    mode: str = 'compare'           # linear | knn | compare (both probes, 3 backbones) | finetune | segment |
-    #                                 attention | codebook | codes
+    mode: str = common.one_of('compare', 'linear', 'knn', 'finetune', 'segment')  # compare: both probes, 3 backbones
     checkpoint: str = 'out/pretrain/ckpt.pt'  # ours or official (pretraining / fine-tuned / tokenizer)
     data: str = 'demo'              # 'demo', ImageNet-layout folder, cifar10:ROOT, ...;
     #                                 segment: demo, ade20k:ROOT or voc:ROOT
@@ -45,14 +43,14 @@ class Config:
     min_crop_scale: float = common.above(0, 0.5)  # RandomResizedCrop scale range for linear / fine-tune training
     workers: int = common.at_least(0, 2)
     # which backbone (linear, knn, finetune, segment)
-    backbone: str = 'checkpoint'    # checkpoint | random: its architecture at the official init
+    backbone: str = common.one_of('checkpoint', 'random', 'pixels')  # random: its architecture at the official init
     #                                 (what pretraining started from) | pixels: raw pixels, no network
     # linear / knn / compare features
-    feature: str = 'cls'            # cls: [CLS] after the final norm (paper); mean: mean patch token
+    feature: str = common.one_of('cls', 'mean')  # cls: [CLS] after the final norm (paper); mean: mean patch token
     layer: int = -1                 # block whose tokens are used; -1 = last
-    linear_recipe: str = 'mae'      # mae: BatchNorm + linear, LARS, no wd | beit: AdamW, a head per block
+    linear_recipe: str = common.one_of('mae', 'beit')  # mae: BatchNorm + linear, LARS | beit: AdamW, a head per block
     knn_k: int = common.at_least(1, 20)
-    knn_t: float = 0.07
+    knn_t: float = common.above(0, 0.07)  # temperature of the neighbours' votes
     backbones: tuple = ('checkpoint', 'random', 'pixels')  # compare: the backbones set side by side
     seeds: int = common.at_least(1, 1)   # compare: probes with seeds seed, seed+1, ... (mean reported)
     # fine-tuning
@@ -64,15 +62,12 @@ class Config:
     reprob: float = 0.25            # random erasing probability
     randaug: bool = True            # timm's RandAugment rand-m9-mstd0.5-inc1 (official --aa)
     eval_only: bool = False         # score --checkpoint on the val split, no training
-    robust_test: str = ''           # finetune --eval_only: imagenet_a | imagenet_r; --data = that set's folder
+    robust_test: str = common.one_of('', 'imagenet_a', 'imagenet_r')  # finetune --eval_only; --data = that set
     eval_every: int = common.at_least(-1, -1)  # training modes: score val every N steps too (log: val_*;
     #                                 result: final and best_*); -1 = each epoch of --epochs recipes, else 0: the end
     # segmentation
     seg_layers: tuple = (1, 2, 3, 5)  # blocks feeding the 4 scales (official base: 3, 5, 7, 11)
     seg_stride: int = 0             # sliding-window stride at test time; 0 = 2/3 of img_size
-    # attention / codes pictures
-    image: str = ''                 # image file; '' = the first val image of --data
-    query: str = 'cls'              # attention of: cls, or a patch ROW,COL (0-based)
     # optimisation
     batch_size: int = common.at_least(1, 64)
     accum: int = common.at_least(1, 1)
@@ -81,8 +76,8 @@ class Config:
     steps: int = common.at_least(1, 300)
     warmup_steps: int = common.at_least(0, 30)
     lr: float = common.above(0, 4.0)     # demo LARS: 300 steps need more than MAE's 0.1 x batch / 256
-    schedule: str = 'cosine'        # cosine (per step) | poly (linear decay: the official segmentation one) |
-    #                                 cosine_epoch (per epoch, no warmup: BEiT v1 linear; needs --epochs)
+    schedule: str = common.one_of('cosine', 'poly', 'cosine_epoch')  # per step | linear decay (the official
+    #                                 segmentation one) | per epoch, no warmup (BEiT v1 linear; needs --epochs)
     min_lr: float = common.at_least(0, 0.0)
     weight_decay: float = common.at_least(0, 0.0)
     betas: tuple = (0.9, 0.999)
@@ -92,7 +87,7 @@ class Config:
     dtype: str = ''                 # as pretrain.py
     compile: bool = False
     seed: int = 0
-    out_dir: str = 'out/eval'
+    out_dir: str = ''               # '' = out/eval/MODE (out/eval/MODE_BACKBONE for random / pixels)
     resume: str = ''
     allow_change: str = ''          # resume: settings that may differ from the checkpoint's, e.g. steps
     log_every: int = common.at_least(1, 50)
@@ -166,24 +161,20 @@ def vit_config_from_state(sd, **over):
 
 def load_weights(path):
     """-> (state dict, our ViT/BEiT config or None) of a checkpoint; tokenizers are refused."""
-    if not os.path.exists(path):
-        common.die(f'checkpoint {path!r} not found')
+    ckpt = common.read_checkpoint(path)
     try:
-        ckpt = beitv2.load_file(path)
         sd = beitv2.state_dict_of(ckpt)
     except ValueError as e:
-        common.die(str(e))
+        common.die(f'{path}: {e}')
     if any(k.startswith(('encoder.', 'quantize.')) for k in sd):
         common.die(f'{path} is a tokenizer; this mode needs a pretraining or fine-tuned backbone')
     if 'patch_embed.proj.weight' not in sd:
         common.die(f'{path}: no ViT weights in it')
     mcfg = ckpt.get('model_config')  # ours only
-    return sd, beitv2.current_names(mcfg) if isinstance(mcfg, dict) else None
+    return sd, mcfg if isinstance(mcfg, dict) else None
 
 
 def load_backbone_weights(cfg):
-    if cfg.backbone not in ('checkpoint', 'random', 'pixels'):
-        common.die(f'--backbone must be checkpoint, random or pixels, got {cfg.backbone!r}')
     sd, mcfg = load_weights(cfg.checkpoint)
     if cfg.backbone == 'random':  # what pretraining started from: the official init of the same model
         if not mcfg or 'vocab_size' not in mcfg:
@@ -252,8 +243,8 @@ def pooled(backbone, images, cfg):
 
 
 def classification_data(cfg, split):
-    ds = common.build_dataset(cfg.data, split, cfg.img_size)
-    classes = len(getattr(ds, 'classes', None) or common.DemoTextures.classes)
+    ds = data.build_dataset(cfg.data, split, cfg.img_size)
+    classes = len(getattr(ds, 'classes', None) or data.DemoTextures.classes)
     return ds, classes
 
 
@@ -266,59 +257,7 @@ class _Mapped(torch.utils.data.Dataset):  # dataset with a per-image transform (
 
     def __getitem__(self, i):
         img, y = self.ds[i]
-        return self.t(common.rgb(img)), y
-
-
-class RandAugment:
-    """timm's rand-m9-mstd0.5-inc1, the official fine-tuning `--aa`, with torchvision's and PIL's ops:
-    `layers` ops drawn with replacement from OPS; each applied with probability `prob`, at a magnitude
-    drawn from N(magnitude, std) clipped to [0, 10] (timm's _LEVEL_DENOM) and mapped to its range,
-    signed ops negated with probability 0.5; fill = the ImageNet mean colour, bicubic resampling
-    (the official hyper-parameters). rng: a random.Random; the draws come in timm's order."""
-    OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
-           'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
-           'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
-    ENHANCE = {'Color': T.functional.adjust_saturation, 'Contrast': T.functional.adjust_contrast,
-               'Brightness': T.functional.adjust_brightness, 'Sharpness': T.functional.adjust_sharpness}
-
-    def __init__(self, magnitude=9.0, std=0.5, layers=2, prob=0.5):
-        self.magnitude, self.std, self.layers, self.prob = magnitude, std, layers, prob
-        self.fill = tuple(min(255, round(255 * m)) for m in common.IMAGENET_MEAN)  # (124, 116, 104)
-
-    def __call__(self, img, rng):
-        for name in rng.choices(self.OPS, k=self.layers):
-            if rng.random() > self.prob:
-                continue
-            level = max(0.0, min(rng.gauss(self.magnitude, self.std), 10.0)) / 10  # in [0, 1]
-            img = self.apply(img, name, level, rng)
-        return img
-
-    def apply(self, img, name, level, rng):
-        """One op at `level` in [0, 1] (timm's magnitude / 10), on a PIL RGB image."""
-        def signed(v):  # timm's _randomly_negate
-            return -v if rng.random() > 0.5 else v
-        TF = T.functional
-        if name in ('AutoContrast', 'Equalize', 'Invert'):
-            return {'AutoContrast': TF.autocontrast, 'Equalize': TF.equalize, 'Invert': TF.invert}[name](img)
-        if name == 'Rotate':                                      # up to 30 degrees
-            return TF.rotate(img, signed(level * 30), T.InterpolationMode.BICUBIC, fill=self.fill)
-        if name == 'PosterizeIncreasing':                         # keep 4 down to 0 bits
-            bits = 4 - int(level * 4)  # 0 (at magnitude 10) is black; newer PIL refuses posterize(0)
-            return TF.posterize(img, bits) if bits else Image.new(img.mode, img.size)
-        if name == 'SolarizeIncreasing':                          # invert above 256 down to 0
-            return TF.solarize(img, 256 - min(256, int(level * 256)))
-        if name == 'SolarizeAdd':                                 # add up to 110 below 128
-            add = min(128, int(level * 110))
-            return img.point([min(255, i + add) if i < 128 else i for i in range(256)] * 3)
-        if name.endswith('Increasing'):                           # blend factor 1 -/+ up to 0.9
-            return self.ENHANCE[name[:-len('Increasing')]](img, max(0.1, 1.0 + signed(level * 0.9)))
-        if name in ('ShearX', 'ShearY'):                          # shear factor up to 0.3
-            s = signed(level * 0.3)
-            matrix = (1, s, 0, 0, 1, 0) if name == 'ShearX' else (1, 0, 0, s, 1, 0)
-        else:                                                     # shift up to 45% of the side
-            t = signed(level * 0.45)
-            matrix = (1, 0, t * img.size[0], 0, 1, 0) if name == 'TranslateXRel' else (1, 0, 0, 0, 1, t * img.size[1])
-        return img.transform(img.size, Image.AFFINE, matrix, Image.BICUBIC, fillcolor=self.fill)
+        return self.t(data.rgb(img)), y
 
 
 class TrainTransform:
@@ -331,8 +270,8 @@ class TrainTransform:
         mode = T.InterpolationMode.BILINEAR if bilinear else T.InterpolationMode.BICUBIC
         self.crop = T.Compose([T.RandomResizedCrop(cfg.img_size, scale=(cfg.min_crop_scale, 1.0), interpolation=mode),
                                T.RandomHorizontalFlip()])
-        self.randaug = RandAugment() if finetune and cfg.randaug else None
-        after = [T.ToTensor(), T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
+        self.randaug = data.RandAugment() if finetune and cfg.randaug else None
+        after = [T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
         if finetune and cfg.reprob > 0:
             after.append(T.RandomErasing(cfg.reprob, value='random'))
         self.after = T.Compose(after)
@@ -342,6 +281,8 @@ class TrainTransform:
         if self.randaug is not None:
             img = self.randaug(img, rng)
         return self.after(img)
+
+
 
 
 @torch.no_grad()
@@ -378,19 +319,19 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, me
     if not quiet:
         common.print_setup(cfg, env, steps_per_epoch, per_step)
     every = cfg.eval_every if cfg.eval_every >= 0 else (steps_per_epoch if cfg.epochs else 0)
-    step, kept = common.resume(cfg, env, model, optimizer)
+    step, kept = common.resume(cfg, env, model, optimizer, RUN_ONLY)
     best = kept.get('best')  # the best evaluation a resumed run had seen
     ddp_model = DDP(model) if env.ddp else model  # broadcast buffers: one set of BatchNorm statistics
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
     start = step
     log = common.Logger(cfg, env, step)
-    data = common.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
+    batches = data.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     while step < cfg.steps:
-        lr = common.get_lr(step, cfg)
+        lr = common.get_lr(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.schedule, cfg.epochs)
         common.set_lr(optimizer, lr)
         model.train()
         for micro in range(cfg.accum):
-            batch = next(data)
+            batch = next(batches)
             sync = micro == cfg.accum - 1 or not env.ddp
             with (ddp_model.no_sync() if not sync else contextlib.nullcontext()), env.autocast():
                 loss = loss_fn(run, batch)
@@ -439,7 +380,7 @@ def classify(model, val, cfg, env, restrict=None):
         out = model(x)
         out = torch.stack(out, 1) if isinstance(out, list) else out[:, None]
         return out if restrict is None else out[..., restrict.to(out.device)]
-    scores, y = extract(fn, _Mapped(val, common.eval_transform(cfg.img_size)), cfg, env)
+    scores, y = extract(fn, _Mapped(val, data.eval_transform(cfg.img_size)), cfg, env)
     res = [topk_acc(scores[:, h], y) for h in range(scores.shape[1])]
     best = max(range(len(res)), key=lambda h: res[h]['top1'])
     return dict(res[best], **({'best_block': best} if len(res) > 1 else {}))
@@ -490,7 +431,8 @@ class Probe(nn.Module):
             self.heads = nn.ModuleList([nn.Sequential(nn.BatchNorm1d(D, affine=False), nn.Linear(D, num_classes))])
         for m in self.heads.modules():
             if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.01), nn.init.zeros_(m.bias)
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
 
     def forward(self, images):  # -> list of logits, one per head
         self.backbone.eval()
@@ -510,10 +452,10 @@ def run_linear(cfg, env, quiet=False):
     model = Probe(backbone, cfg, classes).to(env.device)
     heads = [p for p in model.heads.parameters()]
     if cfg.linear_recipe == 'beit':
-        optimizer = torch.optim.AdamW([dict(params=heads, weight_decay=cfg.weight_decay)], lr=cfg.lr)
+        optimizer = torch.optim.AdamW([dict(params=heads, weight_decay=cfg.weight_decay)], lr=cfg.lr, fused=True)
     else:
         optimizer = LARS([dict(params=heads, weight_decay=cfg.weight_decay)], lr=cfg.lr)
-    loader, sampler = common.make_loader(train, TrainTransform(cfg, False), cfg, env)
+    loader, sampler = data.make_loader(train, TrainTransform(cfg, False), cfg.batch_size, cfg.workers, cfg.seed, env)
 
     def loss_fn(m, batch):
         x, y = batch[0].to(env.device), batch[1].to(env.device)
@@ -540,7 +482,7 @@ def run_knn(cfg, env):
     backbone = feature_backbone(cfg).to(env.device).eval()
     train, classes = classification_data(cfg, 'train')
     val, _ = classification_data(cfg, 'val')
-    ev = common.eval_transform(cfg.img_size)
+    ev = data.eval_transform(cfg.img_size)
 
     def features(x):
         return pooled(backbone, x, cfg)
@@ -599,9 +541,9 @@ def run_finetune(cfg, env):
                            drop_path=cfg.drop_path).to(env.device)
     if cfg.eval_only:
         return classify(model, val, cfg, env)
-    groups = beitv2.param_groups(model, cfg.weight_decay, cfg.layer_decay, model.cfg.depth)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-    loader, sampler = common.make_loader(train, TrainTransform(cfg, True), cfg, env)
+    groups = common.param_groups(model, cfg.weight_decay, cfg.layer_decay, model.cfg.depth)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
+    loader, sampler = data.make_loader(train, TrainTransform(cfg, True), cfg.batch_size, cfg.workers, cfg.seed, env)
     mixes = [m for a, m in ((cfg.mixup, T2.MixUp(alpha=cfg.mixup or 1.0, num_classes=classes)),
                             (cfg.cutmix, T2.CutMix(alpha=cfg.cutmix or 1.0, num_classes=classes))) if a > 0]
     mix = T2.RandomChoice(mixes) if mixes else None  # switch probability 0.5 between the two
@@ -615,46 +557,16 @@ def run_finetune(cfg, env):
                lambda m: classify(m, val, cfg, env))
 
 
-# robustness (paper Table 2, official --robust_test): ImageNet-A and ImageNet-R hold 200 of the 1000
-# ImageNet classes; a 1000-class model is scored with its logits restricted to those, in ImageNet
-# order, which is also the sorted order of the sets' class folders. The ImageNet-1k indices of the
-# 200 classes, from the official imagenet_a_r_indices.py (its masks over the sorted 1000 wnids):
-IMAGENET_A = (
-    6, 11, 13, 15, 17, 22, 23, 27, 30, 37, 39, 42, 47, 50, 57, 70, 71, 76, 79, 89, 90, 94, 96, 97, 99, 105,
-    107, 108, 110, 113, 124, 125, 130, 132, 143, 144, 150, 151, 207, 234, 235, 254, 277, 283, 287, 291, 295,
-    298, 301, 306, 307, 308, 309, 310, 311, 313, 314, 315, 317, 319, 323, 324, 326, 327, 330, 334, 335, 336,
-    347, 361, 363, 372, 378, 386, 397, 400, 401, 402, 404, 407, 411, 416, 417, 420, 425, 428, 430, 437, 438,
-    445, 456, 457, 461, 462, 470, 472, 483, 486, 488, 492, 496, 514, 516, 528, 530, 539, 542, 543, 549, 552,
-    557, 561, 562, 569, 572, 573, 575, 579, 589, 606, 607, 609, 614, 626, 627, 640, 641, 642, 643, 658, 668,
-    677, 682, 684, 687, 701, 704, 719, 736, 746, 749, 752, 758, 763, 765, 768, 773, 774, 776, 779, 780, 786,
-    792, 797, 802, 803, 804, 813, 815, 820, 823, 831, 833, 835, 839, 845, 847, 850, 859, 862, 870, 879, 880,
-    888, 890, 897, 900, 907, 913, 924, 932, 933, 934, 937, 943, 945, 947, 951, 954, 956, 957, 959, 971, 972,
-    980, 981, 984, 986, 987, 988)
-IMAGENET_R = (
-    1, 2, 4, 6, 8, 9, 11, 13, 22, 23, 26, 29, 31, 39, 47, 63, 71, 76, 79, 84, 90, 94, 96, 97, 99, 100, 105,
-    107, 113, 122, 125, 130, 132, 144, 145, 147, 148, 150, 151, 155, 160, 161, 162, 163, 171, 172, 178, 187,
-    195, 199, 203, 207, 208, 219, 231, 232, 234, 235, 242, 245, 247, 250, 251, 254, 259, 260, 263, 265, 267,
-    269, 276, 277, 281, 288, 289, 291, 292, 293, 296, 299, 301, 308, 309, 310, 311, 314, 315, 319, 323, 327,
-    330, 334, 335, 337, 338, 340, 341, 344, 347, 353, 355, 361, 362, 365, 366, 367, 368, 372, 388, 390, 393,
-    397, 401, 407, 413, 414, 425, 428, 430, 435, 437, 441, 447, 448, 457, 462, 463, 469, 470, 471, 472, 476,
-    483, 487, 515, 546, 555, 558, 570, 579, 583, 587, 593, 594, 596, 609, 613, 617, 621, 629, 637, 657, 658,
-    701, 717, 724, 763, 768, 774, 776, 779, 780, 787, 805, 812, 815, 820, 824, 833, 847, 852, 866, 875, 883,
-    889, 895, 907, 928, 931, 932, 933, 934, 936, 937, 943, 945, 947, 948, 949, 951, 953, 954, 957, 963, 965,
-    967, 980, 981, 983, 988)
-
-
 def robust_test(cfg, env, sd, mcfg):
     """Top-1/5 of a fine-tuned 1000-class checkpoint on --data, an ImageNet-A or -R folder
     (ROOT/CLASS/image, its 200 class folders), with the logits restricted to that set's classes."""
-    classes = {'imagenet_a': IMAGENET_A, 'imagenet_r': IMAGENET_R}.get(cfg.robust_test)
-    if classes is None:
-        common.die(f'--robust_test must be imagenet_a or imagenet_r, got {cfg.robust_test!r}')
+    classes = {'imagenet_a': data.IMAGENET_A, 'imagenet_r': data.IMAGENET_R}[cfg.robust_test]
     if not cfg.eval_only:
         common.die('--robust_test scores a fine-tuned model: pass --eval_only=True')
     if sd.get('head.weight', torch.empty(0)).shape[:1] != (1000,):
         common.die(f'--robust_test: {cfg.checkpoint} has no 1000-class (ImageNet) head')
     try:
-        val = torchvision.datasets.ImageFolder(cfg.data, loader=common.load_image)
+        val = torchvision.datasets.ImageFolder(cfg.data, loader=data.load_image)
     except (FileNotFoundError, OSError) as e:
         common.die(f'--robust_test: {cfg.data}: {e}')
     if len(val.classes) != len(classes):
@@ -664,177 +576,6 @@ def robust_test(cfg, env, sd, mcfg):
     return classify(model, val, cfg, env, restrict=torch.tensor(classes))
 
 # ---------------------------------------------------------- segmentation: UperNet on the ViT (official ADE20K protocol)
-
-
-def conv_bn_relu(cin, cout, k):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
-
-
-class Segmenter(nn.Module):
-    """Official BEiT segmentation: block features -> 4 scales (strides 4, 8, 16, 32) -> UperNet
-    (pyramid pooling 1/2/3/6 + FPN fusion) and an auxiliary FCN head on the stride-16 scale."""
-
-    def __init__(self, backbone, layers, num_classes, channels=None):
-        super().__init__()
-        D = backbone.cfg.embed_dim
-        c = channels or D
-        self.backbone, self.layers = backbone, tuple(layers)
-        # no final norm, no blocks past the last one read: every parameter gets a gradient (DDP)
-        backbone.norm = backbone.fc_norm = None
-        del backbone.blocks[max(layers) + 1:]
-        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), nn.BatchNorm2d(D), nn.GELU(),
-                                  nn.ConvTranspose2d(D, D, 2, 2))
-        self.fpn2 = nn.ConvTranspose2d(D, D, 2, 2)
-        self.fpn4 = nn.MaxPool2d(2)
-        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(D, c, 1)) for s in (1, 2, 3, 6))
-        self.bottleneck = conv_bn_relu(D + 4 * c, c, 3)
-        self.lateral = nn.ModuleList(conv_bn_relu(D, c, 1) for _ in range(3))
-        self.fpn_convs = nn.ModuleList(conv_bn_relu(c, c, 3) for _ in range(3))
-        self.fuse = conv_bn_relu(4 * c, c, 3)
-        self.cls = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(c, num_classes, 1))
-        self.aux = nn.Sequential(conv_bn_relu(D, 256, 3), nn.Dropout2d(0.1), nn.Conv2d(256, num_classes, 1))
-        for name, m in self.named_modules():  # mmseg's init of the heads; the backbone keeps its weights
-            if isinstance(m, nn.Conv2d) and not name.startswith('backbone'):
-                if m.out_channels == num_classes:  # conv_seg: N(0, 0.01)
-                    nn.init.normal_(m.weight, std=0.01)
-                    nn.init.zeros_(m.bias)
-                else:                              # ConvModule: kaiming normal, fan_out, relu
-                    nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-
-    def forward(self, images):  # -> (logits, aux logits), each (B, classes, H, W)
-        _, xs = self.backbone.forward_tokens(images, layers=self.layers)
-        h, w = self.backbone.grid
-        f = [x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w) for x in xs]   # (B, D, h, w)
-        f = [self.fpn1(f[0]), self.fpn2(f[1]), f[2], self.fpn4(f[3])]              # strides 4..32
-        top = f[3]
-        lat = [conv(x) for conv, x in zip(self.lateral, f[:3])]
-        lat.append(self.bottleneck(torch.cat([top] + [F.interpolate(p(top), top.shape[2:], mode='bilinear')
-                                                      for p in self.ppm], 1)))
-        for i in range(3, 0, -1):                                                  # top-down path
-            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], lat[i - 1].shape[2:], mode='bilinear')
-        outs = [conv(x) for conv, x in zip(self.fpn_convs, lat[:3])] + [lat[3]]
-        outs = [F.interpolate(o, outs[0].shape[2:], mode='bilinear') for o in outs]
-        logits, aux = self.cls(self.fuse(torch.cat(outs, 1))), self.aux(f[2])
-        size = images.shape[2:]
-        return F.interpolate(logits, size, mode='bilinear'), F.interpolate(aux, size, mode='bilinear')
-
-
-class SegData(torch.utils.data.Dataset):
-    """(image, mask) pairs: demo shapes, ADE20K (ROOT/images|annotations/training|validation,
-    150 classes with reduce_zero_label: 0 -> ignore 255) or torchvision's VOCSegmentation."""
-
-    def __init__(self, spec, split, img_size):
-        name, _, root = spec.partition(':')
-        self.reduce_zero = name == 'ade20k'
-        if name == 'demo':
-            self.items = common.DemoTextures(split, size=img_size, masks=True)
-            self.num_classes = len(common.DemoTextures.classes) + 1
-        elif name == 'ade20k':
-            sub = 'training' if split == 'train' else 'validation'
-            folder = os.path.join(root, 'images', sub)
-            if not os.path.isdir(folder):
-                common.die(f'ADE20K: {folder} does not exist (expected ROOT/images/{sub} and ROOT/annotations/{sub})')
-            names = sorted(f[:-4] for f in os.listdir(folder) if f.endswith('.jpg'))
-            self.items = [(os.path.join(folder, n + '.jpg'), os.path.join(root, 'annotations', sub, n + '.png'))
-                          for n in names]
-            self.num_classes = 150
-        elif name == 'voc':
-            import torchvision.datasets as tvd
-            try:
-                self.items = tvd.VOCSegmentation(root, image_set='train' if split == 'train' else 'val')
-            except RuntimeError as e:
-                common.die(f'VOC: {e}')
-            self.num_classes = 21
-        else:
-            common.die(f'segmentation data must be demo, ade20k:ROOT or voc:ROOT, got {spec!r}')
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        item = self.items[i]
-        if isinstance(item[0], str):
-            item = common.load_image(item[0]), Image.open(item[1])
-        img, mask = item
-        mask = torch.as_tensor(np.array(mask), dtype=torch.long)
-        if self.reduce_zero:  # ADE20K: 0 = "other" is ignored, classes 1..150 -> 0..149
-            mask = torch.where(mask == 0, 255, mask - 1)
-        return common.rgb(img), mask
-
-
-def fit_size(h, w, long, short):
-    """mmcv's imrescale (mmseg's Resize, keep_ratio): the largest (h, w) of the same aspect with
-    the long side <= long and the short side <= short."""
-    f = min(long / max(h, w), short / min(h, w))
-    return int(h * f + 0.5), int(w * f + 0.5)
-
-
-def photometric_distortion(img, rng, brightness=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=18):
-    """mmseg 0.x's PhotoMetricDistortion on a uint8 (3, H, W) image: each step with probability 0.5,
-    in its order: brightness +- 32, contrast x 0.5-1.5 (before or after the colour steps, at random),
-    saturation x 0.5-1.5 and hue +- 18 of OpenCV's 180 (computed in float here: mmseg rounds through
-    OpenCV's uint8 HSV, a difference of a level at most)."""
-    def convert(x, alpha=1.0, beta=0.0):  # mmseg's convert: scale, shift, clip, back to uint8
-        return (x.float() * alpha + beta).clamp(0, 255).to(torch.uint8)
-    if rng.randint(0, 1):
-        img = convert(img, beta=rng.uniform(-brightness, brightness))
-    contrast_first = rng.randint(0, 1)
-    if contrast_first and rng.randint(0, 1):
-        img = convert(img, alpha=rng.uniform(*contrast))
-    if rng.randint(0, 1):  # HSV saturation x alpha at the same hue and value: each channel moves from V
-        x = img.float()
-        v, low = x.max(0).values, x.min(0).values
-        sat = torch.where(v > 0, (v - low) / v.clamp(min=1), torch.zeros_like(v))
-        new = (sat * rng.uniform(*saturation)).clamp(max=1)
-        ratio = torch.where(sat > 0, new / sat.clamp(min=1e-12), torch.ones_like(sat))
-        img = (v - (v - x) * ratio).round().clamp(0, 255).to(torch.uint8)
-    if rng.randint(0, 1):
-        img = T.functional.adjust_hue(img, rng.randint(-hue, hue - 1) / 180)  # numpy's randint excludes hue
-    if not contrast_first and rng.randint(0, 1):
-        img = convert(img, alpha=rng.uniform(*contrast))
-    return img
-
-
-class SegTransform:
-    """The official mmseg 0.x ADE20K pipeline at crop size S (512 there), with ratios kept for
-    other sizes. Train: resize to fit (4S, S) x U(0.5, 2), aspect kept (bilinear; masks nearest);
-    an S x S crop, drawn again (up to 10 times) while one class covers >= cat_max_ratio of its
-    labelled pixels; flip; photometric distortion; normalise; pad bottom/right to S (image 0 = the
-    mean colour after normalising, mask 255). Eval: resize to fit (4S, S); the mask is returned at
-    its original size, where the prediction is scored."""
-
-    def __init__(self, size, train, cat_max_ratio=0.75):
-        self.size, self.train, self.cat_max_ratio = size, train, cat_max_ratio
-        self.norm = T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)
-
-    def resize(self, img, mask, ratio=1.0):
-        h, w = fit_size(*img.shape[1:], 4 * self.size * ratio, self.size * ratio)
-        img = T.functional.resize(img, [h, w], T.InterpolationMode.BILINEAR, antialias=False)
-        return img, T.functional.resize(mask[None], [h, w], T.InterpolationMode.NEAREST)[0]
-
-    def crop_box(self, mask, rng):
-        S, (H, W) = self.size, mask.shape
-        for _ in range(10):  # mmseg: a first box, then up to 10 redraws
-            y, x = rng.randint(0, max(H - S, 0)), rng.randint(0, max(W - S, 0))
-            labels = mask[y:y + S, x:x + S]
-            counts = torch.bincount(labels[labels != 255].flatten())
-            counts = counts[counts > 0]
-            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
-                break
-        return y, x
-
-    def __call__(self, item, rng):
-        img, mask = T.functional.pil_to_tensor(common.rgb(item[0])), item[1]
-        if not self.train:
-            return self.norm(self.resize(img, mask)[0].float() / 255), mask
-        img, mask = self.resize(img, mask, rng.uniform(0.5, 2.0))
-        y, x = self.crop_box(mask, rng)
-        img, mask = img[:, y:y + self.size, x:x + self.size], mask[y:y + self.size, x:x + self.size]
-        if rng.random() < 0.5:
-            img, mask = img.flip(-1), mask.flip(-1)
-        img = self.norm(photometric_distortion(img, rng).float() / 255)
-        pad = (0, self.size - img.shape[2], 0, self.size - img.shape[1])  # bottom / right
-        return F.pad(img, pad, value=0.0), F.pad(mask, pad, value=255)
 
 
 def seg_loss(logits, target):
@@ -876,7 +617,7 @@ def segment_score(model, val, cfg, env):
     """mIoU on the val split as mmseg scores it: the image resized to fit (4S, S), sliding windows
     of the crop size S, the logits resized (bilinear) back to the original mask's size."""
     model.eval()
-    t = SegTransform(cfg.img_size, False)
+    t = data.SegTransform(cfg.img_size, False)
     conf = torch.zeros(val.num_classes, val.num_classes, dtype=torch.long, device=env.device)
     for i in range(env.rank, len(val), env.world):
         img, mask = t(val[i], None)
@@ -890,18 +631,19 @@ def segment_score(model, val, cfg, env):
 
 def run_segment(cfg, env):
     sd, mcfg = load_backbone_weights(cfg)
-    train, val = SegData(cfg.data, 'train', cfg.img_size), SegData(cfg.data, 'val', cfg.img_size)
+    train, val = data.SegData(cfg.data, 'train', cfg.img_size), data.SegData(cfg.data, 'val', cfg.img_size)
     backbone = build_backbone(cfg, sd, mcfg, rel_pos='per_block', fc_norm=True, num_classes=0,
                               drop_path=cfg.drop_path)
     if len(cfg.seg_layers) != 4 or max(cfg.seg_layers) >= backbone.cfg.depth:
         common.die(f'--seg_layers needs 4 block indices below {backbone.cfg.depth}, got {cfg.seg_layers}')
-    model = Segmenter(backbone, cfg.seg_layers, train.num_classes).to(env.device)
+    model = upernet.Segmenter(backbone, cfg.seg_layers, train.num_classes).to(env.device)
     if env.ddp and env.device.type == 'cuda':
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # official mmseg run: 'backbone.cls_token' misses its no-decay name test, so it IS decayed
-    groups = beitv2.param_groups(model, cfg.weight_decay, cfg.layer_decay, backbone.cfg.depth, no_decay=())
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-    loader, sampler = common.make_loader(train, SegTransform(cfg.img_size, True), cfg, env, joint=True)
+    groups = common.param_groups(model, cfg.weight_decay, cfg.layer_decay, backbone.cfg.depth, no_decay=())
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
+    loader, sampler = data.make_loader(train, data.SegTransform(cfg.img_size, True), cfg.batch_size, cfg.workers,
+                                       cfg.seed, env, joint=True)
 
     def loss_fn(m, batch):
         x, y = batch[0].to(env.device), batch[1].to(env.device)
@@ -913,166 +655,16 @@ def run_segment(cfg, env):
     return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
                lambda m: segment_score(m, val, cfg, env), metric='mIoU')
 
-# -------------------------------------------------------------------------- look inside a backbone: a patch's attention
-
-
-def picture_input(cfg, img_size, normalize):
-    """The image of --image (or the first val image of --data), resized to img_size/0.875 and
-    centre-cropped: (1, 3, S, S), and the same in [0, 1] for drawing."""
-    if cfg.image:
-        if not os.path.exists(cfg.image):
-            common.die(f'--image {cfg.image!r} not found')
-        try:
-            img = common.load_image(cfg.image)
-        except RuntimeError as e:
-            common.die(str(e))
-    else:
-        img = common.rgb(common.build_dataset(cfg.data, 'val', img_size)[0][0])
-    shown = common.eval_transform(img_size, normalize=False)(img)[None]
-    return (common.eval_transform(img_size)(img)[None] if normalize else shown), shown
-
-
-@torch.no_grad()
-def attention_probs(backbone, images, layer):
-    """(B, nh, N, N) softmax attention of block `layer` (0-based), token 0 = [CLS]: the same
-    logits the block computes (q/v biases, scale, relative position bias)."""
-    x = backbone.embed(images) if layer == 0 else backbone.forward_tokens(images, layers=(layer - 1,))[1][0]
-    blk = backbone.blocks[layer]
-    q, k, _ = blk.attn.heads(blk.norm1(x))                                # each (B, nh, N, hs)
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)              # (B, nh, N, N)
-    pos_bias = beitv2.pos_bias_from_table(blk.attn) if blk.attn.has_table else backbone.shared_pos_bias()
-    return (logits if pos_bias is None else logits + pos_bias).softmax(-1)
-
-
-def heat(image, a, box=None):
-    """Overlay a map a (h, w) in [0, 1] on image (3, S, S): black -> red -> yellow; box = the
-    (row, col, patch) to outline in cyan."""
-    a = F.interpolate(a[None, None], size=image.shape[1:], mode='nearest')[0, 0]
-    colour = torch.stack([(2 * a).clamp(max=1), (2 * a - 1).clamp(min=0), torch.zeros_like(a)])
-    out = 0.35 * image + 0.65 * colour
-    if box is not None:
-        r, c, p = box
-        edge = torch.zeros_like(a, dtype=torch.bool)
-        edge[r * p:(r + 1) * p, c * p:(c + 1) * p] = True
-        edge[r * p + 1:(r + 1) * p - 1, c * p + 1:(c + 1) * p - 1] = False  # the patch's outline
-        out = torch.where(edge, out.new_tensor([0.0, 1, 1])[:, None, None], out)
-    return out
-
-
-def run_attention(cfg, env):
-    """Official visualize_attention.py (DINO's tool): the attention of one query, [CLS] or a
-    patch, over the patches of block --layer, per head, overlaid on the image (any input size:
-    the relative position tables are resized as for fine-tuning)."""
-    from torchvision.utils import save_image
-    sd, mcfg = load_weights(cfg.checkpoint)
-    backbone = build_backbone(cfg, sd, mcfg, num_classes=0, drop_path=0.0).to(env.device).eval()
-    h, w = backbone.grid
-    p = backbone.cfg.patch_size
-    if cfg.query == 'cls':
-        row = col = None
-    else:
-        try:
-            row, col = (int(v) for v in cfg.query.split(','))
-        except ValueError:
-            common.die(f'--query must be cls or ROW,COL, got {cfg.query!r}')
-        if not (0 <= row < h and 0 <= col < w):
-            common.die(f'--query {row},{col} is outside the {h}x{w} patch grid')
-    layer = cfg.layer % backbone.cfg.depth
-    x, shown = picture_input(cfg, cfg.img_size, normalize=True)
-    probs = attention_probs(backbone, x.to(env.device), layer)[0].float().cpu()  # (nh, N, N)
-    q = 0 if row is None else 1 + row * w + col
-    maps = probs[:, q, 1:].view(-1, h, w)                                  # (nh, h, w) over patches
-    maps = maps / maps.flatten(1).max(1).values[:, None, None]             # each head to [0, 1]
-    box = None if row is None else (row, col, p)
-    tiles = [shown[0]] + [heat(shown[0], m, box) for m in maps]
-    scale = max(1, 128 // cfg.img_size)
-    out = F.interpolate(torch.stack(tiles), scale_factor=scale, mode='nearest')
-    path = os.path.join(cfg.out_dir, 'attention.png')
-    save_image(out, path, nrow=len(tiles), padding=2, pad_value=1)
-    top = [int(m.flatten().argmax()) for m in maps]
-    return dict(png=path, layer=layer, query=cfg.query, heads=len(maps),
-                peak=' '.join(f'{t // w},{t % w}' for t in top))
-
-# ----------------------------------------------------------------------------- look inside a tokenizer: codebook, codes
-
-
-def tokenizer_of(cfg, env):
-    """--checkpoint as a frozen tokenizer, or a one-line error."""
-    try:
-        return beitv2.load_tokenizer(cfg.checkpoint).to(env.device)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        common.die(f'{cfg.checkpoint}: {e}')
-
-
-def code_colours(n_codes):  # (K, 3) one fixed random colour per code, the same in every picture
-    return torch.rand(n_codes, 3, generator=torch.Generator().manual_seed(0))
-
-
-@torch.no_grad()
-def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
-    """The paper's codebook picture: image patches grouped by the code they get (the most used
-    codes, one row each), and token maps (each code a colour) beside a few images."""
-    from torchvision.utils import save_image
-    tok = tokenizer_of(cfg, env)
-    val = common.build_dataset(cfg.data, 'val', cfg.img_size)
-    ev = common.eval_transform(tok.cfg.img_size, normalize=False)
-    images = torch.stack([ev(common.rgb(val[i][0])) for i in range(min(n_images, len(val)))]).to(env.device)
-    codes = torch.cat([tok.encode(x) for x in images.split(cfg.batch_size)])   # (n, N)
-    p, (h, w) = tok.cfg.patch_size, tok.grid
-    patches = images.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, p, p)
-    flat = codes.flatten()
-    top = torch.bincount(flat, minlength=tok.cfg.codebook_size).topk(n_codes).indices
-    rows = []
-    for c in top:
-        hits = patches[flat == c][:per_code]
-        rows.append(torch.cat([hits, hits.new_ones(per_code - len(hits), 3, p, p)]))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    grid_img = torch.cat(rows)
-    grid_img = F.interpolate(grid_img, scale_factor=max(1, 32 // p), mode='nearest')  # small patches: enlarge
-    save_image(grid_img, os.path.join(cfg.out_dir, 'codebook.png'), nrow=per_code, padding=2, pad_value=1)
-    palette = code_colours(tok.cfg.codebook_size).to(env.device)
-    maps = palette[codes[:8]].view(-1, h, w, 3).permute(0, 3, 1, 2)
-    maps = F.interpolate(maps, size=images.shape[2:], mode='nearest')
-    pairs = torch.stack([images[:8], maps], 1).flatten(0, 1)
-    pairs = F.interpolate(pairs, scale_factor=max(1, 128 // pairs.shape[-1]), mode='nearest')
-    save_image(pairs, os.path.join(cfg.out_dir, 'token_maps.png'), nrow=4, padding=2, pad_value=1)
-    used = int((torch.bincount(flat, minlength=tok.cfg.codebook_size) > 0).sum())
-    return dict(codes_used=used, images=len(images), png=os.path.join(cfg.out_dir, 'codebook.png'))
-
-
-@torch.no_grad()
-def run_codes(cfg, env):
-    """Official test_get_code.py: the tokenizer's code of every patch of one image (resize
-    img_size/0.875, centre crop, values in [0, 1]), printed as a grid, and a picture of the image
-    beside its code map (each code one colour; the colours of --mode=codebook's token maps)."""
-    from torchvision.utils import save_image
-    tok = tokenizer_of(cfg, env)
-    _, shown = picture_input(cfg, tok.cfg.img_size, normalize=False)
-    codes = tok.encode(shown.to(env.device))[0].cpu()                      # (n,)
-    h, w = tok.grid
-    width = len(str(tok.cfg.codebook_size - 1))
-    env.print('\n'.join(' '.join(f'{c:{width}d}' for c in row) for row in codes.view(h, w).tolist()))
-    palette = code_colours(tok.cfg.codebook_size)
-    code_map = palette[codes].view(h, w, 3).permute(2, 0, 1)
-    code_map = F.interpolate(code_map[None], size=shown.shape[2:], mode='nearest')
-    pair = F.interpolate(torch.cat([shown, code_map]), scale_factor=max(1, 128 // shown.shape[-1]), mode='nearest')
-    path = os.path.join(cfg.out_dir, 'codes.png')
-    save_image(pair, path, nrow=2, padding=2, pad_value=1)
-    return dict(png=path, grid=f'{h}x{w}', distinct_codes=len(codes.unique()))
-
-
 def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)
-    modes = dict(linear=run_linear, knn=run_knn, compare=run_compare, finetune=run_finetune, segment=run_segment,
-                 attention=run_attention, codebook=run_codebook, codes=run_codes)
-    if cfg.mode not in modes:
-        common.die(f'--mode must be one of {", ".join(modes)}')
+    modes = dict(linear=run_linear, knn=run_knn, compare=run_compare, finetune=run_finetune, segment=run_segment)
     if not cfg.data or not cfg.checkpoint:
         common.die('--data and --checkpoint are required for this preset')
-    if cfg.schedule not in ('cosine', 'poly', 'cosine_epoch'):
-        common.die(f'--schedule must be cosine, poly or cosine_epoch, got {cfg.schedule!r}')
     if cfg.schedule == 'cosine_epoch' and not cfg.epochs:
         common.die('--schedule=cosine_epoch steps once per epoch: give --epochs')
+    if not cfg.out_dir:
+        suffix = '' if cfg.backbone == 'checkpoint' else '_' + cfg.backbone
+        cfg.out_dir = os.path.join('out', 'eval', cfg.mode + suffix)
     env = common.Env(cfg)
     common.claim_out_dir(cfg, env)
     result = modes[cfg.mode](cfg, env)

@@ -4,8 +4,9 @@
 #      attention in fp64/fp32/bf16, encode on CUDA vs float64 codes with near-ties counted);
 #   2. torchrun --nproc_per_node=1 (NCCL) of train_tokenizer.py and pretrain.py, 20 steps, bf16,
 #      compile off and on, beside the same runs without torchrun: losses side by side, recompiles counted;
-#   3. bench.py, ViT-B/16 at 224: each attention kernel alone, ours bf16 (+ compile) against the official
-#      fp16 recipe in the same process, the tokenizer and fine-tuning steps, the largest batch each side fits.
+#   3. bench.py, ViT-B/16 at 224: attention explicit vs SDPA vs SDPA's efficient kernel alone, ours bf16
+#      (+ compile) against the official fp16 recipe in the same process, the tokenizer and fine-tuning steps,
+#      the largest batch each side fits.
 #     OFFICIAL_BEIT2=/path/to/unilm/beit2 OUT=gpu_out bash gpu_check.sh
 #     TEST_DEVICE=cpu MODEL=beitv2_tiny_patch16_224 BATCH=4 bash gpu_check.sh     # a dry run of the script on a CPU
 # The official side needs timm and einops; .official/site is added to PYTHONPATH if they are missing.

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import beitv2
 import common
+import data
 
 
 @dataclass
@@ -88,7 +89,7 @@ class TwoViews:
         self.jitter_flip = T.Compose([T.ColorJitter(0.4, 0.4, 0.4), T.RandomHorizontalFlip()])
         self.crop = T.RandomResizedCrop(img_size, scale=(min_scale, 1.0))
         self.img_size, self.tok_size, self.masker = img_size, tok_size, masker
-        self.normalize = T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)
+        self.normalize = T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)
 
     def __call__(self, img, rng):
         img = self.jitter_flip(img)
@@ -123,7 +124,7 @@ def main(argv=None):
     env = common.Env(cfg)
     common.claim_out_dir(cfg, env)
     try:
-        tokenizer = beitv2.load_tokenizer(cfg.tokenizer).to(env.device)
+        tokenizer = beitv2.load_tokenizer(common.read_checkpoint(cfg.tokenizer)).to(env.device)
     except (ValueError, KeyError) as e:
         common.die(f'tokenizer {cfg.tokenizer}: {e}')
     grid = cfg.img_size // cfg.patch_size
@@ -134,9 +135,9 @@ def main(argv=None):
                                          None if cfg.min_mask_block < 0 else cfg.min_mask_block)
     except ValueError as e:
         common.die(f'--num_mask / --min_mask_block: {e} ({grid}x{grid} patches)')
-    dataset = common.build_dataset(cfg.data, 'train', cfg.img_size)
+    dataset = data.build_dataset(cfg.data, 'train', cfg.img_size)
     views = TwoViews(cfg.img_size, tokenizer.cfg.img_size, cfg.min_crop_scale, masker)
-    loader, sampler = common.make_loader(dataset, views, cfg, env)
+    loader, sampler = data.make_loader(dataset, views, cfg.batch_size, cfg.workers, cfg.seed, env)
     steps_per_epoch, per_step = common.steps_from_epochs(cfg, env, len(dataset))
     common.print_setup(cfg, env, steps_per_epoch, per_step)
     env.print(f'masking {masker.num} of {grid * grid} patches per image (blocks >= {masker.min_num}); '
@@ -144,9 +145,10 @@ def main(argv=None):
 
     mcfg = common.model_config(cfg, vocab_size=tokenizer.cfg.codebook_size)
     model = beitv2.BEiTv2(mcfg).to(env.device)
-    optimizer = torch.optim.AdamW(beitv2.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    groups = common.param_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)  # fused: one kernel for all
     step, _ = common.resume(cfg, env, model, optimizer)
-    ddp_model = DDP(model, broadcast_buffers=False) if env.ddp else model  # buffers are derived
+    ddp_model = DDP(model, forward_sync_buffers=False) if env.ddp else model  # buffers are derived
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
 
     def save():
@@ -157,19 +159,19 @@ def main(argv=None):
     counts = torch.zeros(tokenizer.cfg.codebook_size, device=env.device)  # target codes since last log
     start, t0 = step, time.time()
     log = common.Logger(cfg, env, step)
-    data = common.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
+    batches = data.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     while step < cfg.steps:
-        lr = common.get_lr(step, cfg)
+        lr = common.get_lr(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr)
         common.set_lr(optimizer, lr)
         model.train()
         for micro in range(cfg.accum):
-            (images, tok_images, mask), _ = next(data)
+            (images, tok_images, mask), _ = next(batches)
             images, mask = images.to(env.device, non_blocking=True), mask.to(env.device, non_blocking=True)
             with torch.no_grad(), env.autocast():
                 codes = tokenizer.encode(tok_images.to(env.device, non_blocking=True))  # (B, n) targets
             sync = micro == cfg.accum - 1 or not env.ddp
             with (ddp_model.no_sync() if not sync else contextlib.nullcontext()), env.autocast():
-                logits, losses = run(images, mask, codes)
+                logits, losses = run(images, mask, codes, num_masked=masker.num)  # static shapes
                 env.scaler.scale(losses['loss'] / cfg.accum).backward()
             counts += torch.bincount(codes.flatten(), minlength=len(counts))
         gnorm = common.optimizer_step(env, optimizer, cfg.clip_grad)
@@ -177,10 +179,10 @@ def main(argv=None):
         loss = losses['loss'].item()
         common.check_finite(loss, step, cfg)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            labels = codes[mask]
+            labels = beitv2.masked_rows(codes, mask, masker.num)
             branches = {name: dict(loss=losses[f'loss_{name}'].item(),
                                    acc=(lg.argmax(-1) == labels).float().mean().item()) for name, lg in logits.items()}
-            usage = beitv2.code_usage(env.all_reduce(counts))
+            usage = common.code_usage(env.all_reduce(counts))
             log(step, cfg.steps, per_step, loss=loss, **official_names(branches),
                 unused_codes=usage['unused'], lr=lr, gnorm=gnorm)
             counts.zero_()

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import beitv2
 import common
+import data
 
 
 @dataclass
@@ -179,7 +180,7 @@ def load_clip(path):
         try:
             sd = torch.jit.load(path, map_location='cpu').state_dict()
         except RuntimeError:
-            sd = beitv2.state_dict_of(beitv2.load_file(path))
+            sd = beitv2.state_dict_of(common.read_checkpoint(path))
         return CLIPVisual.from_state(sd)
     try:
         import open_clip
@@ -206,13 +207,13 @@ class DINOTeacher(nn.Module):
         beitv2.load_state(self.vit, sd)
 
     def forward(self, images):
-        mean, std = images.new_tensor(common.IMAGENET_MEAN), images.new_tensor(common.IMAGENET_STD)
+        mean, std = images.new_tensor(data.IMAGENET_MEAN), images.new_tensor(data.IMAGENET_STD)
         return self.vit.forward_patch_tokens((images - mean[:, None, None]) / std[:, None, None])
 
 
 def load_dino(path):
     if path:
-        sd = beitv2.state_dict_of(beitv2.load_file(path))
+        sd = beitv2.state_dict_of(common.read_checkpoint(path))
     else:
         try:
             sd = torch.hub.load('facebookresearch/dino:main', 'dino_vitb16').state_dict()
@@ -236,12 +237,12 @@ class TorchvisionTeacher(nn.Module):
         except Exception as e:  # unknown name or no network
             common.die(f'torchvision teacher {name}: {str(e).splitlines()[0]}')
         if path:
-            model.load_state_dict(beitv2.state_dict_of(beitv2.load_file(path)))
+            model.load_state_dict(beitv2.state_dict_of(common.read_checkpoint(path)))
         self.body = create_feature_extractor(model, {node: 'f'})
         self.grid = grid
 
     def forward(self, images):
-        mean, std = images.new_tensor(common.IMAGENET_MEAN), images.new_tensor(common.IMAGENET_STD)
+        mean, std = images.new_tensor(data.IMAGENET_MEAN), images.new_tensor(data.IMAGENET_STD)
         f = self.body((images - mean[:, None, None]) / std[:, None, None])['f']
         return F.adaptive_avg_pool2d(f, self.grid).flatten(2).transpose(1, 2)
 
@@ -279,8 +280,9 @@ def main(argv=None):
                    'raise --batch_size or lower --codebook_size')
     env = common.Env(cfg)
     common.claim_out_dir(cfg, env)
-    dataset = common.build_dataset(cfg.data, 'train', cfg.img_size)
-    loader, sampler = common.make_loader(dataset, common.CropTransform(cfg.img_size, cfg.min_crop_scale), cfg, env)
+    dataset = data.build_dataset(cfg.data, 'train', cfg.img_size)
+    crops = data.CropTransform(cfg.img_size, cfg.min_crop_scale)
+    loader, sampler = data.make_loader(dataset, crops, cfg.batch_size, cfg.workers, cfg.seed, env)
     steps_per_epoch, per_step = common.steps_from_epochs(cfg, env, len(dataset))
     cfg.lr = cfg.lr * per_step / 128  # official: lr scaled by the effective batch size
     common.print_setup(cfg, env, steps_per_epoch, per_step)
@@ -293,10 +295,11 @@ def main(argv=None):
         common.die(f'teacher gives {probe.shape[1]} tokens, the tokenizer {grid * grid}: match img_size/patch_size')
     mcfg = common.model_config(cfg, teacher_dim=probe.shape[-1])
     model = beitv2.VQKD(mcfg).to(env.device)
-    optimizer = torch.optim.AdamW(beitv2.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    groups = common.param_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)  # fused: one kernel for all
     step, _ = common.resume(cfg, env, model, optimizer)
     # the codebook is a buffer that is kept in sync by its own all-reduces, not by DDP broadcasts
-    ddp_model = DDP(model, broadcast_buffers=False) if env.ddp else model
+    ddp_model = DDP(model, forward_sync_buffers=False) if env.ddp else model
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
 
     def save():
@@ -307,13 +310,13 @@ def main(argv=None):
     counts = torch.zeros(cfg.codebook_size, device=env.device)          # code histogram since last log
     start, t0 = step, time.time()
     log = common.Logger(cfg, env, step)
-    data = common.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
+    batches = data.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     while step < cfg.steps:
-        lr = common.get_lr(step, cfg)
+        lr = common.get_lr(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr)
         common.set_lr(optimizer, lr)
         model.train()
         for micro in range(cfg.accum):
-            images, _ = next(data)
+            images, _ = next(batches)
             images = images.to(env.device, non_blocking=True)
             with torch.no_grad(), env.autocast():
                 target = teacher(images)
@@ -327,7 +330,7 @@ def main(argv=None):
         loss = losses['loss'].item()
         common.check_finite(loss, step, cfg)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            usage = beitv2.code_usage(env.all_reduce(counts))
+            usage = common.code_usage(env.all_reduce(counts))
             log(step, cfg.steps, per_step, loss=loss, rec_loss=losses['rec_loss'].item(),
                 quant_loss=losses['quant_loss'].item(), unused_codes=usage['unused'],
                 perplexity=usage['perplexity'], lr=lr, gnorm=gnorm)

@@ -1,0 +1,387 @@
+"""Data for the three stages: the datasets (the demo generator, ImageNet-layout folders, torchvision's
+sets, ADE20K and VOC for segmentation, the ImageNet-A/R class indices), the augmentations (crops, timm's
+RandAugment, the mmseg segmentation pipeline), and a loader whose batches a resumed run sees again exactly."""
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.datasets as tvd
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from common import die
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def square_wave(t):  # True on the first half of every unit period
+    return np.sin(2 * np.pi * t) > 0
+
+
+class DemoTextures(Dataset):
+    """Offline demo data, generated deterministically from (split, index): a large object (disk,
+    square or triangle) near the centre, covered by one of five two-colour patterns, on a plain
+    background. The class is the pattern: horizontal or vertical stripes, diagonal lattice,
+    checks, dots; flips keep it. Its period and phase, the object and all three colours are
+    random. Built so that learning is visible (README, "Quick start"): most of the pixel
+    variance is colour, which says nothing about the class, so raw pixels and a random network
+    are near chance, while the pattern decides the demo teacher's target (HOG: edge orientations)
+    in every patch of the object. Items: (PIL image, class) or, with masks=True, (PIL image,
+    per-pixel class map with 0 = background and 1..5 = the object's class + 1)."""
+    classes = ('horizontal', 'vertical', 'diagonal', 'checks', 'dots')
+
+    def __init__(self, split='train', size=32, length=None, masks=False):
+        self.split, self.size, self.masks = split, size, masks
+        self.length = length or (10000 if split == 'train' else 1000)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        g = np.random.default_rng([0 if self.split == 'train' else 1, i])
+        label = int(g.integers(len(self.classes)))
+        yy, xx = (np.mgrid[0:self.size, 0:self.size] + 0.5) / self.size  # pixel centres in (0, 1)
+        r = g.uniform(0.32, 0.46)                                     # object half size
+        cy, cx = 0.5 + g.uniform(-0.06, 0.06, size=2)
+        dy, dx = (yy - cy) / r, (xx - cx) / r                         # object frame, unit half size
+        obj = [dy ** 2 + dx ** 2 <= 1, np.maximum(abs(dy), abs(dx)) <= 0.85,
+               (dy <= 0.8) & (dy >= 1.6 * abs(dx) - 1)][int(g.integers(3))]
+        period = g.uniform(5, 9) / self.size                          # 5 to 9 pixels
+        py, px = (yy - g.uniform()) / period, (xx - g.uniform()) / period  # random phase
+        pattern = [square_wave(py), square_wave(px),                      # stripes
+                   square_wave((px + py) / 1.4) ^ square_wave((px - py) / 1.4),  # diagonal lattice
+                   square_wave(py) ^ square_wave(px),                       # checks
+                   (py % 1 - 0.5) ** 2 + (px % 1 - 0.5) ** 2 < 0.09][label]  # dots
+        ink, paper, bg = g.uniform(0, 1, size=(3, 3))
+        while np.abs(ink - paper).mean() < 0.25:                      # keep the pattern visible
+            paper = g.uniform(0, 1, 3)
+        img = np.where(obj[..., None], np.where(pattern[..., None], ink, paper), bg)
+        img = np.clip(img + g.normal(0, 0.03, img.shape), 0, 1)
+        pil = Image.fromarray((img * 255).astype(np.uint8))
+        if self.masks:
+            return pil, Image.fromarray((obj * (label + 1)).astype(np.uint8))
+        return pil, label
+
+
+def build_dataset(spec, split, img_size):
+    """spec: 'demo' (or demo:N), a folder in ImageNet layout (ROOT/train/CLASS/*.JPEG, ROOT/val/...), or
+    NAME:ROOT for torchvision's cifar10, cifar100, stl10, fashion_mnist (files already there)."""
+    name, _, root = spec.partition(':')
+    if name == 'demo':  # demo or demo:N (N training images)
+        return DemoTextures(split, size=img_size, length=int(root) if root and split == 'train' else None)
+    tv = {'cifar10': tvd.CIFAR10, 'cifar100': tvd.CIFAR100, 'stl10': tvd.STL10,
+          'fashion_mnist': tvd.FashionMNIST}
+    if name in tv and root:
+        if not os.path.isdir(root):
+            die(f'data folder {root} does not exist')
+        try:
+            if name == 'stl10':
+                return tv[name](root, split='train' if split == 'train' else 'test', download=False)
+            return tv[name](root, train=split == 'train', download=False)
+        except RuntimeError as e:
+            die(f'{spec}: {str(e).splitlines()[0]} (downloads are off: put the files in {root})')
+    folder = os.path.join(spec, split)
+    if not os.path.isdir(folder):
+        die(f'data: {folder} does not exist (expected ImageNet layout ROOT/{split}/CLASS/image)')
+    try:
+        return tvd.ImageFolder(folder, loader=load_image)
+    except FileNotFoundError:
+        die(f'data: no images found under {folder} (expected {folder}/CLASS/image)')
+
+
+def load_image(path):
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except Exception as e:  # any decoder error is the same problem for the user
+        raise RuntimeError(f'unreadable image {path}: {e}') from None
+
+
+def rgb(img):
+    return img.convert('RGB') if img.mode != 'RGB' else img
+
+
+class SegData(torch.utils.data.Dataset):
+    """(image, mask) pairs: demo shapes, ADE20K (ROOT/images|annotations/training|validation,
+    150 classes with reduce_zero_label: 0 -> ignore 255) or torchvision's VOCSegmentation."""
+
+    def __init__(self, spec, split, img_size):
+        name, _, root = spec.partition(':')
+        self.reduce_zero = name == 'ade20k'
+        if name == 'demo':
+            self.items = DemoTextures(split, size=img_size, masks=True)
+            self.num_classes = len(DemoTextures.classes) + 1
+        elif name == 'ade20k':
+            sub = 'training' if split == 'train' else 'validation'
+            folder = os.path.join(root, 'images', sub)
+            if not os.path.isdir(folder):
+                die(f'ADE20K: {folder} does not exist (expected ROOT/images/{sub} and ROOT/annotations/{sub})')
+            names = sorted(f[:-4] for f in os.listdir(folder) if f.endswith('.jpg'))
+            self.items = [(os.path.join(folder, n + '.jpg'), os.path.join(root, 'annotations', sub, n + '.png'))
+                          for n in names]
+            self.num_classes = 150
+        elif name == 'voc':
+            try:
+                self.items = tvd.VOCSegmentation(root, image_set='train' if split == 'train' else 'val')
+            except RuntimeError as e:
+                die(f'VOC: {e}')
+            self.num_classes = 21
+        else:
+            die(f'segmentation data must be demo, ade20k:ROOT or voc:ROOT, got {spec!r}')
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        if isinstance(item[0], str):
+            item = load_image(item[0]), Image.open(item[1])
+        img, mask = item
+        mask = torch.as_tensor(np.array(mask), dtype=torch.long)
+        if self.reduce_zero:  # ADE20K: 0 = "other" is ignored, classes 1..150 -> 0..149
+            mask = torch.where(mask == 0, 255, mask - 1)
+        return rgb(img), mask
+
+
+# robustness (paper Table 2, official --robust_test): ImageNet-A and ImageNet-R hold 200 of the 1000
+# ImageNet classes; a 1000-class model is scored with its logits restricted to those, in ImageNet
+# order, which is also the sorted order of the sets' class folders. The ImageNet-1k indices of the
+# 200 classes, from the official imagenet_a_r_indices.py (its masks over the sorted 1000 wnids):
+IMAGENET_A = (
+    6, 11, 13, 15, 17, 22, 23, 27, 30, 37, 39, 42, 47, 50, 57, 70, 71, 76, 79, 89, 90, 94, 96, 97, 99, 105,
+    107, 108, 110, 113, 124, 125, 130, 132, 143, 144, 150, 151, 207, 234, 235, 254, 277, 283, 287, 291, 295,
+    298, 301, 306, 307, 308, 309, 310, 311, 313, 314, 315, 317, 319, 323, 324, 326, 327, 330, 334, 335, 336,
+    347, 361, 363, 372, 378, 386, 397, 400, 401, 402, 404, 407, 411, 416, 417, 420, 425, 428, 430, 437, 438,
+    445, 456, 457, 461, 462, 470, 472, 483, 486, 488, 492, 496, 514, 516, 528, 530, 539, 542, 543, 549, 552,
+    557, 561, 562, 569, 572, 573, 575, 579, 589, 606, 607, 609, 614, 626, 627, 640, 641, 642, 643, 658, 668,
+    677, 682, 684, 687, 701, 704, 719, 736, 746, 749, 752, 758, 763, 765, 768, 773, 774, 776, 779, 780, 786,
+    792, 797, 802, 803, 804, 813, 815, 820, 823, 831, 833, 835, 839, 845, 847, 850, 859, 862, 870, 879, 880,
+    888, 890, 897, 900, 907, 913, 924, 932, 933, 934, 937, 943, 945, 947, 951, 954, 956, 957, 959, 971, 972,
+    980, 981, 984, 986, 987, 988)
+IMAGENET_R = (
+    1, 2, 4, 6, 8, 9, 11, 13, 22, 23, 26, 29, 31, 39, 47, 63, 71, 76, 79, 84, 90, 94, 96, 97, 99, 100, 105,
+    107, 113, 122, 125, 130, 132, 144, 145, 147, 148, 150, 151, 155, 160, 161, 162, 163, 171, 172, 178, 187,
+    195, 199, 203, 207, 208, 219, 231, 232, 234, 235, 242, 245, 247, 250, 251, 254, 259, 260, 263, 265, 267,
+    269, 276, 277, 281, 288, 289, 291, 292, 293, 296, 299, 301, 308, 309, 310, 311, 314, 315, 319, 323, 327,
+    330, 334, 335, 337, 338, 340, 341, 344, 347, 353, 355, 361, 362, 365, 366, 367, 368, 372, 388, 390, 393,
+    397, 401, 407, 413, 414, 425, 428, 430, 435, 437, 441, 447, 448, 457, 462, 463, 469, 470, 471, 472, 476,
+    483, 487, 515, 546, 555, 558, 570, 579, 583, 587, 593, 594, 596, 609, 613, 617, 621, 629, 637, 657, 658,
+    701, 717, 724, 763, 768, 774, 776, 779, 780, 787, 805, 812, 815, 820, 824, 833, 847, 852, 866, 875, 883,
+    889, 895, 907, 928, 931, 932, 933, 934, 936, 937, 943, 945, 947, 948, 949, 951, 953, 954, 957, 963, 965,
+    967, 980, 981, 983, 988)
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+class CropTransform:
+    """Tokenizer training: RandomResizedCrop (bicubic) + flip, values in [0, 1] (official)."""
+
+    def __init__(self, img_size, min_scale=0.08):
+        self.t = T.Compose([T.RandomResizedCrop(img_size, scale=(min_scale, 1.0),
+                                                interpolation=T.InterpolationMode.BICUBIC),
+                            T.RandomHorizontalFlip(), T.ToTensor()])
+
+    def __call__(self, img, rng):
+        return self.t(img)
+
+
+def eval_transform(img_size, normalize=True):
+    """Resize to img_size/0.875 (bicubic) + centre crop, as the official evaluation."""
+    t = [T.Resize(int(img_size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+         T.CenterCrop(img_size), T.ToTensor()]
+    return T.Compose(t + ([T.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if normalize else []))
+
+
+class RandAugment:
+    """timm's rand-m9-mstd0.5-inc1, the official fine-tuning `--aa`, with torchvision's and PIL's ops:
+    `layers` ops drawn with replacement from OPS; each applied with probability `prob`, at a magnitude
+    drawn from N(magnitude, std) clipped to [0, 10] (timm's _LEVEL_DENOM) and mapped to its range,
+    signed ops negated with probability 0.5; fill = the ImageNet mean colour, bicubic resampling
+    (the official hyper-parameters). rng: a random.Random; the draws come in timm's order."""
+    OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
+           'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
+           'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+    ENHANCE = {'Color': T.functional.adjust_saturation, 'Contrast': T.functional.adjust_contrast,
+               'Brightness': T.functional.adjust_brightness, 'Sharpness': T.functional.adjust_sharpness}
+
+    def __init__(self, magnitude=9.0, std=0.5, layers=2, prob=0.5):
+        self.magnitude, self.std, self.layers, self.prob = magnitude, std, layers, prob
+        self.fill = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)  # (124, 116, 104)
+
+    def __call__(self, img, rng):
+        for name in rng.choices(self.OPS, k=self.layers):
+            if rng.random() > self.prob:
+                continue
+            level = max(0.0, min(rng.gauss(self.magnitude, self.std), 10.0)) / 10  # in [0, 1]
+            img = self.apply(img, name, level, rng)
+        return img
+
+    def apply(self, img, name, level, rng):
+        """One op at `level` in [0, 1] (timm's magnitude / 10), on a PIL RGB image."""
+        def signed(v):  # timm's _randomly_negate
+            return -v if rng.random() > 0.5 else v
+        TF = T.functional
+        if name in ('AutoContrast', 'Equalize', 'Invert'):
+            return {'AutoContrast': TF.autocontrast, 'Equalize': TF.equalize, 'Invert': TF.invert}[name](img)
+        if name == 'Rotate':                                      # up to 30 degrees
+            return TF.rotate(img, signed(level * 30), T.InterpolationMode.BICUBIC, fill=self.fill)
+        if name == 'PosterizeIncreasing':                         # keep 4 down to 0 bits
+            bits = 4 - int(level * 4)  # 0 (at magnitude 10) is black; newer PIL refuses posterize(0)
+            return TF.posterize(img, bits) if bits else Image.new(img.mode, img.size)
+        if name == 'SolarizeIncreasing':                          # invert above 256 down to 0
+            return TF.solarize(img, 256 - min(256, int(level * 256)))
+        if name == 'SolarizeAdd':                                 # add up to 110 below 128
+            add = min(128, int(level * 110))
+            return img.point([min(255, i + add) if i < 128 else i for i in range(256)] * 3)
+        if name.endswith('Increasing'):                           # blend factor 1 -/+ up to 0.9
+            return self.ENHANCE[name[:-len('Increasing')]](img, max(0.1, 1.0 + signed(level * 0.9)))
+        if name in ('ShearX', 'ShearY'):                          # shear factor up to 0.3
+            s = signed(level * 0.3)
+            matrix = (1, s, 0, 0, 1, 0) if name == 'ShearX' else (1, 0, 0, s, 1, 0)
+        else:                                                     # shift up to 45% of the side
+            t = signed(level * 0.45)
+            matrix = (1, 0, t * img.size[0], 0, 1, 0) if name == 'TranslateXRel' else (1, 0, 0, 0, 1, t * img.size[1])
+        return img.transform(img.size, Image.AFFINE, matrix, Image.BICUBIC, fillcolor=self.fill)
+
+
+def fit_size(h, w, long, short):
+    """mmcv's imrescale (mmseg's Resize, keep_ratio): the largest (h, w) of the same aspect with
+    the long side <= long and the short side <= short."""
+    f = min(long / max(h, w), short / min(h, w))
+    return int(h * f + 0.5), int(w * f + 0.5)
+
+
+def photometric_distortion(img, rng, brightness=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=18):
+    """mmseg 0.x's PhotoMetricDistortion on a uint8 (3, H, W) image: each step with probability 0.5,
+    in its order: brightness +- 32, contrast x 0.5-1.5 (before or after the colour steps, at random),
+    saturation x 0.5-1.5 and hue +- 18 of OpenCV's 180 (computed in float here: mmseg rounds through
+    OpenCV's uint8 HSV, a difference of a level at most)."""
+    def convert(x, alpha=1.0, beta=0.0):  # mmseg's convert: scale, shift, clip, back to uint8
+        return (x.float() * alpha + beta).clamp(0, 255).to(torch.uint8)
+    if rng.randint(0, 1):
+        img = convert(img, beta=rng.uniform(-brightness, brightness))
+    contrast_first = rng.randint(0, 1)
+    if contrast_first and rng.randint(0, 1):
+        img = convert(img, alpha=rng.uniform(*contrast))
+    if rng.randint(0, 1):  # HSV saturation x alpha at the same hue and value: each channel moves from V
+        x = img.float()
+        v, low = x.max(0).values, x.min(0).values
+        sat = torch.where(v > 0, (v - low) / v.clamp(min=1), torch.zeros_like(v))
+        new = (sat * rng.uniform(*saturation)).clamp(max=1)
+        ratio = torch.where(sat > 0, new / sat.clamp(min=1e-12), torch.ones_like(sat))
+        img = (v - (v - x) * ratio).round().clamp(0, 255).to(torch.uint8)
+    if rng.randint(0, 1):
+        img = T.functional.adjust_hue(img, rng.randint(-hue, hue - 1) / 180)  # numpy's randint excludes hue
+    if not contrast_first and rng.randint(0, 1):
+        img = convert(img, alpha=rng.uniform(*contrast))
+    return img
+
+
+class SegTransform:
+    """The official mmseg 0.x ADE20K pipeline at crop size S (512 there), with ratios kept for
+    other sizes. Train: resize to fit (4S, S) x U(0.5, 2), aspect kept (bilinear; masks nearest);
+    an S x S crop, drawn again (up to 10 times) while one class covers >= cat_max_ratio of its
+    labelled pixels; flip; photometric distortion; normalise; pad bottom/right to S (image 0 = the
+    mean colour after normalising, mask 255). Eval: resize to fit (4S, S); the mask is returned at
+    its original size, where the prediction is scored."""
+
+    def __init__(self, size, train, cat_max_ratio=0.75):
+        self.size, self.train, self.cat_max_ratio = size, train, cat_max_ratio
+        self.norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+    def resize(self, img, mask, ratio=1.0):
+        h, w = fit_size(*img.shape[1:], 4 * self.size * ratio, self.size * ratio)
+        img = T.functional.resize(img, [h, w], T.InterpolationMode.BILINEAR, antialias=False)
+        return img, T.functional.resize(mask[None], [h, w], T.InterpolationMode.NEAREST)[0]
+
+    def crop_box(self, mask, rng):
+        S, (H, W) = self.size, mask.shape
+        for _ in range(10):  # mmseg: a first box, then up to 10 redraws
+            y, x = rng.randint(0, max(H - S, 0)), rng.randint(0, max(W - S, 0))
+            labels = mask[y:y + S, x:x + S]
+            counts = torch.bincount(labels[labels != 255].flatten())
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                break
+        return y, x
+
+    def __call__(self, item, rng):
+        img, mask = T.functional.pil_to_tensor(rgb(item[0])), item[1]
+        if not self.train:
+            return self.norm(self.resize(img, mask)[0].float() / 255), mask
+        img, mask = self.resize(img, mask, rng.uniform(0.5, 2.0))
+        y, x = self.crop_box(mask, rng)
+        img, mask = img[:, y:y + self.size, x:x + self.size], mask[y:y + self.size, x:x + self.size]
+        if rng.random() < 0.5:
+            img, mask = img.flip(-1), mask.flip(-1)
+        img = self.norm(photometric_distortion(img, rng).float() / 255)
+        pad = (0, self.size - img.shape[2], 0, self.size - img.shape[1])  # bottom / right
+        return F.pad(img, pad, value=0.0), F.pad(mask, pad, value=255)
+
+# ----------------------------------------------------------------------------- loading, resumable
+
+
+class Augmented(Dataset):
+    """Applies `transform(image, rng)` with randomness fixed by (seed, epoch, index), so sample i
+    of epoch e is augmented identically whichever worker loads it: a resumed run sees exactly the
+    batches of an uninterrupted one. Keys come from ResumableSampler as (epoch, index)."""
+
+    def __init__(self, dataset, transform, seed, joint=False):  # joint: transform(item, rng)
+        self.dataset, self.transform, self.seed, self.joint = dataset, transform, seed, joint
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        item = self.dataset[i]
+        seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + i
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
+            torch.manual_seed(seed)
+            if self.joint:  # e.g. (image, mask) pairs transformed together
+                return self.transform(item, random.Random(seed))
+            return self.transform(rgb(item[0]), random.Random(seed)), item[1]
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (also for one process) that yields (epoch, index) keys and can start
+    mid-epoch: `start` = samples of this rank already consumed in the current epoch."""
+    start = 0
+
+    def __iter__(self):
+        for i in list(super().__iter__())[self.start:]:
+            yield self.epoch, i
+
+
+def make_loader(dataset, transform, batch_size, workers, seed, env, joint=False):
+    """A shuffled loader of `dataset` through `transform` for this rank, and its sampler."""
+    ds = Augmented(dataset, transform, seed, joint)
+    sampler = ResumableSampler(ds, num_replicas=env.world, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                        pin_memory=env.device.type == 'cuda', persistent_workers=workers > 0,
+                        generator=torch.Generator())  # leaves the global RNG alone (exact resume)
+    return loader, sampler
+
+
+def stream(loader, sampler, step, steps_per_epoch, accum):
+    """The batches from optimizer step `step` on, epoch after epoch: a resumed run continues
+    mid-epoch at the same sample. A worker's 'unreadable image' error becomes a one-line error."""
+    epoch, it = divmod(step, steps_per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        sampler.start = it * accum * loader.batch_size
+        data = iter(loader)
+        for _ in range((steps_per_epoch - it) * accum):
+            try:
+                yield next(data)
+            except RuntimeError as e:  # in a worker, the message is the last line of its traceback
+                lines = [ln for ln in str(e).splitlines() if ln.startswith(('unreadable image', 'RuntimeError: '))]
+                if not lines or 'unreadable image' not in lines[-1]:
+                    raise
+                die(lines[-1].removeprefix('RuntimeError: '))
+        epoch, it = epoch + 1, 0

@@ -1,0 +1,198 @@
+"""Look inside: a backbone's attention and a tokenizer's codes, as pictures (the official
+visualize_attention.py and test_get_code.py, and the paper's codebook picture).
+
+    python pictures.py --mode=attention --query=3,4     # patch (3, 4)'s attention in the last block, per head
+    python pictures.py --mode=attention --query=cls --layer=3 --image=PHOTO.jpg --img_size=64
+    python pictures.py --mode=codebook --checkpoint=out/tokenizer/ckpt.pt   # patches grouped by their code
+    python pictures.py --mode=codes --checkpoint=out/tokenizer/ckpt.pt --image=PHOTO.jpg   # each patch's code
+Settings are --key=value (see Config); the pictures go to OUT_DIR.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import save_image
+
+import beitv2
+import common
+import data
+import evaluate
+
+
+@dataclass
+class Config:
+    preset: str = 'demo'
+    mode: str = common.one_of('attention', 'codebook', 'codes')
+    checkpoint: str = 'out/pretrain/ckpt.pt'  # attention: a backbone; codebook, codes: a tokenizer
+    data: str = 'demo'              # where the images come from without --image (its val split)
+    image: str = ''                 # image file; '' = the first val image of --data
+    img_size: int = common.at_least(1, 32)  # attention: the input size (tables resized as for fine-tuning)
+    layer: int = -1                 # attention: the block (0-based); -1 = last
+    query: str = 'cls'              # attention of: cls, or a patch ROW,COL (0-based)
+    batch_size: int = common.at_least(1, 64)  # codebook: images encoded at a time
+    device: str = ''
+    dtype: str = 'fp32'
+    seed: int = 0
+    out_dir: str = 'out/pictures'
+
+# ----------------------------------------------------------------------------- a backbone: attention
+
+
+def picture_input(cfg, img_size, normalize):
+    """The image of --image (or the first val image of --data), resized to img_size/0.875 and
+    centre-cropped: (1, 3, S, S), and the same in [0, 1] for drawing."""
+    if cfg.image:
+        if not os.path.exists(cfg.image):
+            common.die(f'--image {cfg.image!r} not found')
+        try:
+            img = data.load_image(cfg.image)
+        except RuntimeError as e:
+            common.die(str(e))
+    else:
+        img = data.rgb(data.build_dataset(cfg.data, 'val', img_size)[0][0])
+    shown = data.eval_transform(img_size, normalize=False)(img)[None]
+    return (data.eval_transform(img_size)(img)[None] if normalize else shown), shown
+
+
+@torch.no_grad()
+def attention_probs(backbone, images, layer):
+    """(B, nh, N, N) softmax attention of block `layer` (0-based), token 0 = [CLS]: the same
+    logits the block computes (q/v biases, scale, relative position bias)."""
+    if layer == 0:
+        x = backbone.with_cls(backbone.patches(images))
+    else:
+        x = backbone.forward_tokens(images, (layer - 1,))[1][0]
+    blk = backbone.blocks[layer]
+    q, k, _ = blk.attn.heads(blk.norm1(x))                                # each (B, nh, N, hs)
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)              # (B, nh, N, N)
+    pos_bias = beitv2.pos_bias_from_table(blk.attn) if blk.attn.has_table else backbone.shared_pos_bias()
+    return (logits if pos_bias is None else logits + pos_bias).softmax(-1)
+
+
+def heat(image, a, box=None):
+    """Overlay a map a (h, w) in [0, 1] on image (3, S, S): black -> red -> yellow; box = the
+    (row, col, patch) to outline in cyan."""
+    a = F.interpolate(a[None, None], size=image.shape[1:], mode='nearest')[0, 0]
+    colour = torch.stack([(2 * a).clamp(max=1), (2 * a - 1).clamp(min=0), torch.zeros_like(a)])
+    out = 0.35 * image + 0.65 * colour
+    if box is not None:
+        r, c, p = box
+        edge = torch.zeros_like(a, dtype=torch.bool)
+        edge[r * p:(r + 1) * p, c * p:(c + 1) * p] = True
+        edge[r * p + 1:(r + 1) * p - 1, c * p + 1:(c + 1) * p - 1] = False  # the patch's outline
+        out = torch.where(edge, out.new_tensor([0.0, 1, 1])[:, None, None], out)
+    return out
+
+
+def run_attention(cfg, env):
+    """Official visualize_attention.py (DINO's tool): the attention of one query, [CLS] or a
+    patch, over the patches of block --layer, per head, overlaid on the image (any input size:
+    the relative position tables are resized as for fine-tuning)."""
+    sd, mcfg = evaluate.load_weights(cfg.checkpoint)
+    backbone = evaluate.build_backbone(cfg, sd, mcfg, num_classes=0, drop_path=0.0).to(env.device).eval()
+    h, w = backbone.grid
+    p = backbone.cfg.patch_size
+    if cfg.query == 'cls':
+        row = col = None
+    else:
+        try:
+            row, col = (int(v) for v in cfg.query.split(','))
+        except ValueError:
+            common.die(f'--query must be cls or ROW,COL, got {cfg.query!r}')
+        if not (0 <= row < h and 0 <= col < w):
+            common.die(f'--query {row},{col} is outside the {h}x{w} patch grid')
+    layer = cfg.layer % backbone.cfg.depth
+    x, shown = picture_input(cfg, cfg.img_size, normalize=True)
+    probs = attention_probs(backbone, x.to(env.device), layer)[0].float().cpu()  # (nh, N, N)
+    q = 0 if row is None else 1 + row * w + col
+    maps = probs[:, q, 1:].view(-1, h, w)                                  # (nh, h, w) over patches
+    maps = maps / maps.flatten(1).max(1).values[:, None, None]             # each head to [0, 1]
+    box = None if row is None else (row, col, p)
+    tiles = [shown[0]] + [heat(shown[0], m, box) for m in maps]
+    scale = max(1, 128 // cfg.img_size)
+    out = F.interpolate(torch.stack(tiles), scale_factor=scale, mode='nearest')
+    path = os.path.join(cfg.out_dir, 'attention.png')
+    save_image(out, path, nrow=len(tiles), padding=2, pad_value=1)
+    top = [int(m.flatten().argmax()) for m in maps]
+    return dict(png=path, layer=layer, query=cfg.query, heads=len(maps),
+                peak=' '.join(f'{t // w},{t % w}' for t in top))
+
+# ----------------------------------------------------------------------------- a tokenizer: codebook, codes
+
+
+def tokenizer_of(cfg, env):
+    """--checkpoint as a frozen tokenizer, or a one-line error."""
+    try:
+        return beitv2.load_tokenizer(common.read_checkpoint(cfg.checkpoint)).to(env.device)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        common.die(f'{cfg.checkpoint}: {e}')
+
+
+def code_colours(n_codes):  # (K, 3) one fixed random colour per code, the same in every picture
+    return torch.rand(n_codes, 3, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
+    """The paper's codebook picture: image patches grouped by the code they get (the most used
+    codes, one row each), and token maps (each code a colour) beside a few images."""
+    tok = tokenizer_of(cfg, env)
+    val = data.build_dataset(cfg.data, 'val', cfg.img_size)
+    ev = data.eval_transform(tok.cfg.img_size, normalize=False)
+    images = torch.stack([ev(data.rgb(val[i][0])) for i in range(min(n_images, len(val)))]).to(env.device)
+    codes = torch.cat([tok.encode(x) for x in images.split(cfg.batch_size)])   # (n, N)
+    p, (h, w) = tok.cfg.patch_size, tok.grid
+    patches = images.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, p, p)
+    flat = codes.flatten()
+    top = torch.bincount(flat, minlength=tok.cfg.codebook_size).topk(n_codes).indices
+    rows = []
+    for c in top:
+        hits = patches[flat == c][:per_code]
+        rows.append(torch.cat([hits, hits.new_ones(per_code - len(hits), 3, p, p)]))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    grid_img = torch.cat(rows)
+    grid_img = F.interpolate(grid_img, scale_factor=max(1, 32 // p), mode='nearest')  # small patches: enlarge
+    save_image(grid_img, os.path.join(cfg.out_dir, 'codebook.png'), nrow=per_code, padding=2, pad_value=1)
+    palette = code_colours(tok.cfg.codebook_size).to(env.device)
+    maps = palette[codes[:8]].view(-1, h, w, 3).permute(0, 3, 1, 2)
+    maps = F.interpolate(maps, size=images.shape[2:], mode='nearest')
+    pairs = torch.stack([images[:8], maps], 1).flatten(0, 1)
+    pairs = F.interpolate(pairs, scale_factor=max(1, 128 // pairs.shape[-1]), mode='nearest')
+    save_image(pairs, os.path.join(cfg.out_dir, 'token_maps.png'), nrow=4, padding=2, pad_value=1)
+    used = int((torch.bincount(flat, minlength=tok.cfg.codebook_size) > 0).sum())
+    return dict(codes_used=used, images=len(images), png=os.path.join(cfg.out_dir, 'codebook.png'))
+
+
+@torch.no_grad()
+def run_codes(cfg, env):
+    """Official test_get_code.py: the tokenizer's code of every patch of one image (resize
+    img_size/0.875, centre crop, values in [0, 1]), printed as a grid, and a picture of the image
+    beside its code map (each code one colour; the colours of --mode=codebook's token maps)."""
+    tok = tokenizer_of(cfg, env)
+    _, shown = picture_input(cfg, tok.cfg.img_size, normalize=False)
+    codes = tok.encode(shown.to(env.device))[0].cpu()                      # (n,)
+    h, w = tok.grid
+    width = len(str(tok.cfg.codebook_size - 1))
+    env.print('\n'.join(' '.join(f'{c:{width}d}' for c in row) for row in codes.view(h, w).tolist()))
+    palette = code_colours(tok.cfg.codebook_size)
+    code_map = palette[codes].view(h, w, 3).permute(2, 0, 1)
+    code_map = F.interpolate(code_map[None], size=shown.shape[2:], mode='nearest')
+    pair = F.interpolate(torch.cat([shown, code_map]), scale_factor=max(1, 128 // shown.shape[-1]), mode='nearest')
+    path = os.path.join(cfg.out_dir, 'codes.png')
+    save_image(pair, path, nrow=2, padding=2, pad_value=1)
+    return dict(png=path, grid=f'{h}x{w}', distinct_codes=len(codes.unique()))
+
+
+def main(argv=None):
+    cfg = common.configure(Config(), {'demo': {}}, argv)
+    env = common.Env(cfg)
+    common.claim_out_dir(cfg, env)
+    result = dict(attention=run_attention, codebook=run_codebook, codes=run_codes)[cfg.mode](cfg, env)
+    env.print(f'{cfg.mode}: ' + ', '.join(f'{k} {v}' for k, v in result.items()))
+    env.close()
+    return result
+
+
+if __name__ == '__main__':
+    main()
