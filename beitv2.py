@@ -160,9 +160,7 @@ class Attention(nn.Module):
 
 def drop_path(x, p, training):
     """Stochastic depth: drop the whole residual branch for a random subset of samples."""
-    if p == 0.0 or not training:
-        return x
-    return x * x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - p) / (1 - p)
+    return x if p == 0.0 or not training else x * x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - p) / (1 - p)
 
 
 class Block(nn.Module):
@@ -191,8 +189,8 @@ class Block(nn.Module):
 
 @torch.no_grad()
 def trunc_normal_(t, std=0.02, cut=2.0):
-    """N(0, std) cut to [-cut, cut] by resampling (10x faster than nn.init.trunc_normal_ on CPU). timm's, in
-    the official fine-tuning ViT, cuts at +-2, i.e. +-100 std (no cut in practice); official pretraining at 1 std."""
+    """N(0, std) cut to [-cut, cut] by resampling (cheaper than nn.init.trunc_normal_'s erfinv). timm's, in the
+    official fine-tuning ViT, cuts at +-2, i.e. +-100 std (no cut in practice); official pretraining at 1 std."""
     flat = t.view(-1)
     flat.normal_(0, std)
     idx = (flat.abs() > cut).nonzero().squeeze(1)
@@ -409,15 +407,14 @@ class VQKD(nn.Module):
         init_linears_(self.encode_task_layer)
         init_linears_(self.decode_task_layer)
 
-    def features(self, images):
-        """images in [0, 1] -> (B, n, code_dim), before normalisation."""
+    def features(self, images):  # images in [0, 1] -> (B, n, code_dim), before normalisation
         x = self.encoder.forward_patch_tokens(images * 2 - 1)  # official pre_process: [0,1] -> [-1,1]
         with torch.autocast(x.device.type, enabled=False):      # official: task layer in fp32
             return self.encode_task_layer(x.to(self.encode_task_layer[0].weight.dtype))
 
     @torch.no_grad()
     def encode(self, images):
-        """images (B, 3, H, W) in [0, 1] -> codes (B, n) int64, row-major patch order. Pure: no
+        """images (B, 3, H, W) in [0, 1] -> codes (B, n) int64, row-major patch order. No codebook
         statistics, no collectives (the official eval forward all-reduces usage counts). Checks the
         shape on every call, the values on the first only (reading them is a device sync)."""
         S = self.cfg.img_size
@@ -429,7 +426,7 @@ class VQKD(nn.Module):
                 raise ValueError(f'encode expects finite RGB values in [0, 1] (as ToTensor gives), got '
                                  f'[{lo:.3g}, {hi:.3g}]: non-finite, ImageNet-normalised or 0-255 input?')
             self.checked_values = True
-        return self.quantize.lookup(self.features(images))[1]
+        return self.quantize.lookup(self.features(images.to(self.encode_task_layer[0].weight.dtype)))[1]
 
     def decode(self, z_q):  # z_q: (B, n, code_dim) -> (B, n, teacher_dim)
         B, n, d = z_q.shape
@@ -459,7 +456,7 @@ class MaskingGenerator:
         self.num = round(n * 75 / 196) if num_masking_patches is None else num_masking_patches
         self.min_num = max(2, round(16 * n / 196)) if min_num_patches is None else min_num_patches
         self.max_num = self.num if max_num_patches is None else max_num_patches
-        if not (0 <= self.num <= n and 1 <= self.min_num <= self.max_num and 0 < min_aspect <= 1):
+        if not (0 <= self.num <= n and 1 <= self.min_num <= self.max_num and 0 < min_aspect <= 1) or self.num % 1:
             raise ValueError(f'cannot mask {self.num} of {n} patches in blocks of {self.min_num} to {self.max_num}, '
                              f'aspect ratio >= {min_aspect}: need count <= {n}, 1 <= min <= max, 0 < aspect <= 1')
         self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
@@ -494,6 +491,17 @@ class MaskingGenerator:
         return flat
 
 
+def masked_rows(x, mask, num_masked=None):
+    """x (B, n, ...) -> (M, ...): the masked rows, image by image. x[mask] (official) takes any mask, but a compiled
+    step breaks and waits for the host there; with num_masked = R, every image's count, a fixed-size gather instead."""
+    if num_masked is None:
+        return x[mask]
+    torch._assert_async((mask.sum(1) == num_masked).all(), "num_masked is not every image's masked count")
+    index = mask.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :num_masked]  # (B, R)
+    index = index.view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index).flatten(0, 1)
+
+
 class BEiTv2(ViT):
     """Masked image modeling with a [CLS] patch-aggregation head (paper Sec. 2.3, Fig. 3).
     Main branch (mim): predict the tokenizer's code of every masked patch from the last layer.
@@ -501,8 +509,8 @@ class BEiTv2(ViT):
     fresh blocks and the same norm and lm_head, predicting the same codes: [CLS] must gather the image's content."""
 
     def __init__(self, cfg: BEiTConfig):
-        if cfg.rel_pos != 'shared':  # the [CLS] head blocks read the shared table
-            raise ValueError(f"BEiTv2 pretrains with one shared relative position table, got rel_pos={cfg.rel_pos!r}")
+        if cfg.rel_pos != 'shared' or cfg.fc_norm:  # the [CLS] head blocks read the shared table; `norm` is shared
+            raise ValueError(f"BEiTv2 needs rel_pos='shared' and fc_norm=False, got {cfg.rel_pos!r}, {cfg.fc_norm}")
         if cfg.head_layers and not 1 <= cfg.early_layers <= cfg.depth:
             raise ValueError(f'early_layers={cfg.early_layers}: the [CLS] head reads a block 1..depth={cfg.depth}')
         super().__init__(cfg, init=False)  # initialised below, once the heads exist
@@ -559,6 +567,8 @@ class BEiTv2(ViT):
         tokenizer's codes; num_masked: every image's masked count, when equal (static shapes: masked_rows).
         -> logits {'mim', 'cls'}, each (M, vocab) for the M masked patches in row-major order, and losses
         {'loss_mim', 'loss_cls', 'loss': their sum} or None (the official loss_1, loss_2, loss)."""
+        if num_masked == 0 or (num_masked is None and not mask.any()):  # the loss would be NaN
+            raise ValueError('the mask has no masked patch: nothing to predict')
         logits = {name: self.lm_head(self.norm(masked_rows(x[:, 1:], mask, num_masked)))  # shared norm, head
                   for name, x in self.branches(images, mask).items()}
         if targets is None:
@@ -566,18 +576,6 @@ class BEiTv2(ViT):
         labels = masked_rows(targets, mask, num_masked)    # (M,): the codes of the masked patches
         losses = {f'loss_{name}': F.cross_entropy(lg, labels) for name, lg in logits.items()}
         return logits, dict(losses, loss=sum(losses.values()))
-
-
-def masked_rows(x, mask, num_masked=None):
-    """x (B, n, ...) -> (M, ...): the rows where mask (B, n) is True, image by image, row-major. x[mask], as official,
-    takes any mask, but its size is known only once the mask is read: a compiled step breaks there and waits for the
-    host. With num_masked = R, every image's count (MaskingGenerator's exact count), a gather of fixed size instead."""
-    if num_masked is None:
-        return x[mask]
-    torch._assert_async((mask.sum(1) == num_masked).all(), "num_masked is not every image's masked count")
-    index = mask.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :num_masked]  # (B, R)
-    index = index.view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
-    return x.gather(1, index).flatten(0, 1)
 
 # ----------------------------------------------------------------------------- checkpoints
 

@@ -5,6 +5,7 @@ data in data.py."""
 import ast
 import atexit
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -31,27 +32,36 @@ def die(msg):
 # ----------------------------------------------------------------------------- config
 
 
-def at_least(lowest, default):
-    """A setting that must be >= lowest (checked by configure): `batch_size: int = at_least(1, 64)`."""
-    return field(default=default, metadata=dict(rule=(f'>= {lowest}', lambda v: v >= lowest)))
+def rule(default, what, ok):
+    """A setting whose values configure checks: ok(value) must hold (None, 'from --model', always does);
+    `what` says what is expected: `knn_k: int = rule(20, 'a count >= 1', lambda v: v >= 1)`."""
+    return field(default=default, metadata=dict(rule=(what, ok)))
+
+
+def at_least(lowest, default):  # `batch_size: int = at_least(1, 64)`
+    return rule(default, f'>= {lowest}', lambda v: v >= lowest)
 
 
 def above(lowest, default):
-    """A setting that must be > lowest (checked by configure)."""
-    return field(default=default, metadata=dict(rule=(f'> {lowest}', lambda v: v > lowest)))
+    return rule(default, f'> {lowest}', lambda v: v > lowest)
 
 
-def one_of(*choices):
-    """A setting with a fixed set of values, the first being the default: `feature: str = one_of('cls', 'mean')`."""
-    return field(default=choices[0], metadata=dict(rule=(f'one of {", ".join(map(repr, choices))}',
-                                                         lambda v: v in choices)))
+def one_of(*choices):  # the first is the default: `feature: str = one_of('cls', 'mean')`
+    return rule(choices[0], f'one of {", ".join(map(repr, choices))}', lambda v: v in choices)
+
+
+def betas(default):  # AdamW's (beta1, beta2)
+    return rule(default, 'two numbers in [0, 1), as (0.9, 0.999)',
+                lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v))
 
 
 def from_model(cfg):
     """Settings left at None take their value from the architecture --model names in
     beitv2.PRESETS, so that each architecture is defined once; a value given overrides it."""
-    if cfg.model not in beitv2.PRESETS:
-        die(f'unknown --model={cfg.model!r}; choose from {", ".join(beitv2.PRESETS)}')
+    kind = type(beitv2.PRESETS[next(f.default for f in fields(cfg) if f.name == 'model')])
+    names = [k for k, v in beitv2.PRESETS.items() if isinstance(v, kind)]  # this script's kind of model
+    if cfg.model not in names:
+        die(f'unknown --model={cfg.model!r} for this stage; choose from {", ".join(names)}')
     arch = asdict(beitv2.PRESETS[cfg.model])
     for f in fields(cfg):
         if getattr(cfg, f.name) is None and f.name in arch:
@@ -62,7 +72,10 @@ def model_config(cfg, **fixed):
     """The beitv2 config of --model with this run's settings of the same names, and `fixed`."""
     arch = beitv2.PRESETS[cfg.model]
     own = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in arch.__dataclass_fields__}
-    return type(arch)(**{**asdict(arch), **own, **fixed})
+    out = type(arch)(**{**asdict(arch), **own, **fixed})
+    if out.embed_dim % out.num_heads:
+        die(f'--embed_dim={out.embed_dim} is not divisible by --num_heads={out.num_heads}')
+    return out
 
 
 def configure(cfg, presets, argv=None):
@@ -94,8 +107,9 @@ def configure(cfg, presets, argv=None):
         setattr(cfg, key, val)
     if hasattr(cfg, 'model'):
         from_model(cfg)
-    for f in fields(cfg):  # the ranges and choices written beside the fields (at_least, above, one_of)
-        if 'rule' in f.metadata and not f.metadata['rule'][1](getattr(cfg, f.name)):
+    for f in fields(cfg):  # the ranges and choices written beside the fields (rule, at_least, one_of, ...)
+        value = getattr(cfg, f.name)
+        if 'rule' in f.metadata and value is not None and not f.metadata['rule'][1](value):
             die(f'--{f.name}={getattr(cfg, f.name)!r}: must be {f.metadata["rule"][0]}')
     return cfg
 
@@ -128,6 +142,7 @@ class Env:
         cuda = torch.cuda.is_available() and cfg.device != 'cpu'
         self.device = torch.device(f'cuda:{local}' if cuda else 'cpu')
         self.lock = None  # OUT_DIR/lock while this process holds it (claim_out_dir)
+        self.inputs = {}  # digests of the files the run starts from (resume sets them; checkpoints keep them)
         if cuda:
             torch.cuda.set_device(self.device)
         if self.ddp:
@@ -178,23 +193,27 @@ def claim_out_dir(cfg, env):
     if not os.access(cfg.out_dir, os.W_OK | os.X_OK):
         die(f'--out_dir={cfg.out_dir}: not writable')
     lock, me = os.path.join(cfg.out_dir, 'lock'), f'{os.getpid()}@{socket.gethostname()}'
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            with open(lock) as f:
-                owner = f.read().strip()
-            pid, _, host = owner.partition('@')
-            if owner == me:  # this process again (scripts called as functions, e.g. by the tests)
-                return
-            if host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid)):
-                die(f'{cfg.out_dir} is in use by another run (process {owner}): choose another --out_dir, '
-                    f'or delete {lock} if no run uses it')
-            env.print(f'note: {lock} was left by process {pid}, which is gone: taking it over')
-            os.remove(lock)
-    os.write(fd, me.encode())
-    os.close(fd)
+    tmp = f'{lock}.{os.getpid()}'
+    with open(tmp, 'w') as f:  # the lock appears whole or not at all: written aside, then linked
+        f.write(me)
+    try:
+        while True:
+            try:
+                os.link(tmp, lock)  # fails if the lock exists: at most one run gets it
+                break
+            except FileExistsError:
+                with open(lock) as f:
+                    owner = f.read().strip()
+                pid, _, host = owner.partition('@')
+                if owner == me:  # this process again (scripts called as functions, e.g. by the tests)
+                    return
+                if host and (host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid))):
+                    die(f'{cfg.out_dir} is in use by another run (process {owner}): choose another --out_dir, '
+                        f'or delete {lock} if no run uses it')
+                env.print(f'note: {lock} was left by process {pid or "?"}, which is gone: taking it over')
+                os.remove(lock)
+    finally:
+        os.remove(tmp)
     env.lock = lock
     atexit.register(release_lock, lock)  # also on die() and on errors
 
@@ -296,6 +315,13 @@ def steps_from_epochs(cfg, env, n_images):
 # ----------------------------------------------------------------------------- checkpoints, logging
 
 
+def block_index(layer, depth):
+    """--layer as a block index in [0, depth): -1 is the last block; a block the model lacks ends the run."""
+    if not -depth <= layer < depth:
+        die(f'--layer={layer}: the model has blocks 0..{depth - 1} (or -1 for the last)')
+    return layer % depth
+
+
 def read_checkpoint(path):
     """beitv2.load_file (no code runs) with a one-line error: a missing, truncated or foreign file, or one
     that would run code, ends the run naming it."""
@@ -311,7 +337,7 @@ def read_checkpoint(path):
             die(junk)
         die(f'{path}: refused to load: it would run code ({code}); a checkpoint holds only tensors and plain '
             'containers' if code else junk)
-    except (RuntimeError, OSError, EOFError, KeyError, IndexError, ValueError):  # what torch raises on junk
+    except Exception:  # whatever torch raises on junk: random bytes can raise almost anything
         die(junk)
 
 
@@ -349,7 +375,7 @@ def save_checkpoint(path, env, **state):
     if env.master:
         tmp = path + '.tmp'
         try:
-            torch.save(dict(state, rng=rngs, world=env.world), tmp)
+            torch.save(dict(state, rng=rngs, world=env.world, inputs=env.inputs), tmp)
             os.replace(tmp, path)
         except (OSError, RuntimeError) as e:  # a full disk reads "unexpected pos" in torch's words
             if os.path.exists(tmp):
@@ -365,9 +391,27 @@ RUN_ONLY = ('preset', 'out_dir', 'resume', 'allow_change', 'log_every', 'ckpt_ev
             'device', 'compile')
 
 
-def check_same_run(cfg, env, saved, path, run_only=RUN_ONLY):
-    """One-line error naming the first setting that differs from the checkpoint's config."""
+def digest(path):  # the content of an input file, in 16 hex digits
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def input_files(cfg):  # the files this run reads its starting point from, by setting, with their digests
+    names = ('checkpoint', 'tokenizer', 'teacher_weights')
+    return {k: digest(getattr(cfg, k)) for k in names if os.path.isfile(str(getattr(cfg, k, '') or ''))}
+
+
+def check_same_run(cfg, env, saved, path, run_only=RUN_ONLY, inputs=None):
+    """One-line error naming the first setting that differs from the checkpoint's config: a setting's
+    value, or the content of an input file (--checkpoint, --tokenizer, ...) it names."""
     now = dict(asdict(cfg), world=env.world)
+    other = sorted(set(saved) - set(now))
+    if other:  # settings this script does not have: another stage wrote it
+        die(f'{path} was written by another stage (it has --{other[0]}, which this script does not): '
+            'pass a checkpoint of this script, or another --out_dir')
     allowed = {k.strip() for k in cfg.allow_change.split(',') if k.strip()}
     for key, value in now.items():
         if key in run_only or key in allowed or key not in saved:
@@ -379,12 +423,17 @@ def check_same_run(cfg, env, saved, path, run_only=RUN_ONLY):
             name = 'ranks (world size)' if key == 'world' else f'--{key}'
             die(f'{name} is {value!r} but {path} was written with {old!r}: resume with the same setting, start '
                 f'a new --out_dir, or pass --allow_change={key} if the change is intended (e.g. more --steps)')
+    for key, old in (inputs or {}).items():
+        if key in env.inputs and env.inputs[key] != old and key not in allowed:
+            die(f'--{key}={getattr(cfg, key)} holds other weights than when {path} was written (its content '
+                f'changed): start a new --out_dir, or pass --allow_change={key} to go on with the new file')
 
 
 def resume(cfg, env, model, optimizer, run_only=RUN_ONLY):
     """Continue from --resume=PATH, or from OUT_DIR/ckpt.pt when it exists. -> (start step, the
     checkpoint's `loop` entry: what a training loop saved of its own, e.g. its best score; {} if none)."""
     path = cfg.resume or os.path.join(cfg.out_dir, 'ckpt.pt')
+    env.inputs = input_files(cfg)
     if not os.path.exists(path):
         if cfg.resume:
             die(f'--resume: {path} does not exist')
@@ -392,7 +441,8 @@ def resume(cfg, env, model, optimizer, run_only=RUN_ONLY):
     ckpt = read_checkpoint(path)
     try:
         if isinstance(ckpt.get('config'), dict):
-            check_same_run(cfg, env, dict(ckpt['config'], world=ckpt.get('world', env.world)), path, run_only)
+            saved = dict(ckpt['config'], world=ckpt.get('world', env.world))
+            check_same_run(cfg, env, saved, path, run_only, ckpt.get('inputs'))
         beitv2.load_state(model, ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as e:
@@ -403,6 +453,10 @@ def resume(cfg, env, model, optimizer, run_only=RUN_ONLY):
     else:
         env.print(f'note: checkpoint written by {ckpt["world"]} ranks, now {env.world}: RNG not restored')
     env.print(f'resumed from {path} at step {ckpt["step"]}')
+    if ckpt['step'] >= cfg.steps:
+        env.print(f'note: this run was already complete ({ckpt["step"]} of {cfg.steps} steps): nothing to train. '
+                  f'To train again, start a new --out_dir; to train longer, pass more --steps with '
+                  f'--allow_change=steps')
     return ckpt['step'], ckpt.get('loop', {})
 
 
@@ -414,10 +468,9 @@ class Logger:
         self.start, self.t_start = start_step, time.time()
         self.t0 = self.t_start
         if env.master and os.path.exists(self.path):  # a resumed run: drop the lines after its checkpoint
-            with open(self.path) as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln).get('step', 0) <= start_step]
+            rows = read_log(self.path, env.print)
             with open(self.path, 'w') as f:
-                f.writelines(kept)
+                f.writelines(json.dumps(r) + '\n' for r in rows if r.get('step', 0) <= start_step)
 
     def __call__(self, step, total, images_per_step, **metrics):
         if not self.env.master:
@@ -441,11 +494,31 @@ class Logger:
         print(f'{head} | {shown}', flush=True)
 
 
+def read_log(path, note=print):
+    """The rows of a log.jsonl; a line cut short (a full disk, a kill while writing) is dropped with a note."""
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if line.strip():
+                    note(f'note: {path} line {i} is cut short: dropped')
+    return rows
+
+
 def check_finite(loss, step, cfg):
-    if not math.isfinite(loss):
-        path = os.path.join(cfg.out_dir, 'ckpt.pt')
-        where = f'the last good checkpoint is {path}' if os.path.exists(path) else 'no checkpoint was written yet'
-        die(f'loss is {loss} at step {step}: stopping; {where} (lower --lr?)')
+    """Stop at a non-finite loss, saying what the last checkpoint holds: it may have diverged already."""
+    if math.isfinite(loss):
+        return
+    path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        die(f'loss is {loss} at step {step}: stopping; no checkpoint was written yet (lower --lr?)')
+    ckpt = read_checkpoint(path)
+    w = max(v.abs().max().item() for v in ckpt['model'].values() if v.is_floating_point() and v.numel())
+    held = 'non-finite weights' if not math.isfinite(w) else f'weights up to |w| = {w:.3g}'
+    die(f'loss is {loss} at step {step}: stopping; the last checkpoint, {path} (step {ckpt["step"]}), holds '
+        f'{held} (lower --lr?)')
 
 
 def print_setup(cfg, env, steps_per_epoch, per_step):

@@ -37,7 +37,7 @@ class DemoTextures(Dataset):
 
     def __init__(self, split='train', size=32, length=None, masks=False):
         self.split, self.size, self.masks = split, size, masks
-        self.length = length or (10000 if split == 'train' else 1000)
+        self.length = length if length is not None else 10000 if split == 'train' else 1000
 
     def __len__(self):
         return self.length
@@ -73,6 +73,8 @@ def build_dataset(spec, split, img_size):
     NAME:ROOT for torchvision's cifar10, cifar100, stl10, fashion_mnist (files already there)."""
     name, _, root = spec.partition(':')
     if name == 'demo':  # demo or demo:N (N training images)
+        if root and not (root.isdigit() and int(root) > 0):
+            die(f'--data={spec}: demo:N takes a number of training images N >= 1')
         return DemoTextures(split, size=img_size, length=int(root) if root and split == 'train' else None)
     tv = {'cifar10': tvd.CIFAR10, 'cifar100': tvd.CIFAR100, 'stl10': tvd.STL10,
           'fashion_mnist': tvd.FashionMNIST}
@@ -97,7 +99,10 @@ def build_dataset(spec, split, img_size):
 def load_image(path):
     try:
         with open(path, 'rb') as f:
-            return Image.open(f).convert('RGB')
+            img = Image.open(f)
+            if img.mode.startswith('I'):  # 16-bit grey (mode I;16 or I): 0-65535 to 8 bits, not clipped to white
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+            return img.convert('RGB')
     except Exception as e:  # any decoder error is the same problem for the user
         raise RuntimeError(f'unreadable image {path}: {e}') from None
 
@@ -191,8 +196,9 @@ class CropTransform:
 
 
 def eval_transform(img_size, normalize=True):
-    """Resize to img_size/0.875 (bicubic) + centre crop, as the official evaluation."""
-    t = [T.Resize(int(img_size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+    """Resize to img_size / crop_pct (bicubic) + centre crop, as the official evaluation: crop_pct 0.875
+    (224 / 256) below 384 px, 1.0 from 384 px on (official datasets.py)."""
+    t = [T.Resize(int(img_size / (0.875 if img_size < 384 else 1.0)), interpolation=T.InterpolationMode.BICUBIC),
          T.CenterCrop(img_size), T.ToTensor()]
     return T.Compose(t + ([T.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if normalize else []))
 

@@ -80,7 +80,7 @@ class Config:
     #                                 segmentation one) | per epoch, no warmup (BEiT v1 linear; needs --epochs)
     min_lr: float = common.at_least(0, 0.0)
     weight_decay: float = common.at_least(0, 0.0)
-    betas: tuple = (0.9, 0.999)
+    betas: tuple = common.betas((0.9, 0.999))
     clip_grad: float = common.at_least(0, 0.0)
     # run
     device: str = ''
@@ -231,7 +231,7 @@ def pooled(backbone, images, cfg):
     """[CLS] or mean patch token of block `cfg.layer` (after the final norm for the last block)."""
     if isinstance(backbone, Pixels):
         return backbone(images)
-    layer = cfg.layer % backbone.cfg.depth
+    layer = common.block_index(cfg.layer, backbone.cfg.depth)
     x, taken = backbone.forward_tokens(images, layers=(layer,))
     x = taken[0]
     f = x[:, 0] if cfg.feature == 'cls' else x[:, 1:].mean(1)
@@ -273,7 +273,8 @@ class TrainTransform:
         self.randaug = data.RandAugment() if finetune and cfg.randaug else None
         after = [T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
         if finetune and cfg.reprob > 0:
-            after.append(T.RandomErasing(cfg.reprob, value='random'))
+            # timm's constants: area 2% to 1/3, aspect ratio 0.3 to 1/0.3, per-pixel normal values
+            after.append(T.RandomErasing(cfg.reprob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value='random'))
         self.after = T.Compose(after)
 
     def __call__(self, img, rng):
@@ -365,7 +366,8 @@ def better(best, scores, step, metric, log):
     return best
 
 
-def topk_acc(scores, y, ks=(1, 5)):
+def topk_acc(scores, y, ks=(1, 5)):  # top-k for each k that is at most the number of classes
+    ks = [k for k in ks if k <= scores.shape[1]]
     top = scores.topk(max(ks), dim=1).indices
     return {f'top{k}': (top[:, :k] == y[:, None]).any(1).float().mean().item() * 100 for k in ks}
 
@@ -442,7 +444,8 @@ class Probe(nn.Module):
                 feats = [torch.cat([x[:, 0], x[:, 1:].mean(1)], 1) for x in xs]
             else:
                 feats = [pooled(self.backbone, images, self.cfg)]
-        return [h(f.float()) for h, f in zip(self.heads, feats)]
+        with torch.autocast(images.device.type, enabled=False):  # the heads train in fp32 (BEiT v1, MAE)
+            return [h(f.float()) for h, f in zip(self.heads, feats)]
 
 
 def run_linear(cfg, env, quiet=False):
@@ -519,7 +522,8 @@ def run_compare(cfg, env):
             for probe, top1 in runs:
                 table.setdefault(probe, {}).setdefault(name, []).append(top1)
                 env.print(f'  {probe:12s} {name:11s} seed {seed}: top-1 {top1:.1f}')
-                record(cfg, env, dict(mode='compare_run', backbone=name, probe=probe, seed=seed, top1=top1,
+                record(cfg, env, dict(mode='compare_run', checkpoint=cfg.checkpoint, backbone=name, probe=probe,
+                                      seed=seed, top1=top1,
                                       chance=100 / classes))
     mean = {p: {n: sum(v) / len(v) for n, v in row.items()} for p, row in table.items()}
     line = '; '.join(f'{p}: ' + ' | '.join(f'{n} {v:.1f}' for n, v in row.items()) for p, row in mean.items())
@@ -634,7 +638,7 @@ def run_segment(cfg, env):
     train, val = data.SegData(cfg.data, 'train', cfg.img_size), data.SegData(cfg.data, 'val', cfg.img_size)
     backbone = build_backbone(cfg, sd, mcfg, rel_pos='per_block', fc_norm=True, num_classes=0,
                               drop_path=cfg.drop_path)
-    if len(cfg.seg_layers) != 4 or max(cfg.seg_layers) >= backbone.cfg.depth:
+    if len(cfg.seg_layers) != 4 or not all(0 <= i < backbone.cfg.depth for i in cfg.seg_layers):
         common.die(f'--seg_layers needs 4 block indices below {backbone.cfg.depth}, got {cfg.seg_layers}')
     model = upernet.Segmenter(backbone, cfg.seg_layers, train.num_classes).to(env.device)
     if env.ddp and env.device.type == 'cuda':

@@ -102,7 +102,7 @@ def run_attention(cfg, env):
             common.die(f'--query must be cls or ROW,COL, got {cfg.query!r}')
         if not (0 <= row < h and 0 <= col < w):
             common.die(f'--query {row},{col} is outside the {h}x{w} patch grid')
-    layer = cfg.layer % backbone.cfg.depth
+    layer = common.block_index(cfg.layer, backbone.cfg.depth)
     x, shown = picture_input(cfg, cfg.img_size, normalize=True)
     probs = attention_probs(backbone, x.to(env.device), layer)[0].float().cpu()  # (nh, N, N)
     q = 0 if row is None else 1 + row * w + col

@@ -2,7 +2,7 @@
 results of `evaluate.py --mode=compare` from its OUT_DIR/result.json. Needs matplotlib (optional:
 the training scripts never import it).
 
-    python plot.py out/tokenizer out/pretrain out/compare     # writes OUT_DIR/curves.png, results.png
+    python plot.py out/tokenizer out/pretrain out/eval/compare   # writes OUT_DIR/curves.png, results.png
 """
 import json
 import os
@@ -12,21 +12,29 @@ import sys
 SKIP = {'step', 'time', 'img_per_s', 'eta_min', 'gnorm', 'quant_loss'}
 
 
-def read_jsonl(path):
+def read_jsonl(path):  # the rows; a line cut short (a full disk, a kill while writing) is skipped
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
 
 
 def plot_curves(plt, rows, title, path):
-    """One panel per logged metric against the step; mlm_acc_1 and mlm_acc_2 share a panel."""
-    keys = [k for k in rows[0] if k not in SKIP and isinstance(rows[0][k], (int, float))]
+    """One panel per logged metric against the step (training lines and val_* scores, each from the
+    lines that hold it); mlm_acc_1 and mlm_acc_2 share a panel."""
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items()
+                              if k not in SKIP and isinstance(v, (int, float)) and 'step' in r))
     panels = [k for k in keys if k != 'mlm_acc_2' and k != 'loss_2']
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
-    steps = [r['step'] for r in rows]
     for ax, k in zip(axes[0], panels):
         pair = {'mlm_acc_1': 'mlm_acc_2', 'loss_1': 'loss_2'}.get(k)
         for name in [k] + ([pair] if pair in keys else []):
-            ax.plot(steps, [r[name] for r in rows], label=name)
+            have = [r for r in rows if name in r and 'step' in r]
+            ax.plot([r['step'] for r in have], [r[name] for r in have], '.-' if len(have) < 20 else '-', label=name)
         ax.set_title(k if pair not in keys else f'{k} / {pair}', fontsize=9)
         ax.set_xlabel('step', fontsize=8)
         ax.tick_params(labelsize=7)
@@ -41,9 +49,11 @@ def plot_curves(plt, rows, title, path):
 
 
 def plot_results(plt, rows, title, path):
-    """Bars: top-1 of each backbone (pretrained / random init / raw pixels) for each probe,
-    averaged over the seeds in result.json, with every seed as a dot."""
+    """Bars: top-1 of each backbone (pretrained / random init / raw pixels) for each probe, averaged over
+    the seeds of the last checkpoint compared into this folder, with every seed as a dot."""
     rows = [r for r in rows if r.get('mode') == 'compare_run']
+    rows = [r for r in rows if r.get('checkpoint') == rows[-1].get('checkpoint')]  # not other checkpoints'
+    title = f'{title}: {rows[-1]["checkpoint"]}' if rows[-1].get('checkpoint') else title
     probes = sorted({r['probe'] for r in rows})
     backbones = ['pretrained', 'random init', 'raw pixels']
     fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(probes), 3.2))

@@ -1,6 +1,7 @@
 """Stage 2: BEiT v2 masked image modeling (paper Sec. 2.3): ~40% of the patches, in blocks,
 are replaced by a mask token and the ViT predicts their codes from the frozen stage-1
-tokenizer; a [CLS] aggregation head predicts them again from [CLS] + layer-9 patch tokens.
+tokenizer; a [CLS] aggregation head predicts them again from [CLS] + the patch tokens after block
+early_layers (9 of 12 in ViT-B).
 
     python pretrain.py                                          # demo: uses python train_tokenizer.py's output
     torchrun --nproc_per_node=8 pretrain.py --preset=base_1600 --data=/data/imagenet \\
@@ -53,11 +54,11 @@ class Config:
     lr: float = common.above(0, 1.5e-3)  # peak lr, absolute (not scaled by batch size; official)
     min_lr: float = common.at_least(0, 1e-5)
     weight_decay: float = common.at_least(0, 0.05)
-    betas: tuple = (0.9, 0.999)
+    betas: tuple = common.betas((0.9, 0.999))
     clip_grad: float = common.at_least(0, 3.0)
     # run
     device: str = ''
-    dtype: str = ''                 # fp32 | bf16 | fp16; '' = bf16 on CUDA and on CPUs with bf16 units
+    dtype: str = common.one_of('', 'fp32', 'bf16', 'fp16')  # '' = bf16 on CUDA and on CPUs with bf16 units
     compile: bool = False
     seed: int = 0
     out_dir: str = 'out/pretrain'
@@ -191,7 +192,8 @@ def main(argv=None):
             save()
         if stop:
             break
-    env.print(f'done: {step} steps in {time.time() - t0:.0f}s; model in {cfg.out_dir}/ckpt.pt')
+    env.print(f'done: {step} steps ({step - start} in this run, {time.time() - t0:.0f} s); '
+              f'model in {cfg.out_dir}/ckpt.pt')
     env.close()
     return model
 

@@ -345,11 +345,27 @@ def test_official_layout_classifier_loads_at_another_size():
 
 
 def test_clear_errors_for_models_built_wrong():
-    with pytest.raises(ValueError, match='shared relative position table'):
-        tiny_beit(rel_pos='per_block')
+    for bad in (dict(rel_pos='per_block'), dict(fc_norm=True)):
+        with pytest.raises(ValueError, match="BEiTv2 needs rel_pos='shared' and fc_norm=False"):
+            tiny_beit(**bad)
     with pytest.raises(ValueError, match='no classification head'):
         beitv2.ViT(beitv2.ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2))(
             torch.randn(1, 3, 32, 32))
+
+
+def test_the_python_api_says_what_it_expects():
+    m = tiny_beit().eval()
+    x, none = torch.randn(2, 3, 32, 32), torch.zeros(2, 16, dtype=torch.bool)
+    for call, msg in [(lambda: m(x, none, torch.zeros(2, 16, dtype=torch.long)), 'no masked patch'),
+                      (lambda: m(x, none, num_masked=0), 'no masked patch'),
+                      (lambda: beitv2.MaskingGenerator((4, 4), 10.5), 'cannot mask 10.5'),
+                      (lambda: beitv2.load_state(m, [1, 2]), 'takes a state dict')]:
+        with pytest.raises(ValueError, match=msg):
+            call()
+    tok = tiny_vqkd().eval()
+    images = torch.rand(2, 3, 32, 32)
+    for dtype in (torch.float64, torch.float16):  # any float input: cast to the model's dtype
+        assert torch.equal(tok.encode(images.to(dtype)), tok.encode(images.to(dtype).float()))
 
 
 def test_classifier_at_higher_resolution_interpolates_tables():
@@ -467,7 +483,8 @@ def test_ddp_codebook_identical_on_ranks_and_equal_to_one_process(tmp_path):
     z0 = F.normalize(z[0], dim=-1)
     init = z0[torch.randperm(64)[:16]]
     means, _ = beitv2.kmeans(F.normalize(z, dim=-1).flatten(0, 1), 16, means=init)
-    q.weight.copy_(means), q.initted.fill_(1)
+    q.weight.copy_(means)
+    q.initted.fill_(1)
     q(z.reshape(1, 128, 8))
     r0, r1 = run_ddp_codebook(z, True, tmp_path)
     assert torch.equal(r0['weight'], r1['weight']) and torch.equal(r0['cluster_size'], r1['cluster_size'])

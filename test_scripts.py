@@ -8,10 +8,14 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import subprocess
 import sys
+import types
+import zipfile
 from pathlib import Path
+from typing import Dict
 
 import numpy as np
 import pytest
@@ -99,7 +103,8 @@ def junk_files(tmp_path):
     good = tmp_path / 'good.pt'
     torch.save({'model': {'w': torch.zeros(5000)}}, good)
     data = good.read_bytes()
-    files = {'truncated': data[:len(data) // 2], 'random bytes': os.urandom(4000), 'text': b'hello\n', 'empty': b''}
+    files = {'truncated': data[:len(data) // 2], 'random bytes': random.Random(0).randbytes(4000), 'text': b'hello\n',
+             'empty': b''}
     for name, content in files.items():
         (tmp_path / f'{name}.pt').write_bytes(content)
     return [tmp_path / f'{name}.pt' for name in files]
@@ -184,6 +189,101 @@ def test_ranges_beside_the_fields_are_checked(arg, msg, capsys):
         common.configure(pretrain.Config(), pretrain.PRESETS, [arg])
     err = capsys.readouterr().err
     assert msg in err and arg.split('=')[0] in err and err.count('\n') == 1
+
+
+@pytest.mark.parametrize('script,arg,msg', [
+    ('evaluate', '--feature=CLS', "must be one of 'cls', 'mean'"),
+    ('evaluate', '--linear_recipe=BEIT', "must be one of 'mae', 'beit'"),
+    ('evaluate', '--mode=attention', 'must be one of'),
+    ('evaluate', '--knn_t=0', 'must be > 0'),
+    ('pretrain', '--betas=(0.9,)', 'two numbers in [0, 1)'),
+    ('pretrain', '--betas=(2.0, 3.0)', 'two numbers in [0, 1)'),
+    ('pretrain', '--dtype=bfloat16', 'must be one of'),
+    ('pretrain', '--model=vqkd_demo', 'for this stage; choose from beitv2_demo'),
+    ('train_tokenizer', '--model=beitv2_demo', 'for this stage; choose from vqkd_demo'),
+])
+def test_choices_and_models_beside_the_fields_are_checked(script, arg, msg, capsys):
+    mod = __import__(script)
+    with pytest.raises(SystemExit):
+        common.configure(mod.Config(), mod.PRESETS, [arg])
+    err = capsys.readouterr().err
+    assert msg in err and err.count('\n') == 1, err
+
+
+def test_bad_sizes_and_indices_end_in_one_line(capsys):
+    import pretrain
+    cfg = common.configure(pretrain.Config(), pretrain.PRESETS, ['--embed_dim=100', '--num_heads=3'])
+    for call, msg in [(lambda: common.model_config(cfg, vocab_size=8), 'not divisible by --num_heads=3'),
+                      (lambda: common.block_index(99, 6), 'blocks 0..5'), (lambda: common.block_index(-7, 6), '-1'),
+                      (lambda: data.build_dataset('demo:0', 'train', 16), 'N >= 1'),
+                      (lambda: data.build_dataset('demo:-5', 'train', 16), 'N >= 1'),
+                      (lambda: data.build_dataset('demo:abc', 'train', 16), 'N >= 1')]:
+        with pytest.raises(SystemExit):
+            call()
+        err = capsys.readouterr().err
+        assert msg in err and err.count('\n') == 1, err
+    assert common.block_index(-1, 6) == 5 and len(data.build_dataset('demo:7', 'train', 16)) == 7
+
+
+def test_topk_is_limited_by_the_class_count():
+    scores, y = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]]), torch.tensor([1, 2])
+    assert E.topk_acc(scores, y) == {'top1': 50.0}  # 3 classes: no top-5
+    assert set(E.topk_acc(torch.randn(4, 6), torch.arange(4))) == {'top1', 'top5'}
+
+
+def test_a_log_line_cut_short_is_dropped_with_a_note(tmp_path, capsys):
+    import plot
+    log = tmp_path / 'log.jsonl'
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # a full disk
+    common.Logger(types.SimpleNamespace(out_dir=str(tmp_path)), types.SimpleNamespace(master=True, print=print), 2)
+    assert 'line 3 is cut short' in capsys.readouterr().out
+    assert [r['step'] for r in plot.read_jsonl(log)] == [1, 2] and log.read_text().count('\n') == 2
+
+
+def test_plot_reads_every_log_a_run_writes(tmp_path):
+    """Evaluation logs hold val_* lines without the training keys; compare rows of two checkpoints in one
+    folder are not averaged together. A stand-in for matplotlib records what would be drawn."""
+    import plot
+
+    class Axis:
+        def __init__(self):
+            self.lines, self.bars = [], []
+
+        def plot(self, x, y, *a, **k):
+            self.lines.append((list(x), list(y), k.get('label')))
+
+        def bar(self, x, h, *a, **k):
+            self.bars.append(h)
+
+        def __getattr__(self, name):  # titles, ticks, legends: not checked
+            return lambda *a, **k: None
+
+    axes = []
+
+    class Plt:
+        def subplots(self, *a, squeeze=True, **k):
+            n = a[1] if len(a) > 1 else 1
+            axes[:] = [Axis() for _ in range(n)]
+            return types.SimpleNamespace(suptitle=lambda *a, **k: None, tight_layout=lambda: None,
+                                         savefig=lambda *a, **k: None), [axes] if not squeeze else axes[0]
+
+        def close(self, fig):
+            pass
+    rows = [dict(step=1, loss=2.0, lr=0.1), dict(step=2, loss=1.0, lr=0.2), dict(step=2, val_top1=40.0)]
+    plot.plot_curves(Plt(), rows, 'eval', tmp_path / 'c.png')
+    drawn = {label: (x, y) for a in axes for x, y, label in a.lines}
+    assert drawn['loss'] == ([1, 2], [2.0, 1.0]) and drawn['val_top1'] == ([2], [40.0])
+    res = [dict(mode='compare_run', checkpoint=c, backbone='pretrained', probe='k-NN', top1=t)
+           for c, t in (('a.pt', 10.0), ('b.pt', 50.0), ('b.pt', 60.0))]
+    plot.plot_results(Plt(), res, 'compare', tmp_path / 'r.png')
+    assert axes[0].bars == [55.0]  # b.pt's two seeds, not a.pt's
+
+
+def test_a_16_bit_png_is_scaled_not_white(tmp_path):
+    from PIL import Image
+    Image.fromarray((np.arange(256 * 4, dtype=np.uint16).reshape(32, 32) * 64)).save(tmp_path / 'g.png')
+    img = np.asarray(data.load_image(tmp_path / 'g.png'))
+    assert img.shape == (32, 32, 3) and img.min() == 0 and 250 <= img.max() <= 255 and img.mean() < 200
 
 
 @pytest.mark.parametrize('device', ['gpu0', 'cuda', 'cuda:1'])
@@ -289,6 +389,20 @@ def test_randaugment_equals_timms_when_installed():
         aa.np.random.choice = real_choice
 
 
+def test_eval_crop_and_erasing_follow_the_official_constants():
+    sizes = {S: data.eval_transform(S).transforms[0].size for S in (224, 384, 512)}
+    assert sizes == {224: 256, 384: 384, 512: 512}  # crop_pct 0.875 below 384 px, 1.0 from 384 on
+    erase = E.TrainTransform(E.Config(img_size=32), finetune=True).after.transforms[-1]
+    assert erase.scale == (0.02, 1 / 3) and erase.ratio == (0.3, 1 / 0.3) and erase.p == 0.25  # timm's
+
+
+def test_linear_probe_heads_train_in_fp32_under_autocast():
+    probe = E.Probe(tiny_beit(), E.Config(), 5)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = probe(torch.randn(2, 3, 32, 32))
+    assert out[0].dtype == torch.float32
+
+
 def test_linear_recipes_crop_as_their_official_scripts():
     cfg = E.Config(img_size=32)
     crop = E.TrainTransform(cfg, finetune=False).crop.transforms[0]
@@ -317,6 +431,10 @@ def test_out_dir_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path, 
         other.wait()
     common.claim_out_dir(cfg, env)  # the owner is gone: a stale lock
     assert 'taking it over' in capsys.readouterr().out
+    common.release_lock(env.lock)
+    (tmp_path / 'run' / 'lock').write_text('')  # a lock cut short (a full disk at start): stale too
+    common.claim_out_dir(cfg, env)
+    assert 'taking it over' in capsys.readouterr().out
     assert (tmp_path / 'run' / 'lock').read_text() == f'{os.getpid()}@{socket.gethostname()}'
     common.release_lock(env.lock)
     assert not (tmp_path / 'run' / 'lock').exists()
@@ -328,7 +446,7 @@ def test_out_dir_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path, 
 
 def test_full_disk_removes_the_temp_file_and_says_so(tmp_path, monkeypatch, capsys):
     import types
-    env = types.SimpleNamespace(master=True, ddp=False, world=1)
+    env = types.SimpleNamespace(master=True, ddp=False, world=1, inputs={})
     (tmp_path / 'ckpt.pt').write_bytes(b'previous')
 
     def full(obj, f):
@@ -345,7 +463,7 @@ def test_full_disk_removes_the_temp_file_and_says_so(tmp_path, monkeypatch, caps
 def test_resumed_log_is_cut_back_to_the_checkpoint(tmp_path):
     import types
     (tmp_path / 'log.jsonl').write_text(''.join(json.dumps(dict(step=s, loss=1.0)) + '\n' for s in range(1, 8)))
-    common.Logger(types.SimpleNamespace(out_dir=str(tmp_path)), types.SimpleNamespace(master=True), 4)
+    common.Logger(types.SimpleNamespace(out_dir=str(tmp_path)), types.SimpleNamespace(master=True, print=print), 4)
     steps = [json.loads(line)['step'] for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 
@@ -368,6 +486,46 @@ def test_fashion_mnist_files_load_as_rgb(tmp_path):
 
 
 # ----------------------------------------------------------------------------- train_tokenizer.py: teachers and runs
+
+
+class TorchScriptTrap(torch.nn.Module):
+    """A scripted module whose __setstate__, run by torch.jit.load, rewrites its buffer to 7."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer('w', torch.ones(3))
+
+    def forward(self, x):
+        return x * self.w
+
+    @torch.jit.export
+    def __getstate__(self) -> Dict[str, torch.Tensor]:
+        return {'w': self.w}
+
+    @torch.jit.export
+    def __setstate__(self, state: Dict[str, torch.Tensor]) -> None:
+        self.w = state['w'] * 0 + 7
+        self.training = False
+
+
+def test_torchscript_weights_are_read_without_running_the_archive(tmp_path, capsys):
+    path = tmp_path / 'trap.pt'
+    torch.jit.script(TorchScriptTrap()).save(str(path))
+    assert torch.equal(torch.jit.load(str(path)).w, torch.full((3,), 7.0))  # torch.jit.load runs its code
+    assert torch.equal(TT.read_torchscript(str(path))['w'], torch.ones(3))  # ours runs none of it
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f'touch {tmp_path / "ran"}',))
+    with zipfile.ZipFile(path) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    with zipfile.ZipFile(tmp_path / 'evil.pt', 'w') as z:  # the same archive, its data a pickle that calls
+        for n, b in files.items():
+            z.writestr(n, pickle.dumps(Evil()) if n.endswith('/data.pkl') else b)
+    with pytest.raises(SystemExit):
+        TT.load_clip(str(tmp_path / 'evil.pt'))
+    assert 'refused to load: it would call posix.system' in capsys.readouterr().err
+    assert not (tmp_path / 'ran').exists()
 
 
 def test_clip_teacher_from_torchscript_file(tmp_path):
@@ -456,6 +614,7 @@ torch.save(model.quantize.weight, os.path.join(sys.argv[1], 'codebook_rank' + os
                         str(helper), str(out), str(sync), *TINY_TOK, '--steps=3', '--workers=0'],
                        cwd=HERE, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert 'FutureWarning' not in p.stderr and 'broadcast_buffers' not in p.stderr  # DDP as this torch wants it
     w0, w1 = (torch.load(out / f'codebook_rank{r}.pt') for r in range(2))
     assert torch.equal(w0, w1) == sync  # with sync off the same check fails: ranks disagree
 
@@ -469,6 +628,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     bad_step = int(p.stderr.split('at step ')[1].split(':')[0])
     assert ckpt['step'] == bad_step - 1
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+    w = max(v.abs().max().item() for v in ckpt['model'].values() if v.is_floating_point() and v.numel())
+    assert f'(step {bad_step - 1}), holds weights up to |w| = {w:.3g}' in p.stderr  # what it holds, not "good"
 
 
 @pytest.mark.slow
@@ -610,6 +771,13 @@ def test_scripts_refuse_bad_files_and_changed_settings(tmp_path, tokenizer_ckpt,
         (['train_tokenizer.py', *TINY_TOK, '--batch_size=1', '--codebook_size=64', f'--out_dir={tmp_path / "o"}'],
          'k-means init needs at least codebook_size=64'),
         (['pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', f'--out_dir={junk[2]}'], 'cannot create it'),
+        (['train_tokenizer.py', *TINY_TOK, f'--resume={pretrain_ckpt}', f'--out_dir={tmp_path / "o"}'],
+         'written by another stage'),
+        (['train_tokenizer.py', *TINY_TOK, '--teacher=clip', f'--teacher_weights={tmp_path}/none.pt'], 'no such file'),
+        (['train_tokenizer.py', *TINY_TOK, '--teacher=dino', f'--teacher_weights={pretrain_ckpt}'],
+         '--teacher=dino --teacher_weights='),
+        (['evaluate.py', '--mode=segment', f'--checkpoint={pretrain_ckpt}', *EVAL_TINY, '--seg_layers=(-1,0,1,1)',
+          f'--out_dir={tmp_path / "o"}'], '--seg_layers needs 4 block indices'),
     ]
     for args, msg in cases:
         p = run_script(*args, ok=False)
@@ -631,6 +799,45 @@ def test_scripts_refuse_bad_files_and_changed_settings(tmp_path, tokenizer_ckpt,
     assert steps == [1, 2, 3] and not (out / 'lock').exists()
 
 
+
+@pytest.mark.slow
+def test_evaluation_resumes_only_the_same_work(tokenizer_ckpt, tmp_path):
+    """A probe checkpoint is resumed only for the same input: pretraining extended in place (the same
+    path, other weights) is refused, naming --checkpoint; a finished run says so instead of training."""
+    pre = tmp_path / 'pre'
+    args = [*TINY_PRE, '--workers=0', f'--tokenizer={tokenizer_ckpt}', f'--out_dir={pre}']
+    run_script('pretrain.py', *args, '--steps=2')
+    p = run_script('pretrain.py', *args, '--steps=2')
+    assert 'already complete (2 of 2 steps): nothing to train' in p.stdout and '(0 in this run' in p.stdout
+    probe = [*EVAL_TINY, '--mode=linear', '--steps=2', f'--checkpoint={pre / "ckpt.pt"}', f'--out_dir={tmp_path / "e"}']
+    run_script('evaluate.py', *probe)
+    run_script('pretrain.py', *args, '--steps=3', '--allow_change=steps')  # the same file, now other weights
+    p = run_script('evaluate.py', *probe, '--steps=3', '--allow_change=steps', ok=False)
+    assert '--checkpoint=' in p.stderr and 'holds other weights' in p.stderr and 'Traceback' not in p.stderr
+
+
+@pytest.mark.slow
+def test_readme_commands_run_one_after_another(tmp_path):
+    """Every `python` command of the README (not the ImageNet ones), in its order, in one fresh folder, at a tiny
+    size: each stage and evaluation mode writes to its own default folder, so none trips over the one before."""
+    import shlex
+    from PIL import Image
+    pytest.importorskip('scipy', reason='pictures.py at another size resizes the position tables with SciPy')
+    Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(tmp_path / 'PHOTO.jpg')
+    tiny = {'train_tokenizer.py': [*TINY_TOK, '--steps=2', '--workers=0'],
+            'pretrain.py': [*TINY_PRE, '--depth=4', '--steps=2', '--workers=0'],  # --layer=3 exists
+            'evaluate.py': [*EVAL_TINY, '--steps=2', '--seg_layers=(0,0,1,1)'],
+            'pictures.py': ['--img_size=32', '--data=demo:8']}  # 8x8 patches, as the demo: --query=3,4 exists
+    commands = [shlex.split(line.split('#')[0]) for line in (HERE / 'README.md').read_text().splitlines()
+                if line.startswith('    python ') and '/data/' not in line and 'plot.py' not in line]
+    assert [c[1] for c in commands[:3]] == ['train_tokenizer.py', 'pretrain.py', 'evaluate.py']  # the quick start
+    for cmd in commands:
+        script, flags = cmd[1], [f.replace('CKPT', 'out/pretrain/ckpt.pt') for f in cmd[2:]]
+        flags = [f for f in flags if not f.startswith('--img_size=')] + tiny[script]
+        p = subprocess.run([sys.executable, str(HERE / script), *flags], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, (cmd, p.stderr[-1500:])
+    assert (tmp_path / 'out' / 'eval' / 'compare' / 'result.json').exists()
 
 # ---------------------------------------------------------------------------- evaluate.py: probes, compare, fine-tuning
 

@@ -7,8 +7,12 @@ teacher's patch features from the codes alone (cosine loss).
 Settings are --key=value (see Config); README.md has the recipes.
 """
 import contextlib
+import importlib
+import io
 import os
+import pickle
 import time
+import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
@@ -53,11 +57,11 @@ class Config:
     lr: float = common.above(0, 1e-3)    # per 128 images: peak lr = lr * effective batch / 128 (official)
     min_lr: float = common.at_least(0, 1e-5)
     weight_decay: float = common.at_least(0, 1e-4)
-    betas: tuple = (0.9, 0.99)
+    betas: tuple = common.betas((0.9, 0.99))
     clip_grad: float = common.at_least(0, 0.0)  # 0 = no clipping (official)
     # run
     device: str = ''                # '' = cuda if available; 'cpu' forces the CPU
-    dtype: str = ''                 # fp32 | bf16 | fp16; '' = bf16 on CUDA and on CPUs with bf16 units
+    dtype: str = common.one_of('', 'fp32', 'bf16', 'fp16')  # '' = bf16 on CUDA and on CPUs with bf16 units
     compile: bool = False           # torch.compile the tokenizer
     seed: int = 0
     out_dir: str = 'out/tokenizer'
@@ -173,14 +177,61 @@ class CLIPVisual(nn.Module):
         return self.ln_post(x)[:, 1:] @ self.proj
 
 
+class _Scripted:  # an object of a TorchScript archive, rebuilt as plain attributes (its code never runs)
+    def __setstate__(self, state):
+        self.__dict__.update(state if isinstance(state, dict) else {})
+
+
+SAFE_TORCHSCRIPT_GLOBALS = {('torch._utils', '_rebuild_tensor_v2'), ('collections', 'OrderedDict'),
+                            ('torch.jit._pickle', 'restore_type_tag'), ('torch.jit._pickle', 'build_intlist'),
+                            ('torch.jit._pickle', 'build_doublelist'), ('torch.jit._pickle', 'build_boollist')}
+
+
+def read_torchscript(path):
+    """The tensors of a TorchScript archive (OpenAI's ViT-B-16.pt), name -> tensor, read from its pickled
+    data by an unpickler that knows only tensors and plain containers: torch.jit.load would run the
+    archive's code (__setstate__ and the like); this runs none of it."""
+    archive = zipfile.ZipFile(path)
+    prefix = next(n for n in archive.namelist() if n.endswith('/data.pkl'))[:-len('data.pkl')]
+
+    class Reader(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.split('.')[0] == '__torch__':  # the archive's own classes: attributes only
+                return _Scripted
+            if (module, name) in SAFE_TORCHSCRIPT_GLOBALS:  # tensors, containers, type tags: data, not code
+                return getattr(importlib.import_module(module), name)
+            if module == 'torch' and name.endswith('Storage'):
+                return getattr(torch, name)
+            raise pickle.UnpicklingError(f'{path}: refused to load: it would call {module}.{name}')
+
+        def persistent_load(self, pid):  # ('storage', storage type, key, location, size)
+            raw = torch.frombuffer(bytearray(archive.read(f'{prefix}data/{pid[2]}')), dtype=torch.uint8)
+            return torch.storage.TypedStorage(wrap_storage=raw.untyped_storage(), dtype=pid[1].dtype, _internal=True)
+
+    out = {}
+
+    def collect(obj, name):  # module attributes: tensors, and submodules in turn
+        for k, v in vars(obj).items():
+            if torch.is_tensor(v):
+                out[name + k] = v
+            elif isinstance(v, _Scripted):
+                collect(v, f'{name}{k}.')
+    collect(Reader(io.BytesIO(archive.read(prefix + 'data.pkl'))).load(), '')
+    return out
+
+
 def load_clip(path):
-    """OpenAI's ViT-B-16.pt (a TorchScript archive) or any state dict with visual.* keys;
-    without a file, open_clip's 'ViT-B-16'/'openai' when open_clip is installed."""
+    """OpenAI's ViT-B-16.pt (a TorchScript archive, read without running it) or any state dict with
+    visual.* keys; without a file, open_clip's 'ViT-B-16'/'openai' when open_clip is installed."""
     if path:
+        if not os.path.isfile(path):
+            common.die(f'CLIP teacher: {path}: no such file')
+        names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
+        scripted = any(n.endswith('/constants.pkl') for n in names)  # TorchScript, not a torch.save file
         try:
-            sd = torch.jit.load(path, map_location='cpu').state_dict()
-        except RuntimeError:
-            sd = beitv2.state_dict_of(common.read_checkpoint(path))
+            sd = read_torchscript(path) if scripted else beitv2.state_dict_of(common.read_checkpoint(path))
+        except (pickle.UnpicklingError, ValueError) as e:
+            common.die(str(e))
         return CLIPVisual.from_state(sd)
     try:
         import open_clip
@@ -250,17 +301,20 @@ class TorchvisionTeacher(nn.Module):
 def build_teacher(cfg):
     """Frozen, eval mode; called under no_grad. -> module mapping [0, 1] images to (B, n, C)."""
     grid = cfg.img_size // cfg.patch_size
-    if cfg.teacher in ('hog', 'hog_colour'):
-        t = HOGTeacher(cfg.patch_size, colour=cfg.teacher == 'hog_colour')
-    elif cfg.teacher == 'clip':
-        t = load_clip(cfg.teacher_weights)
-    elif cfg.teacher == 'dino':
-        t = load_dino(cfg.teacher_weights)
-    elif cfg.teacher.startswith('tv:'):
-        name, _, node = cfg.teacher[3:].partition(':')
-        t = TorchvisionTeacher(name, node or 'layer3', cfg.teacher_weights, (grid, grid))
-    else:
-        common.die(f"unknown teacher {cfg.teacher!r}: use hog, hog_colour, clip, dino or tv:MODEL[:NODE]")
+    try:
+        if cfg.teacher in ('hog', 'hog_colour'):
+            t = HOGTeacher(cfg.patch_size, colour=cfg.teacher == 'hog_colour')
+        elif cfg.teacher == 'clip':
+            t = load_clip(cfg.teacher_weights)
+        elif cfg.teacher == 'dino':
+            t = load_dino(cfg.teacher_weights)
+        elif cfg.teacher.startswith('tv:'):
+            name, _, node = cfg.teacher[3:].partition(':')
+            t = TorchvisionTeacher(name, node or 'layer3', cfg.teacher_weights, (grid, grid))
+        else:
+            common.die(f"unknown teacher {cfg.teacher!r}: use hog, hog_colour, clip, dino or tv:MODEL[:NODE]")
+    except (ValueError, KeyError, RuntimeError) as e:  # weights of another model, or of another layout
+        common.die(f'--teacher={cfg.teacher} --teacher_weights={cfg.teacher_weights}: {str(e).splitlines()[0][:300]}')
     return t.eval().requires_grad_(False)
 
 # ----------------------------------------------------------------------------- training
@@ -340,7 +394,8 @@ def main(argv=None):
             save()
         if stop:
             break
-    env.print(f'done: {step} steps in {time.time() - t0:.0f}s; tokenizer in {cfg.out_dir}/ckpt.pt')
+    env.print(f'done: {step} steps ({step - start} in this run, {time.time() - t0:.0f} s); '
+              f'tokenizer in {cfg.out_dir}/ckpt.pt')
     env.close()
     return model
 
