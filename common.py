@@ -143,6 +143,7 @@ class Env:
         self.device = torch.device(f'cuda:{local}' if cuda else 'cpu')
         self.lock = None  # OUT_DIR/lock while this process holds it (claim_out_dir)
         self.inputs = {}  # digests of the files the run starts from (resume sets them; checkpoints keep them)
+        self.stage = os.path.basename(sys.modules[type(cfg).__module__].__file__)  # the script: pretrain.py, ...
         if cuda:
             torch.cuda.set_device(self.device)
         if self.ddp:
@@ -375,7 +376,7 @@ def save_checkpoint(path, env, **state):
     if env.master:
         tmp = path + '.tmp'
         try:
-            torch.save(dict(state, rng=rngs, world=env.world, inputs=env.inputs), tmp)
+            torch.save(dict(state, rng=rngs, world=env.world, stage=env.stage, inputs=env.inputs), tmp)
             os.replace(tmp, path)
         except (OSError, RuntimeError) as e:  # a full disk reads "unexpected pos" in torch's words
             if os.path.exists(tmp):
@@ -399,19 +400,13 @@ def digest(path):  # the content of an input file, in 16 hex digits
     return h.hexdigest()[:16]
 
 
-def input_files(cfg):  # the files this run reads its starting point from, by setting, with their digests
-    names = ('checkpoint', 'tokenizer', 'teacher_weights')
-    return {k: digest(getattr(cfg, k)) for k in names if os.path.isfile(str(getattr(cfg, k, '') or ''))}
 
 
 def check_same_run(cfg, env, saved, path, run_only=RUN_ONLY, inputs=None):
     """One-line error naming the first setting that differs from the checkpoint's config: a setting's
     value, or the content of an input file (--checkpoint, --tokenizer, ...) it names."""
     now = dict(asdict(cfg), world=env.world)
-    other = sorted(set(saved) - set(now))
-    if other:  # settings this script does not have: another stage wrote it
-        die(f'{path} was written by another stage (it has --{other[0]}, which this script does not): '
-            'pass a checkpoint of this script, or another --out_dir')
+
     allowed = {k.strip() for k in cfg.allow_change.split(',') if k.strip()}
     for key, value in now.items():
         if key in run_only or key in allowed or key not in saved:
@@ -429,16 +424,20 @@ def check_same_run(cfg, env, saved, path, run_only=RUN_ONLY, inputs=None):
                 f'changed): start a new --out_dir, or pass --allow_change={key} to go on with the new file')
 
 
-def resume(cfg, env, model, optimizer, run_only=RUN_ONLY):
+def resume(cfg, env, model, optimizer, run_only=RUN_ONLY, inputs=()):
     """Continue from --resume=PATH, or from OUT_DIR/ckpt.pt when it exists. -> (start step, the
-    checkpoint's `loop` entry: what a training loop saved of its own, e.g. its best score; {} if none)."""
+    checkpoint's `loop` entry: what a training loop saved of its own, e.g. its best score; {} if none).
+    inputs: the settings naming files the run starts from; their content must be the checkpoint's too."""
     path = cfg.resume or os.path.join(cfg.out_dir, 'ckpt.pt')
-    env.inputs = input_files(cfg)
+    env.inputs = {k: digest(getattr(cfg, k)) for k in inputs if os.path.isfile(getattr(cfg, k))}
     if not os.path.exists(path):
         if cfg.resume:
             die(f'--resume: {path} does not exist')
         return 0, {}
     ckpt = read_checkpoint(path)
+    if ckpt.get('stage', env.stage) != env.stage:
+        die(f'{path} was written by {ckpt["stage"]}, not {env.stage}: pass one of its own checkpoints, or another '
+            '--out_dir')
     try:
         if isinstance(ckpt.get('config'), dict):
             saved = dict(ckpt['config'], world=ckpt.get('world', env.world))

@@ -320,7 +320,7 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, me
     if not quiet:
         common.print_setup(cfg, env, steps_per_epoch, per_step)
     every = cfg.eval_every if cfg.eval_every >= 0 else (steps_per_epoch if cfg.epochs else 0)
-    step, kept = common.resume(cfg, env, model, optimizer, RUN_ONLY)
+    step, kept = common.resume(cfg, env, model, optimizer, RUN_ONLY, inputs=('checkpoint',))
     best = kept.get('best')  # the best evaluation a resumed run had seen
     ddp_model = DDP(model) if env.ddp else model  # broadcast buffers: one set of BatchNorm statistics
     run = torch.compile(ddp_model) if cfg.compile else ddp_model

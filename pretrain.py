@@ -148,7 +148,7 @@ def main(argv=None):
     model = beitv2.BEiTv2(mcfg).to(env.device)
     groups = common.param_groups(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)  # fused: one kernel for all
-    step, _ = common.resume(cfg, env, model, optimizer)
+    step, _ = common.resume(cfg, env, model, optimizer, inputs=('tokenizer',))
     ddp_model = DDP(model, forward_sync_buffers=False) if env.ddp else model  # buffers are derived
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
 

@@ -446,7 +446,7 @@ def test_out_dir_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path, 
 
 def test_full_disk_removes_the_temp_file_and_says_so(tmp_path, monkeypatch, capsys):
     import types
-    env = types.SimpleNamespace(master=True, ddp=False, world=1, inputs={})
+    env = types.SimpleNamespace(master=True, ddp=False, world=1, inputs={}, stage='test')
     (tmp_path / 'ckpt.pt').write_bytes(b'previous')
 
     def full(obj, f):
@@ -772,7 +772,7 @@ def test_scripts_refuse_bad_files_and_changed_settings(tmp_path, tokenizer_ckpt,
          'k-means init needs at least codebook_size=64'),
         (['pretrain.py', *pre, f'--tokenizer={tokenizer_ckpt}', f'--out_dir={junk[2]}'], 'cannot create it'),
         (['train_tokenizer.py', *TINY_TOK, f'--resume={pretrain_ckpt}', f'--out_dir={tmp_path / "o"}'],
-         'written by another stage'),
+         'written by pretrain.py, not train_tokenizer.py'),
         (['train_tokenizer.py', *TINY_TOK, '--teacher=clip', f'--teacher_weights={tmp_path}/none.pt'], 'no such file'),
         (['train_tokenizer.py', *TINY_TOK, '--teacher=dino', f'--teacher_weights={pretrain_ckpt}'],
          '--teacher=dino --teacher_weights='),
@@ -818,8 +818,9 @@ def test_evaluation_resumes_only_the_same_work(tokenizer_ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_readme_commands_run_one_after_another(tmp_path):
-    """Every `python` command of the README (not the ImageNet ones), in its order, in one fresh folder, at a tiny
-    size: each stage and evaluation mode writes to its own default folder, so none trips over the one before."""
+    """Every `python` command of the README, then of docs/results.md (not the ImageNet or Fashion-MNIST ones), in
+    order, in one fresh folder, at a tiny size: each stage and evaluation mode writes to its own default folder,
+    so none trips over the one before."""
     import shlex
     from PIL import Image
     pytest.importorskip('scipy', reason='pictures.py at another size resizes the position tables with SciPy')
@@ -828,8 +829,9 @@ def test_readme_commands_run_one_after_another(tmp_path):
             'pretrain.py': [*TINY_PRE, '--depth=4', '--steps=2', '--workers=0'],  # --layer=3 exists
             'evaluate.py': [*EVAL_TINY, '--steps=2', '--seg_layers=(0,0,1,1)'],
             'pictures.py': ['--img_size=32', '--data=demo:8']}  # 8x8 patches, as the demo: --query=3,4 exists
-    commands = [shlex.split(line.split('#')[0]) for line in (HERE / 'README.md').read_text().splitlines()
-                if line.startswith('    python ') and '/data/' not in line and 'plot.py' not in line]
+    text = (HERE / 'README.md').read_text() + (HERE / 'docs' / 'results.md').read_text().replace('$S', '1')
+    commands = [shlex.split(line.split('#')[0]) for line in text.splitlines() if line.startswith('    python ')
+                and not any(s in line for s in ('/data/', '$D', 'plot.py'))]  # not the sets we have not here
     assert [c[1] for c in commands[:3]] == ['train_tokenizer.py', 'pretrain.py', 'evaluate.py']  # the quick start
     for cmd in commands:
         script, flags = cmd[1], [f.replace('CKPT', 'out/pretrain/ckpt.pt') for f in cmd[2:]]

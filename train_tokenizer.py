@@ -351,7 +351,7 @@ def main(argv=None):
     model = beitv2.VQKD(mcfg).to(env.device)
     groups = common.param_groups(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)  # fused: one kernel for all
-    step, _ = common.resume(cfg, env, model, optimizer)
+    step, _ = common.resume(cfg, env, model, optimizer, inputs=('teacher_weights',))
     # the codebook is a buffer that is kept in sync by its own all-reduces, not by DDP broadcasts
     ddp_model = DDP(model, forward_sync_buffers=False) if env.ddp else model
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
