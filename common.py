@@ -5,6 +5,7 @@ data in data.py."""
 import ast
 import atexit
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -392,7 +393,13 @@ RUN_ONLY = ('preset', 'out_dir', 'resume', 'allow_change', 'log_every', 'ckpt_ev
             'device', 'compile')
 
 
-def digest(path):  # the content of an input file, in 16 hex digits
+def digest(path):  # the content of an input file, in 16 hex digits (read once per version of the file)
+    st = os.stat(path)
+    return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(path, size, mtime):  # size and mtime: a rewritten file is read again
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
