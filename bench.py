@@ -6,6 +6,7 @@
     python bench.py --what=attention             # explicit vs SDPA vs SDPA's efficient kernel alone
     python bench.py --what=maxbatch --model=beitv2_base_patch16_224 --dtype=bf16   # the largest batches
     python bench.py --what=loader --workers=4    # images/s of pretrain.py's loader on the demo data
+    python bench.py --what=targets --model=beitv2_base_patch16_224 --batch_size=16   # codes bf16/fp16 flip
 gpu_check.sh runs the GPU set: ViT-B/16, bf16, compile, beside the official model.
 """
 import contextlib
@@ -36,7 +37,7 @@ class Config:
     device: str = ''            # '' = cuda if available
     steps: int = common.at_least(1, 10)  # timed steps per side, after the warmup
     warmup: int = common.at_least(0, 3)
-    what: str = common.one_of('pretrain', 'tokenizer', 'finetune', 'loader', 'all', 'maxbatch', 'attention')
+    what: str = common.one_of('pretrain', 'tokenizer', 'finetune', 'loader', 'all', 'maxbatch', 'attention', 'targets')
     official: str = ''          # the official beit2/ folder: its student step alternates with ours
     peak_tflops: float = 0.0    # the device's peak for MFU; 0 = PEAKS for a known GPU, else no MFU
     threads: int = 0            # torch.set_num_threads; 0 = torch's default
@@ -160,9 +161,29 @@ def bench_pretrain(cfg, c):  # the student step, ours and the official one alter
                 fns['ours: student step']()
         key = 'self_device_time_total' if c.device.type == 'cuda' else 'self_cpu_time_total'
         print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60), flush=True)
-    encode = c.compile(beitv2.VQKD(c.tcfg).to(c.device).eval().encode)
+    encode_fn = c.compile(beitv2.VQKD(c.tcfg).to(c.device).eval().encode)
+
+    def encode(x):  # in the precision pretrain.py computes its targets in
+        with c.env.target_autocast():
+            return encode_fn(x)
     step = make_step(run, images, mask, None, c.amp, c.masker.num, encode, tok_images)
     measure({'ours: full step (+ encode)': step}, c.flops['student'] + c.flops['encode'], cfg, c)
+
+def bench_targets(cfg, c):  # how many codes flip under bf16 / fp16 autocast, against fp32 (fp32 against fp64)
+    tok, images = beitv2.VQKD(c.tcfg).to(c.device).eval(), inputs(cfg.batch_size, c)[3]
+    K, d = tok.quantize.weight.shape
+    with torch.no_grad():  # codes where the encoder's outputs are, as k-means puts them
+        z = F.normalize(tok.features(images).flatten(0, 1), dim=-1)
+        tok.quantize.weight.copy_(F.normalize(z[torch.randint(len(z), (K,))] + 0.05 * torch.randn(K, d, device=c.device), -1))
+    codes = {'fp64': tok.double().encode(images.double())}
+    tok.float()
+    for name, amp in (('fp32', None), ('bf16', torch.bfloat16), ('fp16', torch.float16)):
+        with torch.autocast(c.device.type, dtype=amp, enabled=amp is not None):
+            codes[name] = tok.encode(images)
+            measure({f'encode {name}': lambda: tok.encode(images).sum().item()}, c.flops['encode'], cfg, c)
+        ref = 'fp64' if name == 'fp32' else 'fp32'
+        differ = (codes[name] != codes[ref]).sum().item()
+        print(f'  {differ} of {codes[ref].numel()} codes differ from {ref}', flush=True)
 
 def bench_tokenizer(cfg, c):  # a frozen teacher stand-in of CLIP ViT-B/16's depth, then the VQ-KD step
     images, _, _, tok_images = inputs(cfg.batch_size, c)
@@ -227,7 +248,7 @@ def main(argv=None):
     if not isinstance(beitv2.PRESETS[cfg.model], beitv2.BEiTConfig):
         common.die(f'--model={cfg.model} is a tokenizer; bench.py times the pretraining model (a beitv2_*)')
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
-    env = common.Env(cfg)  # as the stage scripts: device, autocast dtype, seeds, TF32 on CUDA
+    env = common.Env(cfg)  # as the stage scripts: device, autocast dtype, seeds, no TF32
     name = torch.cuda.get_device_name(env.device) if env.device.type == 'cuda' else 'cpu'
     m = replace(beitv2.PRESETS[cfg.model], img_size=cfg.img_size)
     masker = beitv2.MaskingGenerator((cfg.img_size // m.patch_size,) * 2)
@@ -242,7 +263,7 @@ def main(argv=None):
     print(f'torch {torch.__version__}, {name}, {torch.get_num_threads()} threads, ours {cfg.dtype}'
           f'{" + compile" if cfg.compile else ""}, batch {cfg.batch_size}, peak {c.peak or "unknown"} TFLOP/s')
     benches = dict(pretrain=bench_pretrain, tokenizer=bench_tokenizer, finetune=bench_finetune,
-                   loader=bench_loader, maxbatch=bench_maxbatch, attention=bench_attention)
+                   loader=bench_loader, maxbatch=bench_maxbatch, attention=bench_attention, targets=bench_targets)
     for what in ('pretrain', 'tokenizer', 'finetune') if cfg.what == 'all' else (cfg.what,):
         benches[what](cfg, c)
 

@@ -158,13 +158,19 @@ class Env:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == 'fp16')
         torch.manual_seed(cfg.seed + self.rank)  # per-rank seeds (drop path, k-means draws)
         random.seed(cfg.seed + self.rank)
-        if cuda:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if cuda:  # fp32 is fp32 (the codebook, k-means, losses, --dtype=fp32); the tests set the same
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def target_autocast(self):  # pretraining targets: fp16 on CUDA under mixed precision, as the official
+        #                           engine (bf16 flips more near-tie codes: docs/speed.md); else the step's dtype
+        if self.device.type == 'cuda' and self.amp_dtype is not None:
+            return torch.autocast('cuda', dtype=torch.float16)
+        return self.autocast()
 
     def print(self, *a):
         if self.master:
@@ -273,17 +279,20 @@ def param_groups(model, weight_decay, layer_decay=1.0, depth=None, no_decay=('cl
 
 
 def get_lr(step, steps, warmup_steps, lr, min_lr, schedule='cosine', epochs=0):
-    """Linear warmup from 0, then to min_lr by cosine (official cosine_scheduler), or linearly
-    with schedule='poly' (mmseg's poly, power 1, used for segmentation); per step. 'cosine_epoch':
-    torch's CosineAnnealingLR stepped once per epoch, no warmup (BEiT v1's linear evaluation)."""
+    """Linear warmup from 0, then to min_lr by cosine (official cosine_scheduler); per step.
+    'poly': mmcv's PolyLrUpdaterHook, power 1, the official segmentation one: linear decay from step
+    0 over all steps, its linear warmup (ratio 1e-6) scaling it. 'cosine_epoch': torch's
+    CosineAnnealingLR stepped once per epoch, no warmup (BEiT v1's linear evaluation)."""
+    if schedule == 'poly':
+        lr = min_lr + (lr - min_lr) * (1 - step / steps)
+        return lr * (1 - (1 - step / warmup_steps) * (1 - 1e-6)) if step < warmup_steps else lr
     if schedule == 'cosine_epoch':
         epoch = step * epochs // steps
         return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
     if step < warmup_steps:
         return lr * step / warmup_steps
     t = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
-    decay = 1 - t if schedule == 'poly' else 0.5 * (1 + math.cos(math.pi * t))
-    return min_lr + (lr - min_lr) * decay
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def set_lr(optimizer, lr):
@@ -532,3 +541,7 @@ def print_setup(cfg, env, steps_per_epoch, per_step):
     env.print(f'{env.world} rank(s) on {env.device}, {env.dtype}; effective batch {per_step} '
               f'({cfg.batch_size} x {cfg.accum} accum x {env.world}); {steps_per_epoch} steps/epoch; '
               f'{cfg.steps} steps, {cfg.warmup_steps} warmup; peak lr {cfg.lr:.3g}')
+    if cfg.recipe_batch and cfg.recipe_batch != per_step:  # presets are per rank: the world size changes the batch
+        accum = cfg.recipe_batch / (cfg.batch_size * env.world)
+        fix = f'--accum={accum:.0f}' if accum == round(accum) else f'batch_size x accum x ranks = {cfg.recipe_batch}'
+        env.print(f'note: the recipe runs {cfg.recipe_batch} images per step, this run {per_step}: {fix} matches it')

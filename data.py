@@ -332,6 +332,18 @@ class SegTransform:
 # ----------------------------------------------------------------------------- loading, resumable
 
 
+class Mapped(Dataset):  # dataset with a per-image transform (evaluation)
+    def __init__(self, ds, t):
+        self.ds, self.t = ds, t
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        img, y = self.ds[i]
+        return self.t(rgb(img)), y
+
+
 class Augmented(Dataset):
     """Applies `transform(image, rng)` with randomness fixed by (seed, epoch, index), so sample i
     of epoch e is augmented identically whichever worker loads it: a resumed run sees exactly the

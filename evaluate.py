@@ -62,6 +62,8 @@ class Config:
     reprob: float = 0.25            # random erasing probability
     randaug: bool = True            # timm's RandAugment rand-m9-mstd0.5-inc1 (official --aa)
     eval_only: bool = False         # score --checkpoint on the val split, no training
+    validate: bool = True           # False: no val split, train only (the 21k presets; official
+    #                                 --disable_eval_during_finetuning)
     robust_test: str = common.one_of('', 'imagenet_a', 'imagenet_r')  # finetune --eval_only; --data = that set
     eval_every: int = common.at_least(-1, -1)  # training modes: score val every N steps too (log: val_*;
     #                                 result: final and best_*); -1 = each epoch of --epochs recipes, else 0: the end
@@ -71,6 +73,7 @@ class Config:
     # optimisation
     batch_size: int = common.at_least(1, 64)
     accum: int = common.at_least(1, 1)
+    recipe_batch: int = common.at_least(0, 0)  # presets: the official run's images per step; another says so
     epochs: int = common.at_least(0, 0)
     warmup_epochs: int = common.at_least(0, 0)
     steps: int = common.at_least(1, 300)
@@ -96,15 +99,19 @@ class Config:
 
 
 IN1K = dict(data='', checkpoint='', img_size=224, min_crop_scale=0.08, workers=10, log_every=100, ckpt_every=5000)
-FT = dict(IN1K, mode='finetune', min_lr=1e-6, weight_decay=0.05)
-SEG = dict(IN1K, mode='segment', img_size=512, batch_size=2, steps=160000, warmup_steps=1500, weight_decay=0.05,
-           seg_stride=341, schedule='poly')
+FT = dict(IN1K, mode='finetune', min_lr=1e-6, weight_decay=0.05, recipe_batch=1024)
+SEG = dict(IN1K, mode='segment', img_size=512, batch_size=2, recipe_batch=16, steps=160000, warmup_steps=1500,
+           weight_decay=0.05, seg_stride=341, schedule='poly', eval_every=16000)  # schedule_160k: scored every 16k
 PRESETS = {
     'demo': {},
     'demo_finetune': dict(mode='finetune', lr=1e-3, weight_decay=0.05, steps=300, warmup_steps=30),
     'demo_segment': dict(mode='segment', lr=1e-3, weight_decay=0.05, layer_decay=0.9, steps=300, schedule='poly'),
+    # Fashion-MNIST (--data=fashion_mnist:ROOT), docs/results.md: ~1 epoch, light augmentation, scored every 200 steps
+    'fmnist_finetune': dict(mode='finetune', lr=1e-3, weight_decay=0.05, steps=1000, warmup_steps=100, layer_decay=0.75,
+                            mixup=0.0, cutmix=0.0, randaug=False, reprob=0.0, min_crop_scale=0.8, eval_every=200),
     # MAE linear protocol: batch 16384 with LARS, lr 0.1 x batch / 256, 90 epochs, 10 warmup
-    'linear_base': dict(IN1K, mode='linear', batch_size=1024, accum=2, epochs=90, warmup_epochs=10, lr=6.4),
+    'linear_base': dict(IN1K, mode='linear', batch_size=1024, accum=2, recipe_batch=16384, epochs=90, warmup_epochs=10,
+                        lr=6.4),
     'linear_beit': dict(IN1K, mode='linear', linear_recipe='beit', batch_size=128, epochs=100, lr=4e-3,
                         weight_decay=1e-4, schedule='cosine_epoch'),  # official BEiT v1 run_linear_eval.py
     'knn_base': dict(IN1K, mode='knn', batch_size=256),
@@ -121,11 +128,11 @@ PRESETS = {
     'finetune_large_300': dict(FT, batch_size=64, accum=2, epochs=50, warmup_epochs=5, lr=5e-4, layer_decay=0.8,
                                drop_path=0.2),
     # intermediate fine-tuning on ImageNet-21k (21841 classes): 32 GPUs x 128 = 4096 (8 GPUs: accum 4), lr 6e-4,
-    # 90 epochs, 20 warmup, layer decay 0.75, drop path 0.1 base / 0.2 large, no evaluation during training
-    'finetune_21k_base': dict(FT, batch_size=128, accum=4, epochs=90, warmup_epochs=20, lr=6e-4, layer_decay=0.75,
-                              drop_path=0.1, eval_every=0),
-    'finetune_21k_large': dict(FT, batch_size=128, accum=4, epochs=90, warmup_epochs=20, lr=6e-4, layer_decay=0.75,
-                               drop_path=0.2, eval_every=0),
+    # 90 epochs, 20 warmup, layer decay 0.75, drop path 0.1 base / 0.2 large; 21k has no val split
+    'finetune_21k_base': dict(FT, batch_size=128, accum=4, recipe_batch=4096, epochs=90, warmup_epochs=20, lr=6e-4,
+                              layer_decay=0.75, drop_path=0.1, validate=False),
+    'finetune_21k_large': dict(FT, batch_size=128, accum=4, recipe_batch=4096, epochs=90, warmup_epochs=20, lr=6e-4,
+                               layer_decay=0.75, drop_path=0.2, validate=False),
     # then ImageNet-1k from the 21k model, no mixup/cutmix: base 8 x 128, lr 5e-5, 30 epochs, 20 warmup,
     # layer decay 0.75, drop path 0.1; large 8 x 64 x 2, lr 7e-5, 20 epochs, 5 warmup, 0.8, drop path 0.25
     'finetune_21kto1k_base': dict(FT, batch_size=128, epochs=30, warmup_epochs=20, lr=5e-5, layer_decay=0.75,
@@ -159,8 +166,9 @@ def vit_config_from_state(sd, **over):
     return beitv2.ViTConfig(**cfg)
 
 
-def load_weights(path):
-    """-> (state dict, our ViT/BEiT config or None) of a checkpoint; tokenizers are refused."""
+def load_weights(path, segmenter=False):
+    """-> (state dict, our ViT/BEiT config or None) of a checkpoint; tokenizers are refused.
+    segmenter: a segmentation file (ours or a released mmseg UperNet): -> (the ViT's, the heads', config)."""
     ckpt = common.read_checkpoint(path)
     try:
         sd = beitv2.state_dict_of(ckpt)
@@ -168,10 +176,15 @@ def load_weights(path):
         common.die(f'{path}: {e}')
     if any(k.startswith(('encoder.', 'quantize.')) for k in sd):
         common.die(f'{path} is a tokenizer; this mode needs a pretraining or fine-tuned backbone')
+    if segmenter:
+        if 'decode_head.conv_seg.weight' not in sd:
+            common.die(f'{path}: not a segmentation checkpoint (no decode_head.*): train one with --mode=segment')
+        sd, heads = upernet.split_mmseg(sd)
+    mcfg = ckpt.get('model_config')  # ours only
+    mcfg = mcfg if isinstance(mcfg, dict) else None
     if 'patch_embed.proj.weight' not in sd:
         common.die(f'{path}: no ViT weights in it')
-    mcfg = ckpt.get('model_config')  # ours only
-    return sd, mcfg if isinstance(mcfg, dict) else None
+    return (sd, heads, mcfg) if segmenter else (sd, mcfg)
 
 
 def load_backbone_weights(cfg):
@@ -248,18 +261,6 @@ def classification_data(cfg, split):
     return ds, classes
 
 
-class _Mapped(torch.utils.data.Dataset):  # dataset with a per-image transform (evaluation)
-    def __init__(self, ds, t):
-        self.ds, self.t = ds, t
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        img, y = self.ds[i]
-        return self.t(data.rgb(img)), y
-
-
 class TrainTransform:
     """Linear probe: RandomResizedCrop + flip (MAE: bicubic; BEiT v1's linear recipe: bilinear).
     Fine-tuning adds RandAugment (timm's rand-m9-mstd0.5-inc1, as the official run) and random
@@ -314,17 +315,19 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, me
     """The training loop of the three trained modes (the stage scripts' loop): per-step lr with
     warmup + cosine, scaled per group, accumulation, clipping, logging, atomic checkpoints, resume.
     loss_fn(model, batch) -> loss; score(model) -> dict of metrics, every --eval_every steps and at
-    the end. -> the final scores, and the best `metric` of all those evaluations with its step
-    (best_top1, best_step: what the official fine-tuning script reports as max accuracy)."""
+    the end (score None: no val split, no scores). -> the final scores, and the best `metric` of all
+    those evaluations with its step (best_top1, best_step: what the official fine-tuning script
+    reports as max accuracy); with periodic evaluations OUT_DIR/best.pt holds the best weights."""
     steps_per_epoch, per_step = common.steps_from_epochs(cfg, env, n_train)
     if not quiet:
         common.print_setup(cfg, env, steps_per_epoch, per_step)
     every = cfg.eval_every if cfg.eval_every >= 0 else (steps_per_epoch if cfg.epochs else 0)
+    every = every if score else 0
     step, kept = common.resume(cfg, env, model, optimizer, RUN_ONLY, inputs=('checkpoint',))
     best = kept.get('best')  # the best evaluation a resumed run had seen
     ddp_model = DDP(model) if env.ddp else model  # broadcast buffers: one set of BatchNorm statistics
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
-    start = step
+    start, final = step, None
     log = common.Logger(cfg, env, step)
     batches = data.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     while step < cfg.steps:
@@ -342,28 +345,30 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, me
         common.check_finite(loss.item(), step, cfg)
         if (step % cfg.log_every == 0 or step == cfg.steps) and not quiet:
             log(step, cfg.steps, per_step, loss=loss.item(), lr=lr, gnorm=gnorm)
-        if every and step % every == 0 and step < cfg.steps:
-            best = better(best, score(model), step, metric, log if not quiet else None)
+        net = getattr(model, 'backbone', model) if isinstance(model, upernet.Segmenter) else model
+        model_config = asdict(net.cfg) if isinstance(net, beitv2.ViT) else None
+        if every and step % every == 0 or step == cfg.steps and score:
+            final = scores = score(model)
+            if not quiet:
+                log.scores(step, **{f'val_{k}': v for k, v in scores.items()})
+            if best is None or scores[metric] > best[metric]:
+                best = dict(scores, step=step)
+                if every:  # official checkpoint-best: the weights of the best evaluation
+                    common.save_checkpoint(os.path.join(cfg.out_dir, 'best.pt'), env, model=model.state_dict(),
+                                           step=step, config=asdict(cfg), model_config=model_config, scores=scores)
         stop = cfg.stop_after and step - start >= cfg.stop_after
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
-            model_config = asdict(model.cfg) if isinstance(model, beitv2.ViT) else None
             common.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
                                    optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
                                    config=asdict(cfg), model_config=model_config, loop=dict(best=best))
         if stop:
             return None
-    final = score(model)
-    best = better(best, final, step, metric, log if not quiet else None)
+    if not score:  # no val split: the run is its checkpoint
+        return dict(step=step)
+    if final is None:  # a finished run, resumed
+        final = score(model)
+        best = best or dict(final, step=step)
     return dict(final, **{f'best_{metric}': best[metric], 'best_step': best['step']})
-
-
-def better(best, scores, step, metric, log):
-    """The best of the evaluations so far (higher `metric`), logging this one."""
-    if log is not None:
-        log.scores(step, **{f'val_{k}': v for k, v in scores.items()})
-    if best is None or scores[metric] > best[metric]:
-        best = dict(scores, step=step)
-    return best
 
 
 def topk_acc(scores, y, ks=(1, 5)):  # top-k for each k that is at most the number of classes
@@ -382,7 +387,7 @@ def classify(model, val, cfg, env, restrict=None):
         out = model(x)
         out = torch.stack(out, 1) if isinstance(out, list) else out[:, None]
         return out if restrict is None else out[..., restrict.to(out.device)]
-    scores, y = extract(fn, _Mapped(val, data.eval_transform(cfg.img_size)), cfg, env)
+    scores, y = extract(fn, data.Mapped(val, data.eval_transform(cfg.img_size)), cfg, env)
     res = [topk_acc(scores[:, h], y) for h in range(scores.shape[1])]
     best = max(range(len(res)), key=lambda h: res[h]['top1'])
     return dict(res[best], **({'best_block': best} if len(res) > 1 else {}))
@@ -489,8 +494,8 @@ def run_knn(cfg, env):
 
     def features(x):
         return pooled(backbone, x, cfg)
-    train_f, train_y = extract(features, _Mapped(train, ev), cfg, env)
-    val_f, val_y = extract(features, _Mapped(val, ev), cfg, env)
+    train_f, train_y = extract(features, data.Mapped(train, ev), cfg, env)
+    val_f, val_y = extract(features, data.Mapped(val, ev), cfg, env)
     return topk_acc(knn_classify(train_f, train_y, val_f, cfg.knn_k, cfg.knn_t, classes), val_y)
 
 # ------------------------------------------------------------- compare: both probes on every backbone (the quick start)
@@ -538,7 +543,9 @@ def run_finetune(cfg, env):
     if cfg.robust_test:
         return robust_test(cfg, env, sd, mcfg)
     train, classes = classification_data(cfg, 'train')
-    val, _ = classification_data(cfg, 'val')
+    if cfg.eval_only and not cfg.validate:
+        common.die('--eval_only scores the val split: drop --validate=False')
+    val = classification_data(cfg, 'val')[0] if cfg.validate else None
     if cfg.eval_only and sd.get('head.weight', torch.empty(0)).shape[:1] != (classes,):
         common.die(f'--eval_only: {cfg.checkpoint} has no {classes}-class head (the data has {classes} classes)')
     model = build_backbone(cfg, sd, mcfg, rel_pos='per_block', fc_norm=True, num_classes=classes,
@@ -558,7 +565,7 @@ def run_finetune(cfg, env):
         soft = soft * (1 - cfg.smoothing) + cfg.smoothing / classes  # label smoothing, as timm's Mixup
         return torch.sum(-soft * F.log_softmax(m(x).float(), -1), -1).mean()
     return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
-               lambda m: classify(m, val, cfg, env))
+               (lambda m: classify(m, val, cfg, env)) if val is not None else None)
 
 
 def robust_test(cfg, env, sd, mcfg):
@@ -616,6 +623,15 @@ def miou(conf):
     return (inter[union > 0] / union[union > 0]).mean().item() * 100
 
 
+def seg_scores(conf):
+    """mmseg's three: mIoU, mAcc (mean over the classes in the target of their pixels' accuracy) and
+    aAcc (all pixels' accuracy)."""
+    conf = conf.double()
+    seen = conf.sum(1) > 0
+    return dict(mIoU=miou(conf), mAcc=(conf.diag()[seen] / conf.sum(1)[seen]).mean().item() * 100,
+                aAcc=(conf.diag().sum() / conf.sum()).item() * 100)
+
+
 @torch.no_grad()
 def segment_score(model, val, cfg, env):
     """mIoU on the val split as mmseg scores it: the image resized to fit (4S, S), sliding windows
@@ -630,16 +646,17 @@ def segment_score(model, val, cfg, env):
                                     cfg.seg_stride or cfg.img_size * 2 // 3)
         logits = F.interpolate(logits[None].float(), size=mask.shape, mode='bilinear', align_corners=False)[0]
         conf += confusion(logits.argmax(0).flatten(), mask.to(env.device).flatten(), val.num_classes)
-    return dict(mIoU=miou(env.all_reduce(conf)))
+    return seg_scores(env.all_reduce(conf))
 
 
 def run_segment(cfg, env):
+    if cfg.eval_only:  # a trained segmenter: ours or a released mmseg UperNet file
+        return segment_eval_only(cfg, env)
     sd, mcfg = load_backbone_weights(cfg)
     train, val = data.SegData(cfg.data, 'train', cfg.img_size), data.SegData(cfg.data, 'val', cfg.img_size)
     backbone = build_backbone(cfg, sd, mcfg, rel_pos='per_block', fc_norm=True, num_classes=0,
                               drop_path=cfg.drop_path)
-    if len(cfg.seg_layers) != 4 or not all(0 <= i < backbone.cfg.depth for i in cfg.seg_layers):
-        common.die(f'--seg_layers needs 4 block indices below {backbone.cfg.depth}, got {cfg.seg_layers}')
+    check_seg_layers(cfg, backbone)
     model = upernet.Segmenter(backbone, cfg.seg_layers, train.num_classes).to(env.device)
     if env.ddp and env.device.type == 'cuda':
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -658,6 +675,37 @@ def run_segment(cfg, env):
         return seg_loss(logits, y) + 0.4 * seg_loss(aux, y)  # auxiliary FCN head, weight 0.4
     return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
                lambda m: segment_score(m, val, cfg, env), metric='mIoU')
+
+
+def check_seg_layers(cfg, backbone):
+    if len(cfg.seg_layers) != 4 or not all(0 <= i < backbone.cfg.depth for i in cfg.seg_layers):
+        common.die(f'--seg_layers needs 4 block indices below {backbone.cfg.depth}, got {cfg.seg_layers}')
+
+
+def segment_eval_only(cfg, env):
+    """Scores of a segmentation checkpoint on the val split."""
+    sd, heads, mcfg = load_weights(cfg.checkpoint, segmenter=True)
+    val = data.SegData(cfg.data, 'val', cfg.img_size)
+    classes = heads['decode_head.conv_seg.weight'].shape[0]
+    if classes != val.num_classes:
+        common.die(f'{cfg.checkpoint} segments {classes} classes, {cfg.data} has {val.num_classes}')
+    return segment_score(trained_segmenter(cfg, sd, heads, mcfg).to(env.device), val, cfg, env)
+
+
+def trained_segmenter(cfg, sd, heads, mcfg):
+    """Our Segmenter holding a trained one's weights (the ViT's state dict, the heads' in mmseg names),
+    strictly; its blocks are those up to the last one read."""
+    classes, channels = heads['decode_head.conv_seg.weight'].shape[:2]
+    depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+    backbone = build_backbone(cfg, sd, mcfg, rel_pos='per_block', fc_norm=True, num_classes=0, depth=depth)
+    check_seg_layers(cfg, backbone)
+    model = upernet.Segmenter(backbone, cfg.seg_layers, classes, channels)
+    missing, unexpected = model.load_state_dict(heads, strict=False)
+    missing = [k for k in missing if not k.startswith('backbone.')]  # loaded above
+    if missing or unexpected:
+        common.die(f'{cfg.checkpoint}: segmentation heads do not match (missing {missing[:3]}, '
+                   f'unexpected {unexpected[:3]}; --seg_layers={cfg.seg_layers})')
+    return model
 
 def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)

@@ -3,6 +3,7 @@ results of `evaluate.py --mode=compare` from its OUT_DIR/result.json. Needs matp
 the training scripts never import it).
 
     python plot.py out/tokenizer out/pretrain out/eval/compare   # writes OUT_DIR/curves.png, results.png
+    python plot.py --together=val_top1 out/ft/a out/ft/b         # one panel, a line per run: val_top1.png
 """
 import json
 import os
@@ -48,6 +49,21 @@ def plot_curves(plt, rows, title, path):
     plt.close(fig)
 
 
+def plot_together(plt, runs, key, path):
+    """runs: {name: rows}. One panel: `key` against the step, a line per run (e.g. fine-tuning seeds
+    from the pretrained backbone beside those from scratch)."""
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name, rows in runs.items():
+        have = [r for r in rows if key in r and 'step' in r]
+        ax.plot([r['step'] for r in have], [r[key] for r in have], '.-', label=name)
+    ax.set_xlabel('step')
+    ax.set_ylabel(key)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_results(plt, rows, title, path):
     """Bars: top-1 of each backbone (pretrained / random init / raw pixels) for each probe, averaged over
     the seeds of the last checkpoint compared into this folder, with every seed as a dot."""
@@ -87,6 +103,14 @@ def main(dirs):
         sys.exit('error: plot.py needs matplotlib (pip install matplotlib); training does not')
     if not dirs:
         sys.exit(__doc__)
+    if dirs[0].startswith('--together='):
+        key, dirs = dirs[0].split('=', 1)[1], dirs[1:]
+        missing = [d for d in dirs if not os.path.exists(os.path.join(d, 'log.jsonl'))]
+        if missing or not dirs:
+            sys.exit(f'error: no log.jsonl in {", ".join(missing) or "(no folders given)"}')
+        plot_together(plt, {d: read_jsonl(os.path.join(d, 'log.jsonl')) for d in dirs}, key, f'{key}.png')
+        print(f'wrote {key}.png')
+        return [f'{key}.png']
     written = []
     for d in dirs:
         log, res = os.path.join(d, 'log.jsonl'), os.path.join(d, 'result.json')

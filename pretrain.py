@@ -47,6 +47,7 @@ class Config:
     # optimisation
     batch_size: int = common.at_least(1, 64)  # per rank; effective = batch_size * accum * world
     accum: int = common.at_least(1, 1)
+    recipe_batch: int = common.at_least(0, 0)  # presets: the official run's images per step; another says so
     epochs: int = common.at_least(0, 0)  # > 0: steps and warmup_steps come from epochs at start
     warmup_epochs: int = common.at_least(0, 0)
     steps: int = common.at_least(1, 500)
@@ -69,11 +70,12 @@ class Config:
     stop_after: int = common.at_least(0, 0)
 
 
-BASE = dict(data='', tokenizer='', model='beitv2_base_patch16_224', batch_size=128, warmup_epochs=10,
-            workers=10, log_every=100, ckpt_every=5000)
+BASE = dict(data='', tokenizer='', model='beitv2_base_patch16_224', batch_size=128, recipe_batch=2048,
+            warmup_epochs=10, workers=10, log_every=100, ckpt_every=5000)
 LARGE = dict(BASE, model='beitv2_large_patch16_224', batch_size=32)
 PRESETS = {  # official PRETRAINING.md: 2048 images per step (16 GPUs x 128 base, 64 x 32 large)
     'demo': {},
+    'fmnist': dict(steps=1500, warmup_steps=100),  # Fashion-MNIST (docs/results.md), after train_tokenizer's fmnist
     'base_1600': dict(BASE, epochs=1600, betas=(0.9, 0.999), drop_path=0.1),
     'base_300': dict(BASE, epochs=300, betas=(0.9, 0.98), drop_path=0.0),
     'large_1600': dict(LARGE, epochs=1600, betas=(0.9, 0.999), drop_path=0.1),
@@ -168,7 +170,7 @@ def main(argv=None):
         for micro in range(cfg.accum):
             (images, tok_images, mask), _ = next(batches)
             images, mask = images.to(env.device, non_blocking=True), mask.to(env.device, non_blocking=True)
-            with torch.no_grad(), env.autocast():
+            with torch.no_grad(), env.target_autocast():
                 codes = tokenizer.encode(tok_images.to(env.device, non_blocking=True))  # (B, n) targets
             sync = micro == cfg.accum - 1 or not env.ddp
             with (ddp_model.no_sync() if not sync else contextlib.nullcontext()), env.autocast():

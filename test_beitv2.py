@@ -40,7 +40,7 @@ ATOL = 1e-10  # float64; testdata/README.md
 DEVICE = torch.device(os.environ.get('BEITV2_TEST_DEVICE', 'cpu'))
 
 
-if DEVICE.type == 'cuda':  # float32 means float32 in these tests (TF32 convolutions are cuDNN's default)
+if DEVICE.type == 'cuda':  # float32 means float32, as the scripts set it (common.Env): no TF32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
 

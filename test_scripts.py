@@ -168,6 +168,24 @@ def test_every_preset_parses_and_holds_the_paper_recipe():
     assert seg('segment_large_21ktoade20k')[:2] == (3e-5, 0.9)
 
 
+def test_a_recipe_says_its_batch_when_the_run_differs(capsys):
+    """Presets are per rank: on 8 ranks base_1600 runs 1024 of the recipe's 2048 images per step."""
+    import pretrain
+    from types import SimpleNamespace
+    for world, preset, flags, want in [(8, 'base_1600', [], '2048 images per step, this run 1024: --accum=2'),
+                                       (8, 'base_1600', ['--accum=2'], None),
+                                       (3, 'base_1600', [], 'this run 384: batch_size x accum x ranks = 2048'),
+                                       (1, 'demo', [], None)]:
+        cfg = common.configure(pretrain.Config(), pretrain.PRESETS, [f'--preset={preset}'] + flags)
+        env = SimpleNamespace(world=world, device='cpu', dtype='fp32', print=print)
+        common.print_setup(cfg, env, 10, cfg.batch_size * cfg.accum * world)
+        out = capsys.readouterr().out
+        assert (want in out) if want else 'note: the recipe' not in out, (preset, world, out)
+    for mod, name, batch in [(TT, 'clip_3x', 512), (E, 'finetune_base', 1024), (E, 'finetune_21k_large', 4096),
+                             (E, 'segment_base', 16), (E, 'linear_base', 16384)]:
+        assert common.configure(mod.Config(), mod.PRESETS, [f'--preset={name}']).recipe_batch == batch
+
+
 def test_scripts_build_the_architecture_from_beitv2_presets():
     """One definition per architecture: --model names a beitv2.PRESETS entry, settings override it."""
     import pretrain
@@ -277,6 +295,9 @@ def test_plot_reads_every_log_a_run_writes(tmp_path):
            for c, t in (('a.pt', 10.0), ('b.pt', 50.0), ('b.pt', 60.0))]
     plot.plot_results(Plt(), res, 'compare', tmp_path / 'r.png')
     assert axes[0].bars == [55.0]  # b.pt's two seeds, not a.pt's
+    plot.plot_together(Plt(), {'ft': rows, 'scratch': [dict(step=2, val_top1=30.0), dict(step=4, val_top1=35.0)]},
+                       'val_top1', tmp_path / 't.png')
+    assert axes[0].lines == [([2], [40.0], 'ft'), ([2, 4], [30.0, 35.0], 'scratch')]
 
 
 def test_a_16_bit_png_is_scaled_not_white(tmp_path):
@@ -302,7 +323,12 @@ def test_lr_schedules():
     assert get_lr(0, 110, 10, 1.0, 0.0) == 0 and get_lr(5, 110, 10, 1.0, 0.0) == 0.5
     assert get_lr(10, 110, 10, 1.0, 0.0) == 1.0
     assert abs(get_lr(60, 110, 10, 1.0, 0.0) - 0.5) < 1e-12 and get_lr(110, 110, 10, 1.0, 0.0) == 0.0
-    assert abs(get_lr(35, 110, 10, 1.0, 0.0, 'poly') - 0.75) < 1e-12 and get_lr(110, 110, 10, 1.0, 0.0, 'poly') == 0.0
+    # mmcv's poly (power 1, min_lr 0) with linear warmup, as the official segmentation config sets them
+    for it in (0, 3, 1499, 1500, 80000, 159999):
+        regular = 5e-5 * (1 - it / 160000)
+        mmcv = regular * (1 - (1 - it / 1500) * (1 - 1e-6)) if it < 1500 else regular
+        assert abs(get_lr(it, 160000, 1500, 5e-5, 0.0, 'poly') - mmcv) < 1e-18
+    assert get_lr(0, 160000, 1500, 5e-5, 0.0, 'poly') == pytest.approx(5e-11)
     # BEiT v1 linear evaluation: torch's CosineAnnealingLR(T_max=epochs) stepped once per epoch, no warmup
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=4e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 5, eta_min=0)
@@ -596,6 +622,21 @@ def test_train_tokenizer_script_writes_loadable_checkpoint(tokenizer_ckpt):
     assert tok.encode(torch.rand(2, 3, 16, 16)).shape == (2, 16)
     log = [json.loads(line) for line in (tokenizer_ckpt.parent / 'log.jsonl').read_text().splitlines()]
     assert [r['step'] for r in log] == [1, 2, 3] and all(math.isfinite(r['loss']) for r in log)
+
+
+@pytest.mark.slow
+def test_tokenizer_scores_the_val_split_every_eval_every_steps(tmp_path):
+    """--eval_every: the reconstruction loss and codebook usage on the val split (official
+    --calculate_codebook_usage), the last equal to the saved tokenizer's codes of the centre crops."""
+    run_script('train_tokenizer.py', *TINY_TOK, '--steps=4', '--eval_every=2', '--workers=0', '--data=demo:32',
+               f'--out_dir={tmp_path}')
+    scored = [json.loads(ln) for ln in (tmp_path / 'log.jsonl').read_text().splitlines() if 'val_rec_loss' in ln]
+    assert [r['step'] for r in scored] == [2, 4]
+    tok = beitv2.load_tokenizer(tmp_path / 'ckpt.pt')
+    val = data.Mapped(data.build_dataset('demo', 'val', 16), data.eval_transform(16, normalize=False))
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    used = tok.encode(images).unique().numel()
+    assert scored[-1]['val_unused_codes'] == 32 - used and 0 < scored[-1]['val_rec_loss'] < 2
 
 
 @pytest.mark.slow
@@ -939,6 +980,11 @@ def test_eval_every_logs_each_score_and_reports_final_and_best(pretrain_ckpt, tm
     best = max(scored, key=lambda r: r['val_top1'])  # the first of equals, as the result keeps
     assert res['top1'] == scored[-1]['val_top1']
     assert (res['best_top1'], res['best_step']) == (best['val_top1'], best['step'])
+    kept = common.read_checkpoint(tmp_path / 'best.pt')  # official checkpoint-best: the best step's weights
+    assert (kept['step'], kept['scores']['top1']) == (best['step'], best['val_top1'])
+    run_script('evaluate.py', '--mode=finetune', '--eval_only=True', f'--checkpoint={tmp_path / "best.pt"}',
+               *EVAL_TINY, f'--out_dir={tmp_path / "again"}')
+    assert json.loads((tmp_path / 'again' / 'result.json').read_text())['top1'] == best['val_top1']
     # stopped after step 2 and resumed: the best of steps 1-2 comes back from the checkpoint
     cut = tmp_path / 'cut'
     args = ['evaluate.py', '--mode=finetune', f'--checkpoint={pretrain_ckpt}', *EVAL_TINY, '--steps=4',
@@ -951,6 +997,23 @@ def test_eval_every_logs_each_score_and_reports_final_and_best(pretrain_ckpt, tm
     res = json.loads((cut / 'result.json').read_text())
     assert [r['step'] for r in scored] == [1, 2, 3, 4]
     assert res['best_top1'] == max(r['val_top1'] for r in scored)
+
+
+@pytest.mark.slow
+def test_21k_presets_train_without_a_val_split(pretrain_ckpt, tmp_path):
+    """ImageNet-21k has no val split: finetune_21k_* train and checkpoint without one (official
+    --disable_eval_during_finetuning)."""
+    from PIL import Image
+    for k in range(3):
+        (tmp_path / 'd' / 'train' / f'c{k}').mkdir(parents=True)
+        for j in range(4):
+            Image.new('RGB', (16, 16), (80 * k, 20 * j, 0)).save(tmp_path / 'd' / 'train' / f'c{k}' / f'{j}.png')
+    run_script('evaluate.py', '--preset=finetune_21k_base', f'--data={tmp_path / "d"}', f'--checkpoint={pretrain_ckpt}',
+               '--img_size=16', '--batch_size=4', '--accum=1', '--epochs=2', '--warmup_epochs=1', '--workers=0',
+               '--log_every=1', f'--out_dir={tmp_path / "out"}')
+    assert common.read_checkpoint(tmp_path / 'out' / 'ckpt.pt')['step'] == 6
+    assert json.loads((tmp_path / 'out' / 'result.json').read_text())['step'] == 6
+    assert not (tmp_path / 'out' / 'best.pt').exists()
 
 
 @pytest.mark.slow
@@ -1031,6 +1094,8 @@ def test_miou_against_hand_computed_confusion():
     assert conf.tolist() == [[2, 0, 1], [1, 2, 0], [0, 0, 1]]  # rows: target, columns: prediction
     # IoU: class 0: 2 / (3 + 3 - 2), class 1: 2 / (3 + 2 - 2), class 2: 1 / (1 + 2 - 1)
     assert abs(E.miou(conf) - 100 * (2 / 4 + 2 / 3 + 1 / 2) / 3) < 1e-9
+    s = E.seg_scores(conf)  # mmseg: mAcc over classes of diag / target pixels, aAcc over all pixels
+    assert abs(s['mAcc'] - 100 * (2 / 3 + 2 / 3 + 1 / 1) / 3) < 1e-9 and abs(s['aAcc'] - 100 * 5 / 7) < 1e-9
 
 
 def tiny_segmenter():
@@ -1070,9 +1135,9 @@ def test_segmentation_loss_counts_ignored_pixels_as_zero():
 def test_segmenter_heads_have_mmseg_init_and_cls_token_is_decayed():
     torch.manual_seed(0)
     m = tiny_segmenter()
-    seg = m.cls[1].weight
-    assert abs(seg.std().item() - 0.01) < 0.003 and not m.cls[1].bias.any()
-    conv = m.fuse[0].weight  # kaiming normal, fan_out = out_channels * k * k
+    seg = m.decode_head.conv_seg.weight
+    assert abs(seg.std().item() - 0.01) < 0.003 and not m.decode_head.conv_seg.bias.any()
+    conv = m.decode_head.fpn_bottleneck.conv.weight  # kaiming normal, fan_out = out_channels * k * k
     fan_out = conv.shape[0] * conv.shape[2] * conv.shape[3]
     assert abs(conv.std().item() / math.sqrt(2 / fan_out) - 1) < 0.1
     groups = common.param_groups(m, 0.05, 0.9, m.backbone.cfg.depth, no_decay=())
@@ -1080,6 +1145,57 @@ def test_segmenter_heads_have_mmseg_init_and_cls_token_is_decayed():
     assert id(m.backbone.cls_token) in decayed  # as the official mmseg run (its name test misses the prefix)
     assert id(m.backbone.cls_token) not in {id(p) for g in common.param_groups(m, 0.05) if g['weight_decay'] > 0
                                             for p in g['params']}
+
+
+UPERNET_LAYOUTS = HERE / 'testdata' / 'official_upernet_layouts.json'
+
+
+@pytest.mark.parametrize('name', ['base', pytest.param('large', marks=pytest.mark.slow)])
+def test_released_upernet_layout_loads_strictly(name):
+    """The released ADE20K UperNet files (mmseg state_dict: backbone.* with fpn1/fpn2, decode_head.*,
+    auxiliary_head.*; testdata/official_upernet_layouts.json) load into our Segmenter key for key."""
+    lay = json.loads(UPERNET_LAYOUTS.read_text())['layouts'][f'upernet_beit_{name}']
+    sd = {k: torch.zeros(s, dtype=getattr(torch, d)) for k, (s, d) in lay.items()}
+    for k in sd:
+        if k.endswith('relative_position_index'):
+            sd[k] = beitv2.relative_position_index(32, 32)
+    for i, k in enumerate(('backbone.fpn2.0.weight', 'decode_head.psp_modules.3.1.bn.running_var',
+                           'auxiliary_head.conv_seg.bias', 'backbone.blocks.5.mlp.fc1.bias')):
+        sd[k].fill_(i + 1)
+    cfg = common.configure(E.Config(), E.PRESETS, [f'--preset=segment_{name}', '--data=x', '--checkpoint=x'])
+    m = E.trained_segmenter(cfg, *upernet.split_mmseg(sd), None)
+    assert (m.backbone.cfg.embed_dim, m.backbone.cfg.depth, m.backbone.cfg.img_size) == \
+        ((768, 12, 512) if name == 'base' else (1024, 24, 512))
+    own = m.state_dict()
+    assert (own['fpn2.0.weight'] == 1).all() and (own['decode_head.psp_modules.3.1.bn.running_var'] == 2).all()
+    assert (own['auxiliary_head.conv_seg.bias'] == 3).all() and (own['backbone.blocks.5.mlp.fc1.bias'] == 4).all()
+    theirs = {k for k in lay if not k.endswith('relative_position_index')}
+    ours = {('backbone.' + k if k.startswith(('fpn1.', 'fpn2.')) else k) for k in own}
+    assert ours == theirs
+
+
+@pytest.mark.slow
+def test_segment_eval_only_scores_an_mmseg_file(tmp_path):
+    """A segmenter saved in mmseg's layout (the official backbone names, fpn1/fpn2 inside it, as the
+    released files) scores with --mode=segment --eval_only=True exactly as the model itself does."""
+    torch.manual_seed(0)
+    vit = beitv2.ViT(beitv2.ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=1,
+                                      rel_pos='per_block', fc_norm=True, layer_scale=0.1))
+    m = upernet.Segmenter(vit, (0, 1, 2, 3), num_classes=len(data.DemoTextures.classes) + 1, channels=16)
+    for p in m.decode_head.conv_seg.parameters():
+        p.data.normal_()  # a head that says something
+    sd = {('backbone.' + k if k.startswith(('fpn1.', 'fpn2.')) else k): v for k, v in m.state_dict().items()}
+    sd.update({'backbone.' + k: v for k, v in beitv2.export_state(m.backbone).items()})
+    torch.save({'meta': {'CLASSES': ['a', 'b']}, 'state_dict': sd}, tmp_path / 'upernet.pth')
+    args = ['--mode=segment', '--eval_only=True', f'--checkpoint={tmp_path / "upernet.pth"}', '--img_size=32',
+            '--seg_layers=(0,1,2,3)', '--workers=0']
+    run_script('evaluate.py', *args, f'--out_dir={tmp_path / "out"}')
+    res = json.loads((tmp_path / 'out' / 'result.json').read_text())
+    cfg = common.configure(E.Config(), E.PRESETS, args)
+    env = common.Env(cfg)
+    want = E.segment_score(m.eval(), data.SegData('demo', 'val', 32), cfg, env)
+    assert set(want) == {'mIoU', 'mAcc', 'aAcc'} and 0 < want['mIoU'] < 100
+    assert {k: res[k] for k in want} == pytest.approx(want, abs=1e-6)
 
 
 def test_ade20k_layout_and_reduce_zero_label(tmp_path):

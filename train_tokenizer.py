@@ -50,6 +50,7 @@ class Config:
     # optimisation
     batch_size: int = common.at_least(1, 64)  # per rank; effective = batch_size * accum * world
     accum: int = common.at_least(1, 1)   # gradient accumulation steps
+    recipe_batch: int = common.at_least(0, 0)  # presets: the official run's images per step; another says so
     epochs: int = common.at_least(0, 0)  # > 0: steps and warmup_steps come from epochs at start
     warmup_epochs: int = common.at_least(0, 0)
     steps: int = common.at_least(1, 600)
@@ -68,14 +69,17 @@ class Config:
     resume: str = ''                # checkpoint to continue from; default OUT_DIR/ckpt.pt if present
     allow_change: str = ''          # resume: settings that may differ from the checkpoint's, e.g. steps,lr
     log_every: int = common.at_least(1, 20)
+    eval_every: int = common.at_least(0, 0)  # > 0: val split every N steps and at the end: reconstruction loss,
+    #                                 codebook usage (official --calculate_codebook_usage); log: val_*
     ckpt_every: int = common.at_least(1, 100)
     stop_after: int = common.at_least(0, 0)  # > 0: checkpoint and exit after this many steps of this run
 
 
-IMAGENET = dict(data='', lr=5e-5, batch_size=64, epochs=100, warmup_epochs=10, workers=10, log_every=100,
-                ckpt_every=2500)
+IMAGENET = dict(data='', lr=5e-5, batch_size=64, recipe_batch=512, epochs=100, warmup_epochs=10, workers=10,
+                log_every=100, ckpt_every=2500)
 PRESETS = {  # the paper's ImageNet-1k recipes (official TOKENIZER.md): 8 GPUs x 64 = 512 images
     'demo': {},
+    'fmnist': dict(teacher='hog_colour'),  # Fashion-MNIST (docs/results.md): grey shapes, intensity and edges
     'clip_3x': dict(IMAGENET, model='vqkd_encoder_base_decoder_3x768x12_clip', teacher='clip'),
     'clip_1x': dict(IMAGENET, model='vqkd_encoder_base_decoder_1x768x12_clip', teacher='clip'),
     'dino_1x': dict(IMAGENET, model='vqkd_encoder_base_decoder_1x768x12_dino', teacher='dino'),
@@ -320,6 +324,25 @@ def build_teacher(cfg):
 # ----------------------------------------------------------------------------- training
 
 
+@torch.no_grad()
+def validate(model, teacher, val, cfg, env):
+    """Reconstruction loss and codebook usage over the val split (centre crops), all ranks together."""
+    model.eval()
+    shard = torch.utils.data.Subset(data.Mapped(val, data.eval_transform(cfg.img_size, normalize=False)),
+                                    range(env.rank, len(val), env.world))
+    counts = torch.zeros(cfg.codebook_size, device=env.device)
+    total = torch.zeros(2, device=env.device, dtype=torch.float64)  # sum of per-image losses, images
+    for images, _ in torch.utils.data.DataLoader(shard, cfg.batch_size, num_workers=cfg.workers):
+        images = images.to(env.device)
+        with env.autocast():
+            _, codes, losses = model(images, teacher(images))
+        counts += torch.bincount(codes.flatten(), minlength=cfg.codebook_size)
+        total += torch.tensor([losses['rec_loss'].item() * len(images), len(images)], device=env.device)
+    usage = common.code_usage(env.all_reduce(counts))
+    loss, n = env.all_reduce(total).tolist()
+    return dict(val_rec_loss=loss / n, val_unused_codes=usage['unused'], val_perplexity=usage['perplexity'])
+
+
 def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)
     if not cfg.data:
@@ -335,6 +358,7 @@ def main(argv=None):
     env = common.Env(cfg)
     common.claim_out_dir(cfg, env)
     dataset = data.build_dataset(cfg.data, 'train', cfg.img_size)
+    val = data.build_dataset(cfg.data, 'val', cfg.img_size) if cfg.eval_every else None
     crops = data.CropTransform(cfg.img_size, cfg.min_crop_scale)
     loader, sampler = data.make_loader(dataset, crops, cfg.batch_size, cfg.workers, cfg.seed, env)
     steps_per_epoch, per_step = common.steps_from_epochs(cfg, env, len(dataset))
@@ -351,7 +375,8 @@ def main(argv=None):
     model = beitv2.VQKD(mcfg).to(env.device)
     groups = common.param_groups(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)  # fused: one kernel for all
-    step, _ = common.resume(cfg, env, model, optimizer, inputs=('teacher_weights',))
+    step, _ = common.resume(cfg, env, model, optimizer, common.RUN_ONLY + ('eval_every',),
+                            inputs=('teacher_weights',))
     # the codebook is a buffer that is kept in sync by its own all-reduces, not by DDP broadcasts
     ddp_model = DDP(model, forward_sync_buffers=False) if env.ddp else model
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
@@ -389,6 +414,8 @@ def main(argv=None):
                 quant_loss=losses['quant_loss'].item(), unused_codes=usage['unused'],
                 perplexity=usage['perplexity'], lr=lr, gnorm=gnorm)
             counts.zero_()
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            log.scores(step, **validate(model, teacher, val, cfg, env))
         stop = cfg.stop_after and step - start >= cfg.stop_after
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
             save()

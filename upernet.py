@@ -1,40 +1,73 @@
 """UperNet on a ViT, the official BEiT segmentation model (semantic_segmentation/, mmseg 0.x): the
-features of four blocks made into four scales, a pyramid-pooling + FPN decoder, an auxiliary FCN head."""
+features of four blocks made into four scales, a pyramid-pooling + FPN decoder, an auxiliary FCN head.
+The module names are mmseg's, so a released UperNet file loads by its key names (load_mmseg)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-def conv_bn_relu(cin, cout, k):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
+class ConvModule(nn.Sequential):  # mmcv's ConvModule with BatchNorm: conv (no bias), bn, ReLU
+    def __init__(self, cin, cout, k):
+        super().__init__()
+        self.conv, self.bn, self.activate = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), \
+            nn.BatchNorm2d(cout), nn.ReLU(True)
+
+
+class UPerHead(nn.Module):
+    """mmseg's UPerHead: pyramid pooling (1, 2, 3, 6) on the coarsest scale + FPN fusion of all four."""
+
+    def __init__(self, D, c, num_classes):
+        super().__init__()
+        self.psp_modules = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvModule(D, c, 1))
+                                         for s in (1, 2, 3, 6))
+        self.bottleneck = ConvModule(D + 4 * c, c, 3)
+        self.lateral_convs = nn.ModuleList(ConvModule(D, c, 1) for _ in range(3))
+        self.fpn_convs = nn.ModuleList(ConvModule(c, c, 3) for _ in range(3))
+        self.fpn_bottleneck = ConvModule(4 * c, c, 3)
+        self.dropout, self.conv_seg = nn.Dropout2d(0.1), nn.Conv2d(c, num_classes, 1)
+
+    def forward(self, f):
+        top = f[3]
+        lat = [conv(x) for conv, x in zip(self.lateral_convs, f[:3])]
+        lat.append(self.bottleneck(torch.cat([top] + [F.interpolate(p(top), top.shape[2:], mode='bilinear')
+                                                      for p in self.psp_modules], 1)))
+        for i in range(3, 0, -1):                                                  # top-down path
+            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], lat[i - 1].shape[2:], mode='bilinear')
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, lat[:3])] + [lat[3]]
+        outs = [F.interpolate(o, outs[0].shape[2:], mode='bilinear') for o in outs]
+        return self.conv_seg(self.dropout(self.fpn_bottleneck(torch.cat(outs, 1))))
+
+
+class FCNHead(nn.Module):  # mmseg's FCNHead, num_convs=1, no concat: the auxiliary head on the stride-16 scale
+    def __init__(self, D, num_classes, c=256):
+        super().__init__()
+        self.convs = nn.Sequential(ConvModule(D, c, 3))
+        self.dropout, self.conv_seg = nn.Dropout2d(0.1), nn.Conv2d(c, num_classes, 1)
+
+    def forward(self, x):
+        return self.conv_seg(self.dropout(self.convs(x)))
 
 
 class Segmenter(nn.Module):
-    """Official BEiT segmentation: block features -> 4 scales (strides 4, 8, 16, 32) -> UperNet
-    (pyramid pooling 1/2/3/6 + FPN fusion) and an auxiliary FCN head on the stride-16 scale."""
+    """Official BEiT segmentation: block features -> 4 scales (strides 4, 8, 16, 32: fpn1..fpn4 of
+    the official backbone) -> UperNet (decode_head) and an auxiliary FCN head on the stride-16 scale."""
 
     def __init__(self, backbone, layers, num_classes, channels=None):
         super().__init__()
         D = backbone.cfg.embed_dim
-        c = channels or D
         self.backbone, self.layers = backbone, tuple(layers)
         # no final norm, no blocks past the last one read: every parameter gets a gradient (DDP)
         backbone.norm = backbone.fc_norm = None
         del backbone.blocks[max(layers) + 1:]
         self.fpn1 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), nn.BatchNorm2d(D), nn.GELU(),
                                   nn.ConvTranspose2d(D, D, 2, 2))
-        self.fpn2 = nn.ConvTranspose2d(D, D, 2, 2)
+        self.fpn2 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2))
         self.fpn4 = nn.MaxPool2d(2)
-        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(D, c, 1)) for s in (1, 2, 3, 6))
-        self.bottleneck = conv_bn_relu(D + 4 * c, c, 3)
-        self.lateral = nn.ModuleList(conv_bn_relu(D, c, 1) for _ in range(3))
-        self.fpn_convs = nn.ModuleList(conv_bn_relu(c, c, 3) for _ in range(3))
-        self.fuse = conv_bn_relu(4 * c, c, 3)
-        self.cls = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(c, num_classes, 1))
-        self.aux = nn.Sequential(conv_bn_relu(D, 256, 3), nn.Dropout2d(0.1), nn.Conv2d(256, num_classes, 1))
+        self.decode_head = UPerHead(D, channels or D, num_classes)
+        self.auxiliary_head = FCNHead(D, num_classes)
         for name, m in self.named_modules():  # mmseg's init of the heads; the backbone keeps its weights
             if isinstance(m, nn.Conv2d) and not name.startswith('backbone'):
-                if m.out_channels == num_classes:  # conv_seg: N(0, 0.01)
+                if name.endswith('conv_seg'):  # N(0, 0.01)
                     nn.init.normal_(m.weight, std=0.01)
                     nn.init.zeros_(m.bias)
                 else:                              # ConvModule: kaiming normal, fan_out, relu
@@ -45,14 +78,20 @@ class Segmenter(nn.Module):
         h, w = self.backbone.grid
         f = [x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w) for x in xs]   # (B, D, h, w)
         f = [self.fpn1(f[0]), self.fpn2(f[1]), f[2], self.fpn4(f[3])]              # strides 4..32
-        top = f[3]
-        lat = [conv(x) for conv, x in zip(self.lateral, f[:3])]
-        lat.append(self.bottleneck(torch.cat([top] + [F.interpolate(p(top), top.shape[2:], mode='bilinear')
-                                                      for p in self.ppm], 1)))
-        for i in range(3, 0, -1):                                                  # top-down path
-            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], lat[i - 1].shape[2:], mode='bilinear')
-        outs = [conv(x) for conv, x in zip(self.fpn_convs, lat[:3])] + [lat[3]]
-        outs = [F.interpolate(o, outs[0].shape[2:], mode='bilinear') for o in outs]
-        logits, aux = self.cls(self.fuse(torch.cat(outs, 1))), self.aux(f[2])
         size = images.shape[2:]
-        return F.interpolate(logits, size, mode='bilinear'), F.interpolate(aux, size, mode='bilinear')
+        return (F.interpolate(self.decode_head(f), size, mode='bilinear'),
+                F.interpolate(self.auxiliary_head(f[2]), size, mode='bilinear'))
+
+
+def split_mmseg(sd):
+    """An mmseg UperNet state dict (backbone.*, decode_head.*, auxiliary_head.*) -> (the ViT's
+    state dict, the rest in our Segmenter's names: the official backbone holds fpn1/fpn2)."""
+    vit, rest = {}, {}
+    for k, v in sd.items():
+        if k.startswith(('backbone.fpn1.', 'backbone.fpn2.')):
+            rest[k[len('backbone.'):]] = v
+        elif k.startswith('backbone.'):
+            vit[k[len('backbone.'):]] = v
+        else:
+            rest[k] = v
+    return vit, rest
