@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import beitv2
@@ -170,17 +171,21 @@ def bench_pretrain(cfg, c):  # the student step, ours and the official one alter
     measure({'ours: full step (+ encode)': step}, c.flops['student'] + c.flops['encode'], cfg, c)
 
 def bench_targets(cfg, c):  # how many codes flip under bf16 / fp16 autocast, against fp32 (fp32 against fp64)
-    tok, images = beitv2.VQKD(c.tcfg).to(c.device).eval(), inputs(cfg.batch_size, c)[3]
+    def demo(split):  # demo images with a noise texture: patches that no code sits on, as on real photos
+        ds, g = data.DemoTextures(split, size=cfg.img_size), torch.Generator().manual_seed(c.seed)
+        x = torch.stack([T.functional.to_tensor(ds[i][0]) for i in range(cfg.batch_size)])
+        return (0.8 * x + 0.2 * torch.rand(x.shape, generator=g)).to(c.device)
+    tok, images = beitv2.VQKD(c.tcfg).to(c.device).eval(), demo('val')
     K, d = tok.quantize.weight.shape
-    with torch.no_grad():  # codes where the encoder's outputs are, as k-means puts them
-        z = F.normalize(tok.features(images).flatten(0, 1), dim=-1)
+    with torch.no_grad():  # codes where the encoder's outputs are (of other images), as k-means puts them
+        z = F.normalize(tok.features(demo('train')).flatten(0, 1), dim=-1)
         tok.quantize.weight.copy_(F.normalize(z[torch.randint(len(z), (K,))] + 0.05 * torch.randn(K, d, device=c.device), -1))
     codes = {'fp64': tok.double().encode(images.double())}
     tok.float()
     for name, amp in (('fp32', None), ('bf16', torch.bfloat16), ('fp16', torch.float16)):
         with torch.autocast(c.device.type, dtype=amp, enabled=amp is not None):
-            codes[name] = tok.encode(images)
-            measure({f'encode {name}': lambda: tok.encode(images).sum().item()}, c.flops['encode'], cfg, c)
+            measure({f'encode {name}': lambda: codes.__setitem__(name, tok.encode(images)) or 0.0},
+                    c.flops['encode'], cfg, c)
         ref = 'fp64' if name == 'fp32' else 'fp32'
         differ = (codes[name] != codes[ref]).sum().item()
         print(f'  {differ} of {codes[ref].numel()} codes differ from {ref}', flush=True)

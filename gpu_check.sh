@@ -6,7 +6,7 @@
 #      compile off and on, beside the same runs without torchrun: losses side by side, recompiles counted;
 #   3. bench.py, ViT-B/16 at 224: attention explicit vs SDPA vs SDPA's efficient kernel alone, ours bf16
 #      (+ compile) against the official fp16 recipe in the same process, the tokenizer and fine-tuning steps,
-#      the largest batch each side fits.
+#      the largest batch each side fits; the tokenizer targets' precision (codes flipped, cost).
 #     OFFICIAL_BEIT2=/path/to/unilm/beit2 OUT=gpu_out bash gpu_check.sh
 #     TEST_DEVICE=cpu MODEL=beitv2_tiny_patch16_224 BATCH=4 bash gpu_check.sh     # a dry run of the script on a CPU
 # The official side needs timm and einops; .official/site is added to PYTHONPATH if they are missing.
@@ -72,6 +72,7 @@ BENCH="python3 bench.py --model=$MODEL --batch_size=$BATCH --steps=10 --warmup=3
   timeout 200 $BENCH --dtype=bf16 --compile=True --what=pretrain --official=$OFFICIAL
   timeout 100 $BENCH --dtype=bf16 --what=pretrain --official=$OFFICIAL --profile=True
   timeout 60 $BENCH --dtype=bf16 --what=tokenizer
+  timeout 60 $BENCH --what=targets --batch_size=64   # codes flipped by bf16 / fp16 targets, and their cost
   timeout 60 $BENCH --dtype=bf16 --what=finetune
   timeout 100 $BENCH --dtype=bf16 --what=maxbatch --batch_size=$((2 * BATCH)) --max_batch=$((16 * BATCH)) --official=$OFFICIAL
 } 2>&1 | grep -v Warning | tee "$OUT/bench.log"

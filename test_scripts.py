@@ -1033,6 +1033,36 @@ def test_compare_sets_three_backbones_side_by_side(pretrain_ckpt, tmp_path):
     assert rows[-1]['k-NN random init'] == pytest.approx(mean)
 
 
+def fashion_mnist(tmp_path):
+    """ROOT for --data=fashion_mnist:ROOT: $BEITV2_FASHION_MNIST, or Debian's dataset-fashion-mnist
+    files un-gzipped into torchvision's layout; skips the test where neither is there."""
+    import gzip
+    if os.environ.get('BEITV2_FASHION_MNIST'):
+        return os.environ['BEITV2_FASHION_MNIST']
+    src = Path('/usr/share/datasets/fashion-mnist')
+    if not (src / 'train-images-idx3-ubyte.gz').exists():
+        pytest.skip('no Fashion-MNIST here (apt-get install dataset-fashion-mnist, or BEITV2_FASHION_MNIST=ROOT)')
+    raw = tmp_path / 'fmnist' / 'FashionMNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for f in src.glob('*.gz'):
+        (raw / f.stem).write_bytes(gzip.decompress(f.read_bytes()))
+    return str(tmp_path / 'fmnist')
+
+
+@pytest.mark.slow
+def test_real_images_fashion_mnist_path(tmp_path):
+    """The Fashion-MNIST presets end to end on the real images, shortened: each stage runs, and
+    fine-tuning the pretrained backbone for 60 steps scores the 10,000 test images well above chance."""
+    d = f'--data=fashion_mnist:{fashion_mnist(tmp_path)}'
+    run_script('train_tokenizer.py', '--preset=fmnist', d, '--steps=20', '--workers=0', f'--out_dir={tmp_path / "t"}')
+    run_script('pretrain.py', '--preset=fmnist', d, '--steps=20', '--warmup_steps=5', '--workers=0',
+               f'--tokenizer={tmp_path / "t" / "ckpt.pt"}', f'--out_dir={tmp_path / "p"}')
+    run_script('evaluate.py', '--preset=fmnist_finetune', d, '--steps=60', '--warmup_steps=10', '--eval_every=30',
+               '--workers=0', f'--checkpoint={tmp_path / "p" / "ckpt.pt"}', f'--out_dir={tmp_path / "f"}')
+    scored = [json.loads(ln) for ln in (tmp_path / 'f' / 'log.jsonl').read_text().splitlines() if 'val_top1' in ln]
+    assert [r['step'] for r in scored] == [30, 60] and scored[-1]['val_top1'] > 25, scored  # chance: 10
+
+
 @pytest.mark.slow
 def test_demo_pretraining_beats_random_init_on_knn(tmp_path):
     """The quick start's lesson at 2/3 of its budget: 400 tokenizer and 300 pretraining steps on
