@@ -179,7 +179,8 @@ def bench_targets(cfg, c):  # how many codes flip under bf16 / fp16 autocast, ag
     K, d = tok.quantize.weight.shape
     with torch.no_grad():  # codes where the encoder's outputs are (of other images), as k-means puts them
         z = F.normalize(tok.features(demo('train')).flatten(0, 1), dim=-1)
-        tok.quantize.weight.copy_(F.normalize(z[torch.randint(len(z), (K,))] + 0.05 * torch.randn(K, d, device=c.device), -1))
+        near = z[torch.randint(len(z), (K,))] + 0.05 * torch.randn(K, d, device=c.device)
+        tok.quantize.weight.copy_(F.normalize(near, dim=-1))
     codes = {'fp64': tok.double().encode(images.double())}
     tok.float()
     for name, amp in (('fp32', None), ('bf16', torch.bfloat16), ('fp16', torch.float16)):

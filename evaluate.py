@@ -589,49 +589,6 @@ def robust_test(cfg, env, sd, mcfg):
 # ---------------------------------------------------------- segmentation: UperNet on the ViT (official ADE20K protocol)
 
 
-def seg_loss(logits, target):
-    """Cross entropy averaged over ALL pixels, the ignored ones (255) counted as 0: mmseg 0.x's
-    default (avg_non_ignore=False), which the official segmentation code uses."""
-    return F.cross_entropy(logits.float(), target, ignore_index=255, reduction='none').mean()
-
-
-@torch.no_grad()
-def sliding_window(model, image, num_classes, crop, stride):
-    """Logits (classes, H, W) of one image: windows of crop x crop every `stride`, averaged."""
-    _, H, W = image.shape
-    ph, pw = max(crop - H, 0), max(crop - W, 0)
-    image = F.pad(image, (0, pw, 0, ph))
-    Hp, Wp = image.shape[1:]
-    out = image.new_zeros(num_classes, Hp, Wp)
-    count = image.new_zeros(1, Hp, Wp)
-    for y in sorted({min(y, Hp - crop) for y in range(0, max(Hp - crop, 0) + stride, stride)}):
-        for x in sorted({min(x, Wp - crop) for x in range(0, max(Wp - crop, 0) + stride, stride)}):
-            out[:, y:y + crop, x:x + crop] += model(image[None, :, y:y + crop, x:x + crop])[0][0].float()
-            count[:, y:y + crop, x:x + crop] += 1
-    return (out / count)[:, :H, :W]
-
-
-def confusion(pred, target, num_classes, ignore=255):
-    keep = target != ignore
-    return torch.bincount(target[keep] * num_classes + pred[keep], minlength=num_classes ** 2).view(num_classes, -1)
-
-
-def miou(conf):
-    """Mean IoU over the classes that occur (in the target or the prediction)."""
-    conf = conf.double()
-    inter, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
-    return (inter[union > 0] / union[union > 0]).mean().item() * 100
-
-
-def seg_scores(conf):
-    """mmseg's three: mIoU, mAcc (mean over the classes in the target of their pixels' accuracy) and
-    aAcc (all pixels' accuracy)."""
-    conf = conf.double()
-    seen = conf.sum(1) > 0
-    return dict(mIoU=miou(conf), mAcc=(conf.diag()[seen] / conf.sum(1)[seen]).mean().item() * 100,
-                aAcc=(conf.diag().sum() / conf.sum()).item() * 100)
-
-
 @torch.no_grad()
 def segment_score(model, val, cfg, env):
     """mIoU on the val split as mmseg scores it: the image resized to fit (4S, S), sliding windows
@@ -642,11 +599,11 @@ def segment_score(model, val, cfg, env):
     for i in range(env.rank, len(val), env.world):
         img, mask = t(val[i], None)
         with env.autocast():
-            logits = sliding_window(model, img.to(env.device), val.num_classes, cfg.img_size,
+            logits = upernet.sliding_window(model, img.to(env.device), val.num_classes, cfg.img_size,
                                     cfg.seg_stride or cfg.img_size * 2 // 3)
         logits = F.interpolate(logits[None].float(), size=mask.shape, mode='bilinear', align_corners=False)[0]
-        conf += confusion(logits.argmax(0).flatten(), mask.to(env.device).flatten(), val.num_classes)
-    return seg_scores(env.all_reduce(conf))
+        conf += upernet.confusion(logits.argmax(0).flatten(), mask.to(env.device).flatten(), val.num_classes)
+    return upernet.seg_scores(env.all_reduce(conf))
 
 
 def run_segment(cfg, env):
@@ -672,7 +629,7 @@ def run_segment(cfg, env):
         if top >= train.num_classes:
             common.die(f'mask class {top} exceeds the head ({train.num_classes} classes)')
         logits, aux = m(x)
-        return seg_loss(logits, y) + 0.4 * seg_loss(aux, y)  # auxiliary FCN head, weight 0.4
+        return upernet.seg_loss(logits, y) + 0.4 * upernet.seg_loss(aux, y)  # auxiliary FCN head, weight 0.4
     return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
                lambda m: segment_score(m, val, cfg, env), metric='mIoU')
 

@@ -1120,11 +1120,11 @@ def test_torchrun_knn_equals_one_process(pretrain_ckpt, tmp_path):
 def test_miou_against_hand_computed_confusion():
     pred = torch.tensor([0, 0, 1, 1, 2, 2, 2, 0])
     target = torch.tensor([0, 1, 1, 1, 2, 255, 0, 0])
-    conf = E.confusion(pred, target, 3)
+    conf = upernet.confusion(pred, target, 3)
     assert conf.tolist() == [[2, 0, 1], [1, 2, 0], [0, 0, 1]]  # rows: target, columns: prediction
     # IoU: class 0: 2 / (3 + 3 - 2), class 1: 2 / (3 + 2 - 2), class 2: 1 / (1 + 2 - 1)
-    assert abs(E.miou(conf) - 100 * (2 / 4 + 2 / 3 + 1 / 2) / 3) < 1e-9
-    s = E.seg_scores(conf)  # mmseg: mAcc over classes of diag / target pixels, aAcc over all pixels
+    assert abs(upernet.miou(conf) - 100 * (2 / 4 + 2 / 3 + 1 / 2) / 3) < 1e-9
+    s = upernet.seg_scores(conf)  # mmseg: mAcc over classes of diag / target pixels, aAcc over all pixels
     assert abs(s['mAcc'] - 100 * (2 / 3 + 2 / 3 + 1 / 1) / 3) < 1e-9 and abs(s['aAcc'] - 100 * 5 / 7) < 1e-9
 
 
@@ -1140,8 +1140,8 @@ def test_sliding_window_equals_whole_image_when_one_window_covers_it():
     img = torch.randn(3, 32, 32)
     with torch.no_grad():
         whole = m(img[None])[0][0]
-    close(E.sliding_window(m, img, 3, crop=32, stride=21), whole, atol=1e-6)
-    big = E.sliding_window(m, torch.randn(3, 40, 48), 3, crop=32, stride=21)  # overlapping windows
+    close(upernet.sliding_window(m, img, 3, crop=32, stride=21), whole, atol=1e-6)
+    big = upernet.sliding_window(m, torch.randn(3, 40, 48), 3, crop=32, stride=21)  # overlapping windows
     assert big.shape == (3, 40, 48) and torch.isfinite(big).all()
 
 
@@ -1159,7 +1159,7 @@ def test_segmentation_loss_counts_ignored_pixels_as_zero():
     target[0, :2] = 255
     per_pixel = -logits.log_softmax(1).gather(1, target.clamp(max=2)[:, None])[:, 0]
     expected = per_pixel.masked_fill(target == 255, 0).sum() / target.numel()  # mmseg 0.x: / all pixels
-    close(E.seg_loss(logits, target), expected, atol=1e-6)
+    close(upernet.seg_loss(logits, target), expected, atol=1e-6)
 
 
 def test_segmenter_heads_have_mmseg_init_and_cls_token_is_decayed():

@@ -1,6 +1,6 @@
 """UperNet on a ViT, the official BEiT segmentation model (semantic_segmentation/, mmseg 0.x): the
 features of four blocks made into four scales, a pyramid-pooling + FPN decoder, an auxiliary FCN head.
-The module names are mmseg's, so a released UperNet file loads by its key names (load_mmseg)."""
+The module names are mmseg's, so a released UperNet file loads by its key names; mmseg's loss and scores."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -95,3 +95,46 @@ def split_mmseg(sd):
         else:
             rest[k] = v
     return vit, rest
+
+
+def seg_loss(logits, target):
+    """Cross entropy averaged over ALL pixels, the ignored ones (255) counted as 0: mmseg 0.x's
+    default (avg_non_ignore=False), which the official segmentation code uses."""
+    return F.cross_entropy(logits.float(), target, ignore_index=255, reduction='none').mean()
+
+
+@torch.no_grad()
+def sliding_window(model, image, num_classes, crop, stride):
+    """Logits (classes, H, W) of one image: windows of crop x crop every `stride`, averaged."""
+    _, H, W = image.shape
+    ph, pw = max(crop - H, 0), max(crop - W, 0)
+    image = F.pad(image, (0, pw, 0, ph))
+    Hp, Wp = image.shape[1:]
+    out = image.new_zeros(num_classes, Hp, Wp)
+    count = image.new_zeros(1, Hp, Wp)
+    for y in sorted({min(y, Hp - crop) for y in range(0, max(Hp - crop, 0) + stride, stride)}):
+        for x in sorted({min(x, Wp - crop) for x in range(0, max(Wp - crop, 0) + stride, stride)}):
+            out[:, y:y + crop, x:x + crop] += model(image[None, :, y:y + crop, x:x + crop])[0][0].float()
+            count[:, y:y + crop, x:x + crop] += 1
+    return (out / count)[:, :H, :W]
+
+
+def confusion(pred, target, num_classes, ignore=255):
+    keep = target != ignore
+    return torch.bincount(target[keep] * num_classes + pred[keep], minlength=num_classes ** 2).view(num_classes, -1)
+
+
+def miou(conf):
+    """Mean IoU over the classes that occur (in the target or the prediction)."""
+    conf = conf.double()
+    inter, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
+    return (inter[union > 0] / union[union > 0]).mean().item() * 100
+
+
+def seg_scores(conf):
+    """mmseg's three: mIoU, mAcc (mean over the classes in the target of their pixels' accuracy) and
+    aAcc (all pixels' accuracy)."""
+    conf = conf.double()
+    seen = conf.sum(1) > 0
+    return dict(mIoU=miou(conf), mAcc=(conf.diag()[seen] / conf.sum(1)[seen]).mean().item() * 100,
+                aAcc=(conf.diag().sum() / conf.sum()).item() * 100)
