@@ -328,6 +328,8 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, me
     ddp_model = DDP(model) if env.ddp else model  # broadcast buffers: one set of BatchNorm statistics
     run = torch.compile(ddp_model) if cfg.compile else ddp_model
     start, final = step, None
+    net = model.backbone if isinstance(model, upernet.Segmenter) else model
+    model_config = asdict(net.cfg) if isinstance(net, beitv2.ViT) else None  # what the checkpoints record
     log = common.Logger(cfg, env, step)
     batches = data.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     while step < cfg.steps:
@@ -345,8 +347,6 @@ def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, me
         common.check_finite(loss.item(), step, cfg)
         if (step % cfg.log_every == 0 or step == cfg.steps) and not quiet:
             log(step, cfg.steps, per_step, loss=loss.item(), lr=lr, gnorm=gnorm)
-        net = getattr(model, 'backbone', model) if isinstance(model, upernet.Segmenter) else model
-        model_config = asdict(net.cfg) if isinstance(net, beitv2.ViT) else None
         if every and step % every == 0 or step == cfg.steps and score:
             final = scores = score(model)
             if not quiet:
