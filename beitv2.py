@@ -5,9 +5,9 @@ https://arxiv.org/abs/2208.06366. Official code: github.com/microsoft/unilm, fol
 Stage 1 (train_tokenizer.py): VQKD learns 8192 codes by regressing a teacher's (CLIP) features.
 Stage 2 (pretrain.py): BEiTv2 predicts the codes of ~40% block-masked patches.
 Stage 3 (evaluate.py): linear probe / fine-tune / segment with the backbone.
-Read top to bottom; each section only uses what is above it. Imports torch only (SciPy, optional,
-only to resize position tables to another resolution). Parameter names are the official (and
-timm) ones, so official weights load with a short filter.
+Read top to bottom; each section only uses what is above it. Imports torch and torchvision's drop path (SciPy,
+optional, only to resize position tables to another resolution). Parameter names are the official (and timm) ones,
+so official weights load with a short filter.
 """
 import argparse
 import math
@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import stochastic_depth  # drop path: a whole residual branch for a random subset of samples
 
 # ----------------------------------------------------------------------------- configs
 
@@ -158,11 +159,6 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
-def drop_path(x, p, training):
-    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
-    return x if p == 0.0 or not training else x * x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - p) / (1 - p)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block with optional layer scale (gamma) and stochastic depth."""
 
@@ -182,15 +178,17 @@ class Block(nn.Module):
 
     def forward(self, x, pos_bias=None):
         a = self.attn(self.norm1(x), pos_bias)
-        x = x + drop_path(a if self.gamma_1 is None else self.gamma_1 * a, self.drop_path, self.training)
+        p, training = self.drop_path, self.training
+        x = x + stochastic_depth(a if self.gamma_1 is None else self.gamma_1 * a, p, 'row', training)
         m = self.mlp(self.norm2(x))
-        return x + drop_path(m if self.gamma_2 is None else self.gamma_2 * m, self.drop_path, self.training)
+        return x + stochastic_depth(m if self.gamma_2 is None else self.gamma_2 * m, p, 'row', training)
 
 
 @torch.no_grad()
 def trunc_normal_(t, std=0.02, cut=2.0):
-    """N(0, std) cut to [-cut, cut] by resampling (cheaper than nn.init.trunc_normal_'s erfinv). timm's, in the
-    official fine-tuning ViT, cuts at +-2, i.e. +-100 std (no cut in practice); official pretraining at 1 std."""
+    """N(0, std) cut to [-cut, cut] by resampling: timm's, in the official fine-tuning ViT, cuts at +-2 (+-100 std,
+    no cut in practice); official pretraining at 1 std. The distribution of nn.init.trunc_normal_, not its random
+    stream: kept, so that the seeded figures of docs/ stay those of the code."""
     flat = t.view(-1)
     flat.normal_(0, std)
     idx = (flat.abs() > cut).nonzero().squeeze(1)
@@ -334,6 +332,7 @@ class NormEMACodebook(nn.Module):
     """K unit-norm codes of dimension d; lookup is the nearest code by cosine. The codes learn not by gradient but as
     an exponential moving average of the encoder outputs assigned to them (official NormEMAVectorQuantizer)."""
     sync = True  # all-reduce k-means and EMA statistics under DDP (a test switches it off)
+    ready = False  # k-means has run or was loaded
 
     def __init__(self, K, d, decay=0.99, beta=1.0, kmeans_iters=10):
         super().__init__()
@@ -354,8 +353,10 @@ class NormEMACodebook(nn.Module):
 
     def forward(self, z):
         """-> (quantized z, straight-through, codes, commitment loss); training: k-means init, then EMA updates."""
-        if self.training and not self.initted:
-            self.init_codebook(l2norm(z.detach().to(self.weight.dtype)).flatten(0, 1))
+        if self.training and not self.ready:  # `initted` is read once (a device sync), not at every step
+            if not self.initted:
+                self.init_codebook(l2norm(z.detach().to(self.weight.dtype)).flatten(0, 1))
+            self.ready = True
         z, codes = self.lookup(z)
         with torch.autocast(z.device.type, enabled=False):
             z_q = self.weight[codes]                          # a copy: the update does not touch it
@@ -373,7 +374,7 @@ class NormEMACodebook(nn.Module):
     @torch.compiler.disable
     @torch.no_grad()
     def ema_update(self, z, codes):                           # z: (M, d) unit vectors, codes: (M,)
-        counts = torch.bincount(codes, minlength=self.K).to(z.dtype)    # (K,)
+        counts = z.new_zeros(self.K).index_add_(0, codes, z.new_ones(len(codes)))  # (K,), no device sync
         sums = torch.zeros_like(self.weight).index_add_(0, codes, z)   # (K, d)
         if self.sync and distributed():                       # every rank applies the same update
             dist.all_reduce(counts)

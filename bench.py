@@ -1,12 +1,8 @@
 """Benchmark BEiT v2 training steps: median ms/step, images/s, TFLOP/s, MFU, peak memory.
 
     python bench.py                              # the student and full steps, ViT-Tiny/16, batch 8, fp32
-    python bench.py --what=all --dtype=bf16      # + the tokenizer and fine-tuning steps
     python bench.py --official=/scratch/beit2    # alternate with the official model (needs timm, einops)
-    python bench.py --what=attention             # explicit vs SDPA vs SDPA's efficient kernel alone
-    python bench.py --what=maxbatch --model=beitv2_base_patch16_224 --dtype=bf16   # the largest batches
     python bench.py --what=loader --workers=4    # images/s of pretrain.py's loader on the demo data
-    python bench.py --what=targets --model=beitv2_base_patch16_224 --batch_size=16   # codes bf16/fp16 flip
 gpu_check.sh runs the GPU set: ViT-B/16, bf16, compile, beside the official model.
 """
 import contextlib
@@ -19,8 +15,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms as T
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import beitv2
 import common
@@ -38,14 +32,13 @@ class Config:
     device: str = ''            # '' = cuda if available
     steps: int = common.at_least(1, 10)  # timed steps per side, after the warmup
     warmup: int = common.at_least(0, 3)
-    what: str = common.one_of('pretrain', 'tokenizer', 'finetune', 'loader', 'all', 'maxbatch', 'attention', 'targets')
+    what: str = common.one_of('pretrain', 'loader')
     official: str = ''          # the official beit2/ folder: its student step alternates with ours
     peak_tflops: float = 0.0    # the device's peak for MFU; 0 = PEAKS for a known GPU, else no MFU
     threads: int = 0            # torch.set_num_threads; 0 = torch's default
     seed: int = 0
     workers: int = common.at_least(0, 4)  # the loader's DataLoader processes
-    max_batch: int = common.at_least(1, 4096)  # maxbatch: double the batch from batch_size up to this
-    profile: bool = False       # pretrain: a kernel table of 3 of our student steps
+    profile: bool = False       # pretrain: a kernel table of 3 of our full steps
 
 PRESETS = {'cpu': {}}
 PEAKS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0, 'A10': 125.0}  # dense bf16 TFLOP/s
@@ -58,11 +51,8 @@ def flops_per_image(m, t, n_mask):
         return depth * (n + 1) * (2 * (4 + 2 * m.mlp_ratio) * D * D + 2 * 2 * (n + 1) * D)
     embed = 2 * n * 3 * p * p * D  # the patch embedding
     enc = blocks(t.depth) + embed + 2 * n * (D * D + D * d + d * t.codebook_size)  # + task layer, codebook
-    dec = blocks(t.decoder_depth) + 2 * n * (d * D + D * D + D * t.teacher_dim)
     lm_heads = 2 * 2 * n_mask * D * m.vocab_size  # on the masked patches of both branches
-    return dict(student=3 * (blocks(m.depth + m.head_layers) + embed + lm_heads), encode=enc,
-                tokenizer=3 * (enc + dec) + blocks(12),  # + the forward of a 12-block teacher
-                finetune=3 * (blocks(m.depth) + embed), attention=3 * 2 * 2 * (n + 1) ** 2 * D)
+    return dict(student=3 * (blocks(m.depth + m.head_layers) + embed + lm_heads), encode=enc)
 
 def official_model(root, cfg):
     """root/modeling_pretrain.py's model, unedited; stubbed: utils (torch._six), vqkd_teacher (downloads)."""
@@ -156,12 +146,6 @@ def bench_pretrain(cfg, c):  # the student step, ours and the official one alter
     for theirs, first_official in official:
         print(f'first losses: ours {first:.6f}, official {first_official:.6f}\n'
               f'ours/official median step time: {ours / theirs:.3f}', flush=True)
-    if cfg.profile:  # where the time of 3 of our student steps goes, kernel by kernel, slowest first
-        with torch.profiler.profile(activities=torch.profiler.supported_activities()) as prof:
-            for _ in range(3):
-                fns['ours: student step']()
-        key = 'self_device_time_total' if c.device.type == 'cuda' else 'self_cpu_time_total'
-        print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60), flush=True)
     encode_fn = c.compile(beitv2.VQKD(c.tcfg).to(c.device).eval().encode)
 
     def encode(x):  # in the precision pretrain.py computes its targets in
@@ -169,45 +153,12 @@ def bench_pretrain(cfg, c):  # the student step, ours and the official one alter
             return encode_fn(x)
     step = make_step(run, images, mask, None, c.amp, c.masker.num, encode, tok_images)
     measure({'ours: full step (+ encode)': step}, c.flops['student'] + c.flops['encode'], cfg, c)
-
-def bench_targets(cfg, c):  # how many codes flip under bf16 / fp16 autocast, against fp32 (fp32 against fp64)
-    def demo(split):  # demo images with a noise texture: patches that no code sits on, as on real photos
-        ds, g = data.DemoTextures(split, size=cfg.img_size), torch.Generator().manual_seed(c.seed)
-        x = torch.stack([T.functional.to_tensor(ds[i][0]) for i in range(cfg.batch_size)])
-        return (0.8 * x + 0.2 * torch.rand(x.shape, generator=g)).to(c.device)
-    tok, images = beitv2.VQKD(c.tcfg).to(c.device).eval(), demo('val')
-    K, d = tok.quantize.weight.shape
-    with torch.no_grad():  # codes where the encoder's outputs are (of other images), as k-means puts them
-        z = F.normalize(tok.features(demo('train')).flatten(0, 1), dim=-1)
-        near = z[torch.randint(len(z), (K,))] + 0.05 * torch.randn(K, d, device=c.device)
-        tok.quantize.weight.copy_(F.normalize(near, dim=-1))
-    codes = {'fp64': tok.double().encode(images.double())}
-    tok.float()
-    for name, amp in (('fp32', None), ('bf16', torch.bfloat16), ('fp16', torch.float16)):
-        with torch.autocast(c.device.type, dtype=amp, enabled=amp is not None):
-            measure({f'encode {name}': lambda: codes.__setitem__(name, tok.encode(images)) or 0.0},
-                    c.flops['encode'], cfg, c)
-        ref = 'fp64' if name == 'fp32' else 'fp32'
-        differ = (codes[name] != codes[ref]).sum().item()
-        print(f'  {differ} of {codes[ref].numel()} codes differ from {ref}', flush=True)
-
-def bench_tokenizer(cfg, c):  # a frozen teacher stand-in of CLIP ViT-B/16's depth, then the VQ-KD step
-    images, _, _, tok_images = inputs(cfg.batch_size, c)
-    teacher = beitv2.ViT(replace(c.mcfg, depth=12)).to(c.device).eval().requires_grad_(False)
-    tok = beitv2.VQKD(c.tcfg).to(c.device)
-    tok.quantize.initted.fill_(1)  # as after k-means, which needs a first batch of >= 8192 patches
-    opt = torch.optim.AdamW(common.param_groups(tok, 1e-4), lr=2e-4, betas=(0.9, 0.99), fused=True)
-    run, features = c.compile(tok), c.compile(teacher.forward_patch_tokens)
-    step = stepper(opt, lambda: run(tok_images, features(images))[2]['loss'], c.device, c.amp)
-    measure({'ours: tokenizer train step': step}, c.flops['tokenizer'], cfg, c)
-
-def bench_finetune(cfg, c):  # per-block position tables, mean pooling, drop path 0.1, layer decay 0.65
-    images, labels = inputs(cfg.batch_size, c)[0], torch.randint(0, 1000, (cfg.batch_size,), device=c.device)
-    vit = beitv2.ViT(beitv2.classifier_config(c.mcfg, 1000, drop_path=0.1)).to(c.device).train()
-    groups = common.param_groups(vit, 0.05, layer_decay=0.65, depth=c.mcfg.depth)
-    run, opt = c.compile(vit), torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.999), fused=True)
-    step = stepper(opt, lambda: F.cross_entropy(run(images).float(), labels, label_smoothing=0.1), c.device, c.amp)
-    measure({'ours: fine-tuning step': step}, c.flops['finetune'], cfg, c)
+    if cfg.profile:  # where the time of 3 full steps goes, kernel by kernel, slowest first
+        with torch.profiler.profile(activities=torch.profiler.supported_activities()) as prof:
+            for _ in range(3):
+                step()
+        key = 'self_device_time_total' if c.device.type == 'cuda' else 'self_cpu_time_total'
+        print(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90), flush=True)
 
 def bench_loader(cfg, c):  # pretrain.py's loader: DemoTextures through TwoViews (two views, the mask)
     views = pretrain.TwoViews(cfg.img_size, cfg.img_size, 0.2, c.masker)
@@ -215,39 +166,6 @@ def bench_loader(cfg, c):  # pretrain.py's loader: DemoTextures through TwoViews
     loader, sampler = data.make_loader(dataset, views, cfg.batch_size, cfg.workers, cfg.seed, c.env)
     batches = data.stream(loader, sampler, 0, len(loader), 1)
     measure({f'loader, {cfg.workers} workers': lambda: len(next(batches)[1])}, 0, cfg, c)  # no FLOPs
-
-def bench_maxbatch(cfg, c):  # double the batch while one step of a fresh model fits, each side
-    sides = {f'ours ({cfg.dtype})': lambda b: make_step(c.compile(beitv2.BEiTv2(c.mcfg).to(c.device)),
-                                                        *inputs(b, c)[:3], c.amp, c.masker.num)}
-    if cfg.official:
-        sides[f'official ({"fp16 autocast" if c.official_amp else "fp32"})'] = lambda b: make_step(
-            official_model(cfg.official, c.mcfg).to(c.device), *inputs(b, c)[:3], c.official_amp, official=True)
-    for side, make in sides.items():
-        best, b = 0, cfg.batch_size
-        while b <= cfg.max_batch:
-            try:
-                make(b)()  # on failure the allocator frees its cache and retries before it raises
-            except torch.OutOfMemoryError:
-                break
-            best, b = b, 2 * b
-        print(f'largest batch, {side}: {best}', flush=True)
-
-def bench_attention(cfg, c):  # one attention forward + backward, the bias trainable (as the shared table)
-    B, nh, N, D, dtype = cfg.batch_size, c.mcfg.num_heads, c.n + 1, c.mcfg.embed_dim, c.amp or torch.float32
-    q, k, v = (torch.randn(B, nh, N, D // nh, device=c.device, dtype=dtype, requires_grad=True) for _ in range(3))
-    bias = torch.randn(nh, N, N, device=c.device, requires_grad=True)
-
-    def step(explicit, kernel=None):
-        with sdpa_kernel(kernel) if kernel else contextlib.nullcontext(), c.env.autocast():
-            loss = beitv2.attention(q, k, v, bias, explicit=explicit).float().square().mean()
-        loss.backward()
-        return loss.item()
-    for name, way in {'attention explicit': (True,), 'attention sdpa': (False,),
-                      'attention sdpa, efficient only': (False, SDPBackend.EFFICIENT_ATTENTION)}.items():
-        try:
-            measure({name: lambda: step(*way)}, c.flops['attention'], cfg, c)
-        except RuntimeError as e:  # that kernel does not run here (device, dtype or shape)
-            print(f'{name:30s} skipped: {str(e).split(". ")[0][:90]}', flush=True)
 
 def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)
@@ -258,8 +176,8 @@ def main(argv=None):
     name = torch.cuda.get_device_name(env.device) if env.device.type == 'cuda' else 'cpu'
     m = replace(beitv2.PRESETS[cfg.model], img_size=cfg.img_size)
     masker = beitv2.MaskingGenerator((cfg.img_size // m.patch_size,) * 2)
-    tcfg = beitv2.VQKDConfig(img_size=cfg.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim,
-                             depth=min(m.depth, 12), num_heads=m.num_heads, decoder_depth=1, teacher_dim=m.embed_dim)
+    tcfg = beitv2.VQKDConfig(img_size=cfg.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim,  # the targets
+                             depth=min(m.depth, 12), num_heads=m.num_heads, decoder_depth=1, codebook_size=m.vocab_size)
     c = types.SimpleNamespace(  # what the benchmarks share
         env=env, device=env.device, amp=env.amp_dtype, seed=cfg.seed, mcfg=m, tcfg=tcfg,
         masker=masker, n=masker.h * masker.w, flops=flops_per_image(m, tcfg, masker.num),
@@ -268,10 +186,7 @@ def main(argv=None):
         peak=cfg.peak_tflops or next((v for k, v in PEAKS.items() if k in name), 0.0))
     print(f'torch {torch.__version__}, {name}, {torch.get_num_threads()} threads, ours {cfg.dtype}'
           f'{" + compile" if cfg.compile else ""}, batch {cfg.batch_size}, peak {c.peak or "unknown"} TFLOP/s')
-    benches = dict(pretrain=bench_pretrain, tokenizer=bench_tokenizer, finetune=bench_finetune,
-                   loader=bench_loader, maxbatch=bench_maxbatch, attention=bench_attention, targets=bench_targets)
-    for what in ('pretrain', 'tokenizer', 'finetune') if cfg.what == 'all' else (cfg.what,):
-        benches[what](cfg, c)
+    dict(pretrain=bench_pretrain, loader=bench_loader)[cfg.what](cfg, c)
 
 if __name__ == '__main__':
     main()

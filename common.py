@@ -3,13 +3,14 @@ process's place (DDP, device, dtype), the OUT_DIR lock, optimizer groups and the
 checkpoints (safe reading, atomic writing, exact resume) and logging. Model code is in beitv2.py,
 data in data.py."""
 import ast
-import atexit
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
+import pathlib
 import pickle
 import random
 import re
@@ -17,12 +18,14 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import asdict, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import beitv2
+import data
 
 
 def die(msg):
@@ -81,7 +84,9 @@ def model_config(cfg, **fixed):
 
 def configure(cfg, presets, argv=None):
     """Apply `--preset=NAME` (a dict of overrides), then every `--key=value` of argv, to the
-    dataclass `cfg`; values are parsed as Python literals and must keep the field's type."""
+    dataclass `cfg`; values are parsed as Python literals and must keep the field's type. The command
+    line wins over the preset: cfg.given names its settings (steps given there are not recomputed
+    from a preset's epochs, for example)."""
     args = sys.argv[1:] if argv is None else argv
     pairs = []
     for arg in args:
@@ -105,43 +110,70 @@ def configure(cfg, presets, argv=None):
             val = float(val)
         if type(val) is not kind:
             die(f'--{key}={val!r}: expected {kind.__name__}')
-        setattr(cfg, key, val)
+        setattr(cfg, key, os.path.expanduser(val) if kind is str else val)  # ~/x: a path under the home folder
+    cfg.given = {key for key, _ in pairs}
     if hasattr(cfg, 'model'):
         from_model(cfg)
     for f in fields(cfg):  # the ranges and choices written beside the fields (rule, at_least, one_of, ...)
         value = getattr(cfg, f.name)
         if 'rule' in f.metadata and value is not None and not f.metadata['rule'][1](value):
-            die(f'--{f.name}={getattr(cfg, f.name)!r}: must be {f.metadata["rule"][0]}')
+            die(f'--{f.name}={value!r}: must be {f.metadata["rule"][0]}')
     return cfg
+
+
+@dataclass
+class Run:
+    """The settings every stage shares: what it trains on, how long, how, where. Each script's Config
+    adds its own and may change a default here."""
+    preset: str = 'demo'
+    data: str = 'demo'              # 'demo' (demo:N: N images), an ImageNet-layout folder, or cifar10:ROOT, ...
+    workers: int = at_least(0, 2)   # DataLoader processes per rank
+    batch_size: int = at_least(1, 64)  # per rank; effective = batch_size * accum * world
+    accum: int = at_least(1, 1)     # gradient accumulation steps
+    recipe_batch: int = at_least(0, 0)  # presets: the official run's images per step; another says so
+    epochs: int = at_least(0, 0)    # > 0: steps and warmup_steps come from epochs (unless given)
+    warmup_epochs: int = at_least(0, 0)
+    steps: int = at_least(1, 500)
+    warmup_steps: int = at_least(0, 50)
+    lr: float = above(0, 1.5e-3)    # peak lr
+    min_lr: float = at_least(0, 1e-5)
+    schedule: str = one_of('cosine', 'poly', 'cosine_epoch')  # per step | linear decay (the official
+    #                                 segmentation one) | per epoch, no warmup (BEiT v1 linear; needs --epochs)
+    weight_decay: float = at_least(0, 0.05)
+    betas: tuple = betas((0.9, 0.999))
+    clip_grad: float = at_least(0, 0.0)  # 0 = no clipping
+    device: str = ''                # '' = cuda if available; 'cpu' forces the CPU
+    dtype: str = one_of('', 'fp32', 'bf16', 'fp16')  # '' = bf16 on CUDA and on CPUs with bf16 units
+    compile: bool = False           # torch.compile the model
+    seed: int = 0
+    out_dir: str = ''
+    resume: str = ''                # checkpoint to continue from; default OUT_DIR/ckpt.pt if present
+    allow_change: str = ''          # resume: settings that may differ from the checkpoint's, e.g. steps,lr
+    log_every: int = at_least(1, 25)
+    ckpt_every: int = at_least(1, 250)
+    stop_after: int = at_least(0, 0)  # > 0: checkpoint and exit after this many steps of this run
 
 # ----------------------------------------------------------------------------- distributed / device / dtype
 
 
-def cpu_has_fast_bf16():
-    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX): there a bf16 step takes
-    ~0.6x the fp32 time; without it bf16 is emulated, ~5x slower per matmul than fp32 (measured)."""
+def cpu_has_fast_bf16():  # AVX-512 BF16 or AMX: a bf16 step ~0.6x fp32; without them bf16 is emulated, ~5x slower
     try:
-        with open('/proc/cpuinfo') as f:
-            flags = f.read()
-    except OSError:  # not Linux: stay in fp32
+        return bool(re.search(r'avx512_bf16|amx_bf16', pathlib.Path('/proc/cpuinfo').read_text()))
+    except OSError:  # not Linux: fp32
         return False
-    return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 
 class Env:
-    """Who and where this process is. Under torchrun: DDP (nccl on CUDA, gloo on CPU)."""
+    """Who and where this process is. Under torchrun: DDP (nccl on CUDA, gloo on CPU). Holds OUT_DIR."""
 
     def __init__(self, cfg):
-        if cfg.device not in ('', 'cpu') and not re.fullmatch(r'cuda(:\d+)?', cfg.device):
-            die(f"--device must be cpu, cuda or cuda:N ('' = cuda when there is one), got {cfg.device!r}")
-        if cfg.device.startswith('cuda') and not torch.cuda.is_available():
-            die(f'--device={cfg.device}: this machine has no CUDA device (use --device=cpu)')
+        cuda = torch.cuda.is_available() and cfg.device != 'cpu'
+        if not re.fullmatch(r'(cpu|cuda(:\d+)?)?', cfg.device) or cfg.device[:4] == 'cuda' and not cuda:
+            die(f"--device={cfg.device!r}: must be cpu, or cuda / cuda:N where the machine has CUDA ('' = cuda if any)")
         self.ddp = 'RANK' in os.environ
         self.rank = int(os.environ.get('RANK', 0))
         self.world = int(os.environ.get('WORLD_SIZE', 1))
-        local = int(os.environ.get('LOCAL_RANK', 0))
-        cuda = torch.cuda.is_available() and cfg.device != 'cpu'
-        self.device = torch.device(f'cuda:{local}' if cuda else 'cpu')
+        self.device = torch.device(f'cuda:{os.environ.get("LOCAL_RANK", 0)}' if cuda else 'cpu')
         self.lock = None  # OUT_DIR/lock while this process holds it (claim_out_dir)
         self.inputs = {}  # digests of the files the run starts from (resume sets them; checkpoints keep them)
         self.stage = os.path.basename(sys.modules[type(cfg).__module__].__file__)  # the script: pretrain.py, ...
@@ -150,21 +182,18 @@ class Env:
         if self.ddp:
             dist.init_process_group('nccl' if cuda else 'gloo')
         self.master = self.rank == 0
-        dtype = cfg.dtype or ('bf16' if cuda or cpu_has_fast_bf16() else 'fp32')
-        if dtype not in ('fp32', 'bf16', 'fp16'):
-            die(f'--dtype must be fp32, bf16 or fp16, got {dtype!r}')
-        self.dtype = dtype
-        self.amp_dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[dtype]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == 'fp16')
+        self.dtype = cfg.dtype or ('bf16' if cuda or cpu_has_fast_bf16() else 'fp32')  # a one_of setting
+        self.amp_dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[self.dtype]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == 'fp16')
         torch.manual_seed(cfg.seed + self.rank)  # per-rank seeds (drop path, k-means draws)
         random.seed(cfg.seed + self.rank)
         if cuda:  # fp32 is fp32 (the codebook, k-means, losses, --dtype=fp32); the tests set the same
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        if getattr(cfg, 'out_dir', ''):
+            claim_out_dir(cfg, self)
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def target_autocast(self):  # pretraining targets: fp16 on CUDA under mixed precision, as the official
         #                           engine (bf16 flips more near-tie codes: docs/speed.md); else the step's dtype
@@ -182,68 +211,38 @@ class Env:
         return t
 
     def close(self):
-        release_lock(self.lock)
-        self.lock = None
+        if self.lock in HELD:  # another run may have the folder now
+            HELD.pop(self.lock).close()
         if self.ddp:
             dist.destroy_process_group()
 
 
+HELD = {}  # the OUT_DIR/lock files this process holds open, locked
+
+
 def claim_out_dir(cfg, env):
-    """Create OUT_DIR and hold OUT_DIR/lock ('pid@host') while this run writes there, so that a
-    second run on the same folder stops at start instead of interleaving checkpoints and logs.
-    The lock goes at exit; one left by a process that no longer runs (this host) is taken over."""
+    """Create OUT_DIR and hold an exclusive lock on OUT_DIR/lock ('pid@host' inside) while this run writes there,
+    so that a second run on the same folder stops at start instead of interleaving checkpoints and logs. The
+    system drops the lock when the process ends, however it ends: no lock is ever left behind."""
     if not env.master:
         return
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        path = os.path.realpath(os.path.join(cfg.out_dir, 'lock'))
+        f = HELD.get(path) or open(path, 'a+')  # held already: this process again (scripts called as functions)
     except OSError as e:
         die(f'--out_dir={cfg.out_dir}: cannot create it ({e.strerror})')
-    if not os.access(cfg.out_dir, os.W_OK | os.X_OK):
-        die(f'--out_dir={cfg.out_dir}: not writable')
-    lock, me = os.path.join(cfg.out_dir, 'lock'), f'{os.getpid()}@{socket.gethostname()}'
-    tmp = f'{lock}.{os.getpid()}'
-    with open(tmp, 'w') as f:  # the lock appears whole or not at all: written aside, then linked
-        f.write(me)
     try:
-        while True:
-            try:
-                os.link(tmp, lock)  # fails if the lock exists: at most one run gets it
-                break
-            except FileExistsError:
-                with open(lock) as f:
-                    owner = f.read().strip()
-                pid, _, host = owner.partition('@')
-                if owner == me:  # this process again (scripts called as functions, e.g. by the tests)
-                    return
-                if host and (host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid))):
-                    die(f'{cfg.out_dir} is in use by another run (process {owner}): choose another --out_dir, '
-                        f'or delete {lock} if no run uses it')
-                env.print(f'note: {lock} was left by process {pid or "?"}, which is gone: taking it over')
-                os.remove(lock)
-    finally:
-        os.remove(tmp)
-    env.lock = lock
-    atexit.register(release_lock, lock)  # also on die() and on errors
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        die(f'{cfg.out_dir} is in use by another run (process {f.read().strip() or "?"}): choose another --out_dir')
+    f.truncate(0)
+    f.write(f'{os.getpid()}@{socket.gethostname()}')
+    f.flush()
+    HELD[path] = f
+    env.lock = path
 
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
-def release_lock(lock):
-    me = f'{os.getpid()}@{socket.gethostname()}'
-    try:
-        with open(lock) as f:
-            if f.read().strip() == me:
-                os.remove(lock)
-    except (OSError, TypeError):  # already gone, or no lock
-        pass
 
 # ----------------------------------------------------------------------------- optimizer, schedule
 
@@ -277,7 +276,6 @@ def param_groups(model, weight_decay, layer_decay=1.0, depth=None, no_decay=('cl
     return list(groups.values())
 
 
-
 def get_lr(step, steps, warmup_steps, lr, min_lr, schedule='cosine', epochs=0):
     """Linear warmup from 0, then to min_lr by cosine (official cosine_scheduler); per step.
     'poly': mmcv's PolyLrUpdaterHook, power 1, the official segmentation one: linear decay from step
@@ -301,26 +299,15 @@ def set_lr(optimizer, lr):
 
 
 def optimizer_step(env, optimizer, clip_grad):
-    """Unscale (fp16), clip (0 = no clip; the norm is measured anyway), step, zero the grads."""
+    """Unscale (fp16), clip (0 = no clip; the norm is measured anyway), step, zero the grads. -> the gradient
+    norm, a tensor (reading it would wait for the device)."""
     env.scaler.unscale_(optimizer)
-    params = [p for g in optimizer.param_groups for p in g['params']]
-    gnorm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float('inf'))
-    env.scaler.step(optimizer)
+    gnorm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']],
+                                           clip_grad or float('inf'))
+    env.scaler.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
     env.scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return gnorm.item()
-
-
-def steps_from_epochs(cfg, env, n_images):
-    """Epoch recipes become step counts at start (an optimizer step = batch * accum * world)."""
-    per_step = cfg.batch_size * cfg.accum * env.world
-    steps_per_epoch = n_images // env.world // cfg.batch_size // cfg.accum
-    if steps_per_epoch == 0:
-        die(f'{n_images} images are fewer than one step of {per_step}: lower batch_size')
-    if cfg.epochs > 0:
-        cfg.steps = cfg.epochs * steps_per_epoch
-        cfg.warmup_steps = cfg.warmup_epochs * steps_per_epoch
-    return steps_per_epoch, per_step
+    return gnorm
 
 
 # ----------------------------------------------------------------------------- checkpoints, logging
@@ -353,20 +340,15 @@ def read_checkpoint(path):
 
 
 def code_usage(counts):
-    """counts: (K,) code histogram -> dict(unused codes, usage fraction, perplexity)."""
+    """counts: (K,) code histogram -> dict(unused codes, perplexity)."""
     p = counts.double() / counts.sum().clamp(min=1)
     perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum()).item()
-    unused = int((counts == 0).sum())
-    return dict(unused=unused, usage=1 - unused / counts.numel(), perplexity=perplexity)
+    return dict(unused=int((counts == 0).sum()), perplexity=perplexity)
 
 
-def rng_state():
-    """This process's RNG states as tensors (so the checkpoint loads with weights_only=True)."""
-    py = random.getstate()
-    s = dict(torch=torch.get_rng_state(), python=torch.tensor(py[1], dtype=torch.int64))
-    if torch.cuda.is_available():
-        s['cuda'] = torch.cuda.get_rng_state()
-    return s
+def rng_state():  # this process's RNG states as tensors (so the checkpoint loads with weights_only=True)
+    s = dict(torch=torch.get_rng_state(), python=torch.tensor(random.getstate()[1], dtype=torch.int64))
+    return dict(s, cuda=torch.cuda.get_rng_state()) if torch.cuda.is_available() else s
 
 
 def set_rng_state(s):
@@ -378,11 +360,9 @@ def set_rng_state(s):
 
 def save_checkpoint(path, env, **state):
     """Gather every rank's RNG state; rank 0 writes atomically (temp file + rename)."""
-    rngs = [None] * env.world
+    rngs = [rng_state()] * env.world  # every rank's, under DDP
     if env.ddp:
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
+        dist.all_gather_object(rngs, rngs[0])
     if env.master:
         tmp = path + '.tmp'
         try:
@@ -398,8 +378,8 @@ def save_checkpoint(path, env, **state):
 
 # how a run is run, not what it computes: these may differ on resume; any other setting that
 # differs from the checkpoint's is refused unless named in --allow_change
-RUN_ONLY = ('preset', 'out_dir', 'resume', 'allow_change', 'log_every', 'ckpt_every', 'stop_after', 'workers',
-            'device', 'compile')
+RUN_ONLY = ('preset', 'out_dir', 'resume', 'allow_change', 'log_every', 'ckpt_every', 'eval_every', 'stop_after',
+            'workers', 'device', 'compile')
 
 
 def digest(path):  # the content of an input file, in 16 hex digits (read once per version of the file)
@@ -416,16 +396,14 @@ def _digest(path, size, mtime):  # size and mtime: a rewritten file is read agai
     return h.hexdigest()[:16]
 
 
-
-
-def check_same_run(cfg, env, saved, path, run_only=RUN_ONLY, inputs=None):
+def check_same_run(cfg, env, saved, path, inputs=None):
     """One-line error naming the first setting that differs from the checkpoint's config: a setting's
     value, or the content of an input file (--checkpoint, --tokenizer, ...) it names."""
     now = dict(asdict(cfg), world=env.world)
 
     allowed = {k.strip() for k in cfg.allow_change.split(',') if k.strip()}
     for key, value in now.items():
-        if key in run_only or key in allowed or key not in saved:
+        if key in RUN_ONLY or key in allowed or key not in saved:
             continue
         old = saved[key]
         if isinstance(value, tuple) and isinstance(old, (list, tuple)):
@@ -440,7 +418,7 @@ def check_same_run(cfg, env, saved, path, run_only=RUN_ONLY, inputs=None):
                 f'changed): start a new --out_dir, or pass --allow_change={key} to go on with the new file')
 
 
-def resume(cfg, env, model, optimizer, run_only=RUN_ONLY, inputs=()):
+def resume(cfg, env, model, optimizer, inputs=()):
     """Continue from --resume=PATH, or from OUT_DIR/ckpt.pt when it exists. -> (start step, the
     checkpoint's `loop` entry: what a training loop saved of its own, e.g. its best score; {} if none).
     inputs: the settings naming files the run starts from; their content must be the checkpoint's too."""
@@ -457,7 +435,7 @@ def resume(cfg, env, model, optimizer, run_only=RUN_ONLY, inputs=()):
     try:
         if isinstance(ckpt.get('config'), dict):
             saved = dict(ckpt['config'], world=ckpt.get('world', env.world))
-            check_same_run(cfg, env, saved, path, run_only, ckpt.get('inputs'))
+            check_same_run(cfg, env, saved, path, ckpt.get('inputs'))
         beitv2.load_state(model, ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError) as e:
@@ -476,37 +454,27 @@ def resume(cfg, env, model, optimizer, run_only=RUN_ONLY, inputs=()):
 
 
 class Logger:
-    """Rank 0: one fixed-format line per log step, and the same numbers in OUT_DIR/log.jsonl."""
+    """Rank 0: one line per log step (a training line adds images/s and the minutes left, since this run
+    started), and the same numbers in OUT_DIR/log.jsonl."""
 
     def __init__(self, cfg, env, start_step):
-        self.env, self.path = env, os.path.join(cfg.out_dir, 'log.jsonl')
-        self.start, self.t_start = start_step, time.time()
-        self.t0 = self.t_start
+        self.env, self.path, self.start, self.t0 = env, os.path.join(cfg.out_dir, 'log.jsonl'), start_step, time.time()
         if env.master and os.path.exists(self.path):  # a resumed run: drop the lines after its checkpoint
             rows = read_log(self.path, env.print)
             with open(self.path, 'w') as f:
                 f.writelines(json.dumps(r) + '\n' for r in rows if r.get('step', 0) <= start_step)
 
-    def __call__(self, step, total, images_per_step, **metrics):
+    def __call__(self, step, metrics, total=0, images_per_step=0):
         if not self.env.master:
             return
-        now = time.time()
-        elapsed, done = now - self.t_start, max(1, step - self.start)  # since this run started
-        metrics.update(img_per_s=done * images_per_step / elapsed, eta_min=(total - step) * elapsed / done / 60,
-                       step=step, time=round(now - self.t0, 3))
-        self.t0 = now
-        self.write(f'step {step}/{total}', metrics)
-
-    def scores(self, step, **metrics):  # an evaluation during training: one line, and in log.jsonl
-        if self.env.master:
-            self.write(f'step {step}', dict(metrics, step=step))
-
-    def write(self, head, metrics):  # a line of log.jsonl, and the same numbers printed
+        if total:
+            elapsed, done = time.time() - self.t0, max(1, step - self.start)
+            metrics = dict(metrics, img_per_s=done * images_per_step / elapsed,
+                           eta_min=(total - step) * elapsed / done / 60)
         with open(self.path, 'a') as f:
-            f.write(json.dumps(metrics) + '\n')
-        shown = ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
-                           for k, v in metrics.items() if k not in ('step', 'time'))
-        print(f'{head} | {shown}', flush=True)
+            f.write(json.dumps(dict(metrics, step=step)) + '\n')
+        shown = ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in metrics.items())
+        print(f'step {step}{f"/{total}" if total else ""} | {shown}', flush=True)
 
 
 def read_log(path, note=print):
@@ -522,25 +490,115 @@ def read_log(path, note=print):
     return rows
 
 
-def check_finite(loss, step, cfg):
-    """Stop at a non-finite loss, saying what the last checkpoint holds: it may have diverged already."""
-    if math.isfinite(loss):
+# ----------------------------------------------------------------------------- the training loop
+
+
+def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, metric='', higher=True, lr=None,
+        inputs=(), model_config=None, sync_buffers=True, joint=False, at_log=None, quiet=False):
+    """The training loop of every stage (tokenizer, pretraining, the trained evaluation modes), as MAE's
+    engine: the per-step lr, accumulation (no_sync), autocast and the loss scaler, clipping, logging,
+    evaluation every --eval_every steps and at the end, atomic checkpoints and bit-exact resume.
+    step_fn(run, batch) -> (loss, stats): one micro-batch's loss and a dict of tensors for the log line;
+    at_log() -> more numbers for it (e.g. the codes used since the last one). score(model) -> dict of
+    scores (None: no val split); the best `metric` of them is kept, with its weights in OUT_DIR/best.pt
+    when scored periodically. lr: the peak lr (default cfg.lr). The host reads the device only at log,
+    evaluation and checkpoint steps: finiteness is gathered on the device and checked there, so a NaN never
+    overwrites a good checkpoint. -> the final scores, best_METRIC and best_step; dict(step) without score;
+    None when --stop_after ended it."""
+    lr = lr or cfg.lr
+    per_step = cfg.batch_size * cfg.accum * env.world  # images per optimizer step
+    steps_per_epoch = len(dataset) // per_step
+    if steps_per_epoch == 0:
+        die(f'{len(dataset)} images are fewer than one step of {per_step}: lower batch_size')
+    for key, epochs in (('steps', cfg.epochs), ('warmup_steps', cfg.warmup_epochs)):
+        if cfg.epochs and key not in getattr(cfg, 'given', ()):
+            setattr(cfg, key, epochs * steps_per_epoch)
+        elif cfg.epochs and not quiet:
+            env.print(f'note: --{key}={getattr(cfg, key)} replaces the preset\'s {epochs} epochs '
+                      f'({epochs * steps_per_epoch} steps)')
+    if not quiet:
+        print_setup(cfg, env, steps_per_epoch, per_step, lr)
+    every = getattr(cfg, 'eval_every', 0)
+    every = (every if every >= 0 else steps_per_epoch if cfg.epochs else 0) if score else 0
+    step, kept = resume(cfg, env, model, optimizer, inputs)
+    best, final, start, t0 = kept.get('best'), None, step, time.time()  # best: what a resumed run had seen
+    ddp = DDP(model, forward_sync_buffers=sync_buffers) if env.ddp else model
+    run = torch.compile(ddp) if cfg.compile else ddp
+    loader, sampler = data.make_loader(dataset, transform, cfg.batch_size, cfg.workers, cfg.seed, env, joint)
+    batches = data.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
+    log = Logger(cfg, env, step)
+    bad = torch.zeros((), dtype=torch.long, device=env.device)  # the first step with a non-finite loss or gradient
+
+    def save(name, **state):
+        save_checkpoint(os.path.join(cfg.out_dir, name), env, model=model.state_dict(), step=step,
+                        config=asdict(cfg), model_config=model_config, **state)
+    while step < cfg.steps:
+        lr_now = get_lr(step, cfg.steps, cfg.warmup_steps, lr, cfg.min_lr, cfg.schedule, cfg.epochs)
+        set_lr(optimizer, lr_now)
+        model.train()
+        for micro in range(cfg.accum):
+            with (ddp.no_sync() if env.ddp and micro < cfg.accum - 1 else contextlib.nullcontext()), env.autocast():
+                loss, stats = step_fn(run, next(batches))
+                env.scaler.scale(loss / cfg.accum).backward()
+        gnorm = optimizer_step(env, optimizer, cfg.clip_grad)
+        step += 1
+        ok = loss.isfinite() & (gnorm.isfinite() | env.scaler.is_enabled())
+        bad = torch.where((bad == 0) & ~ok, step, bad)
+        stop = cfg.stop_after and step - start >= cfg.stop_after
+        logs, evals = step % cfg.log_every == 0 or step == cfg.steps, every and step % every == 0 or step == cfg.steps
+        ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or stop
+        if logs or evals and score or ckpt:
+            check_finite(bad, model if ckpt else None, cfg)
+        if logs and not quiet:
+            numbers = torch.stack([loss.detach().float(), *(v.detach().float() for v in stats.values()),
+                                   gnorm.float()]).tolist()
+            log(step, dict(loss=numbers[0], **dict(zip(stats, numbers[1:-1])), **(at_log() if at_log else {}),
+                           lr=lr_now, gnorm=numbers[-1]), cfg.steps, per_step)
+        if evals and score:
+            final = scores = score(model)
+            if not quiet:
+                log(step, {f'val_{k}': v for k, v in scores.items()})
+            if best is None or (scores[metric] > best[metric]) == higher and scores[metric] != best[metric]:
+                best = dict(scores, step=step)
+                if every:  # official checkpoint-best: the weights of the best evaluation
+                    save('best.pt', scores=scores)
+        if ckpt:
+            save('ckpt.pt', optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), loop=dict(best=best))
+        if stop:
+            return None
+    if not quiet:
+        env.print(f'done: {step} steps ({step - start} in this run, {time.time() - t0:.0f} s); {cfg.out_dir}/ckpt.pt')
+    if not score:  # no val split: the run is its checkpoint
+        return dict(step=step)
+    if final is None:  # a finished run, resumed
+        final = score(model)
+        best = best or dict(final, step=step)
+    return dict(final, **{f'best_{metric}': best[metric], 'best_step': best['step']})
+
+
+def check_finite(bad, model, cfg):
+    """Stop at the first non-finite loss or gradient norm (or, before a checkpoint, weights), saying what the
+    last checkpoint holds: it may have diverged already."""
+    step = bad.item()
+    if not step and model is not None and not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+        step = 'this one'
+    if not step:
         return
     path = os.path.join(cfg.out_dir, 'ckpt.pt')
     if not os.path.exists(path):
-        die(f'loss is {loss} at step {step}: stopping; no checkpoint was written yet (lower --lr?)')
+        die(f'non-finite loss at step {step}: stopping; no checkpoint was written yet (lower --lr?)')
     ckpt = read_checkpoint(path)
     w = max(v.abs().max().item() for v in ckpt['model'].values() if v.is_floating_point() and v.numel())
     held = 'non-finite weights' if not math.isfinite(w) else f'weights up to |w| = {w:.3g}'
-    die(f'loss is {loss} at step {step}: stopping; the last checkpoint, {path} (step {ckpt["step"]}), holds '
+    die(f'non-finite loss at step {step}: stopping; the last checkpoint, {path} (step {ckpt["step"]}), holds '
         f'{held} (lower --lr?)')
 
 
-def print_setup(cfg, env, steps_per_epoch, per_step):
+def print_setup(cfg, env, steps_per_epoch, per_step, lr):
     env.print(json.dumps(asdict(cfg)))
     env.print(f'{env.world} rank(s) on {env.device}, {env.dtype}; effective batch {per_step} '
               f'({cfg.batch_size} x {cfg.accum} accum x {env.world}); {steps_per_epoch} steps/epoch; '
-              f'{cfg.steps} steps, {cfg.warmup_steps} warmup; peak lr {cfg.lr:.3g}')
+              f'{cfg.steps} steps, {cfg.warmup_steps} warmup; peak lr {lr:.3g}')
     if cfg.recipe_batch and cfg.recipe_batch != per_step:  # presets are per rank: the world size changes the batch
         accum = cfg.recipe_batch / (cfg.batch_size * env.world)
         fix = f'--accum={accum:.0f}' if accum == round(accum) else f'batch_size x accum x ranks = {cfg.recipe_batch}'

@@ -1,5 +1,5 @@
 """Data for the three stages: the datasets (the demo generator, ImageNet-layout folders, torchvision's
-sets, ADE20K and VOC for segmentation, the ImageNet-A/R class indices), the augmentations (crops, timm's
+sets, ADE20K for segmentation, the ImageNet-A/R class indices), the augmentations (crops, timm's
 RandAugment, the mmseg segmentation pipeline), and a loader whose batches a resumed run sees again exactly."""
 import os
 import random
@@ -12,7 +12,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common import die
+import common
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -24,15 +24,12 @@ def square_wave(t):  # True on the first half of every unit period
 
 
 class DemoTextures(Dataset):
-    """Offline demo data, generated deterministically from (split, index): a large object (disk,
-    square or triangle) near the centre, covered by one of five two-colour patterns, on a plain
-    background. The class is the pattern: horizontal or vertical stripes, diagonal lattice,
-    checks, dots; flips keep it. Its period and phase, the object and all three colours are
-    random. Built so that learning is visible (README, "Quick start"): most of the pixel
-    variance is colour, which says nothing about the class, so raw pixels and a random network
-    are near chance, while the pattern decides the demo teacher's target (HOG: edge orientations)
-    in every patch of the object. Items: (PIL image, class) or, with masks=True, (PIL image,
-    per-pixel class map with 0 = background and 1..5 = the object's class + 1)."""
+    """Offline demo data, generated from (split, index): a large object (disk, square or triangle) covered by one
+    of five two-colour patterns (the class: horizontal or vertical stripes, diagonal lattice, checks, dots; flips
+    keep it) at a random period and phase, on a plain background; the colours are random. Most of the pixel
+    variance is colour, which says nothing of the class, while the pattern decides the demo teacher's target (HOG):
+    why, in docs/results.md. Items: (PIL image, class) or, with masks=True, (PIL image, per-pixel class map with
+    0 = background and 1..5 = the object's class + 1)."""
     classes = ('horizontal', 'vertical', 'diagonal', 'checks', 'dots')
 
     def __init__(self, split='train', size=32, length=None, masks=False):
@@ -72,28 +69,37 @@ def build_dataset(spec, split, img_size):
     """spec: 'demo' (or demo:N), a folder in ImageNet layout (ROOT/train/CLASS/*.JPEG, ROOT/val/...), or
     NAME:ROOT for torchvision's cifar10, cifar100, stl10, fashion_mnist (files already there)."""
     name, _, root = spec.partition(':')
-    if name == 'demo':  # demo or demo:N (N training images)
+    if name == 'demo':  # demo or demo:N (N training images, at most N validation images)
         if root and not (root.isdigit() and int(root) > 0):
-            die(f'--data={spec}: demo:N takes a number of training images N >= 1')
-        return DemoTextures(split, size=img_size, length=int(root) if root and split == 'train' else None)
-    tv = {'cifar10': tvd.CIFAR10, 'cifar100': tvd.CIFAR100, 'stl10': tvd.STL10,
-          'fashion_mnist': tvd.FashionMNIST}
+            common.die(f'--data={spec}: demo:N takes a number of training images N >= 1')
+        return DemoTextures(split, img_size, min(int(root), 1000 if split == 'val' else int(root)) if root else None)
+    tv = dict(cifar10=tvd.CIFAR10, cifar100=tvd.CIFAR100, stl10=tvd.STL10, fashion_mnist=tvd.FashionMNIST)
     if name in tv and root:
         if not os.path.isdir(root):
-            die(f'data folder {root} does not exist')
+            common.die(f'data folder {root} does not exist')
+        kw = dict(split='train' if split == 'train' else 'test') if name == 'stl10' else dict(train=split == 'train')
         try:
-            if name == 'stl10':
-                return tv[name](root, split='train' if split == 'train' else 'test', download=False)
-            return tv[name](root, train=split == 'train', download=False)
+            return tv[name](root, download=False, **kw)
         except RuntimeError as e:
-            die(f'{spec}: {str(e).splitlines()[0]} (downloads are off: put the files in {root})')
+            common.die(f'{spec}: {str(e).splitlines()[0]} (downloads are off: put the files in {root})')
+    if ':' in spec:
+        common.die(f'--data={spec}: {name} is not a known dataset; use demo, demo:N, an ImageNet-layout folder or '
+                   + ', '.join(f'{k}:ROOT' for k in tv))
     folder = os.path.join(spec, split)
     if not os.path.isdir(folder):
-        die(f'data: {folder} does not exist (expected ImageNet layout ROOT/{split}/CLASS/image)')
+        common.die(f'data: {folder} does not exist (expected ImageNet layout ROOT/{split}/CLASS/image)')
     try:
-        return tvd.ImageFolder(folder, loader=load_image)
-    except FileNotFoundError:
-        die(f'data: no images found under {folder} (expected {folder}/CLASS/image)')
+        ds = tvd.ImageFolder(folder, loader=load_image)
+    except FileNotFoundError as e:  # torchvision's words name the class folders without an image
+        common.die(f'data: no images found under {folder}: {e}')
+    train = os.path.join(spec, 'train')
+    if split != 'train' and os.path.isdir(train):  # a label means the same class in every split: train's index
+        train = tvd.folder.find_classes(train)[1]
+        if set(ds.classes) - set(train):
+            common.die(f'data: {folder} has classes {spec}/train lacks: {sorted(set(ds.classes) - set(train))[:5]}')
+        ds.samples = ds.imgs = [(p, train[ds.classes[y]]) for p, y in ds.samples]
+        ds.classes, ds.class_to_idx, ds.targets = list(train), train, [y for _, y in ds.samples]
+    return ds
 
 
 def load_image(path):
@@ -112,44 +118,39 @@ def rgb(img):
 
 
 class SegData(torch.utils.data.Dataset):
-    """(image, mask) pairs: demo shapes, ADE20K (ROOT/images|annotations/training|validation,
-    150 classes with reduce_zero_label: 0 -> ignore 255) or torchvision's VOCSegmentation."""
+    """(image, mask) pairs: demo shapes (demo:N as build_dataset), or ADE20K (ROOT/images|annotations/
+    training|validation, 150 classes with reduce_zero_label: 0 -> ignore 255)."""
 
     def __init__(self, spec, split, img_size):
         name, _, root = spec.partition(':')
-        self.reduce_zero = name == 'ade20k'
+        self.reduce_zero, self.num_classes = name == 'ade20k', 150
         if name == 'demo':
-            self.items = DemoTextures(split, size=img_size, masks=True)
-            self.num_classes = len(DemoTextures.classes) + 1
+            self.items = build_dataset(spec, split, img_size)
+            self.items.masks, self.num_classes = True, len(DemoTextures.classes) + 1
         elif name == 'ade20k':
             sub = 'training' if split == 'train' else 'validation'
             folder = os.path.join(root, 'images', sub)
             if not os.path.isdir(folder):
-                die(f'ADE20K: {folder} does not exist (expected ROOT/images/{sub} and ROOT/annotations/{sub})')
+                common.die(f'ADE20K: {folder} does not exist (expected ROOT/images/{sub} and ROOT/annotations/{sub})')
             names = sorted(f[:-4] for f in os.listdir(folder) if f.endswith('.jpg'))
             self.items = [(os.path.join(folder, n + '.jpg'), os.path.join(root, 'annotations', sub, n + '.png'))
                           for n in names]
-            self.num_classes = 150
-        elif name == 'voc':
-            try:
-                self.items = tvd.VOCSegmentation(root, image_set='train' if split == 'train' else 'val')
-            except RuntimeError as e:
-                die(f'VOC: {e}')
-            self.num_classes = 21
         else:
-            die(f'segmentation data must be demo, ade20k:ROOT or voc:ROOT, got {spec!r}')
+            common.die(f'segmentation data must be demo, demo:N or ade20k:ROOT, got {spec!r}')
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
         item = self.items[i]
-        if isinstance(item[0], str):
-            item = load_image(item[0]), Image.open(item[1])
-        img, mask = item
+        img, mask = (load_image(item[0]), Image.open(item[1])) if isinstance(item[0], str) else item
         mask = torch.as_tensor(np.array(mask), dtype=torch.long)
         if self.reduce_zero:  # ADE20K: 0 = "other" is ignored, classes 1..150 -> 0..149
             mask = torch.where(mask == 0, 255, mask - 1)
+        top = int(mask.masked_fill(mask == 255, 0).max())
+        if top >= self.num_classes:
+            raise RuntimeError(f'bad mask {item[1] if isinstance(item[1], str) else i}: class {top}, but '
+                               f'{self.num_classes} classes')
         return rgb(img), mask
 
 
@@ -388,7 +389,7 @@ def make_loader(dataset, transform, batch_size, workers, seed, env, joint=False)
 
 def stream(loader, sampler, step, steps_per_epoch, accum):
     """The batches from optimizer step `step` on, epoch after epoch: a resumed run continues
-    mid-epoch at the same sample. A worker's 'unreadable image' error becomes a one-line error."""
+    mid-epoch at the same sample. A worker's 'unreadable image' or 'bad mask' error becomes a one-line error."""
     epoch, it = divmod(step, steps_per_epoch)
     while True:
         sampler.set_epoch(epoch)
@@ -398,8 +399,8 @@ def stream(loader, sampler, step, steps_per_epoch, accum):
             try:
                 yield next(data)
             except RuntimeError as e:  # in a worker, the message is the last line of its traceback
-                lines = [ln for ln in str(e).splitlines() if ln.startswith(('unreadable image', 'RuntimeError: '))]
-                if not lines or 'unreadable image' not in lines[-1]:
+                last = str(e).strip().splitlines()[-1].removeprefix('RuntimeError: ')
+                if not last.startswith(('unreadable image', 'bad mask')):
                     raise
-                die(lines[-1].removeprefix('RuntimeError: '))
+                common.die(last)
         epoch, it = epoch + 1, 0

@@ -9,7 +9,6 @@ order this file holds them (pictures.py looks inside a backbone or a tokenizer):
         --checkpoint=beitv2_base_patch16_224_pt1k.pth
 Settings are --key=value (see Config, grouped by mode); README.md has the recipes.
 """
-import contextlib
 import json
 import math
 import os
@@ -22,26 +21,18 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 import torchvision.transforms.v2 as T2
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import beitv2
 import common
 import data
 import upernet
 
-RUN_ONLY = common.RUN_ONLY + ('eval_every',)  # how a run is run: may differ on resume
-
-
 @dataclass
-class Config:
-    preset: str = 'demo'
+class Config(common.Run):
     mode: str = common.one_of('compare', 'linear', 'knn', 'finetune', 'segment')  # compare: both probes, 3 backbones
     checkpoint: str = 'out/pretrain/ckpt.pt'  # ours or official (pretraining / fine-tuned / tokenizer)
-    data: str = 'demo'              # 'demo', ImageNet-layout folder, cifar10:ROOT, ...;
-    #                                 segment: demo, ade20k:ROOT or voc:ROOT
     img_size: int = common.at_least(1, 32)
     min_crop_scale: float = common.above(0, 0.5)  # RandomResizedCrop scale range for linear / fine-tune training
-    workers: int = common.at_least(0, 2)
     # which backbone (linear, knn, finetune, segment)
     backbone: str = common.one_of('checkpoint', 'random', 'pixels')  # random: its architecture at the official init
     #                                 (what pretraining started from) | pixels: raw pixels, no network
@@ -70,33 +61,12 @@ class Config:
     # segmentation
     seg_layers: tuple = (1, 2, 3, 5)  # blocks feeding the 4 scales (official base: 3, 5, 7, 11)
     seg_stride: int = 0             # sliding-window stride at test time; 0 = 2/3 of img_size
-    # optimisation
-    batch_size: int = common.at_least(1, 64)
-    accum: int = common.at_least(1, 1)
-    recipe_batch: int = common.at_least(0, 0)  # presets: the official run's images per step; another says so
-    epochs: int = common.at_least(0, 0)
-    warmup_epochs: int = common.at_least(0, 0)
     steps: int = common.at_least(1, 300)
     warmup_steps: int = common.at_least(0, 30)
-    lr: float = common.above(0, 4.0)     # demo LARS: 300 steps need more than MAE's 0.1 x batch / 256
-    schedule: str = common.one_of('cosine', 'poly', 'cosine_epoch')  # per step | linear decay (the official
-    #                                 segmentation one) | per epoch, no warmup (BEiT v1 linear; needs --epochs)
+    lr: float = common.above(0, 4.0)  # demo LARS: 300 steps need more than MAE's 0.1 x batch / 256
     min_lr: float = common.at_least(0, 0.0)
     weight_decay: float = common.at_least(0, 0.0)
-    betas: tuple = common.betas((0.9, 0.999))
-    clip_grad: float = common.at_least(0, 0.0)
-    # run
-    device: str = ''
-    dtype: str = ''                 # as pretrain.py
-    compile: bool = False
-    seed: int = 0
     out_dir: str = ''               # '' = out/eval/MODE (out/eval/MODE_BACKBONE for random / pixels)
-    resume: str = ''
-    allow_change: str = ''          # resume: settings that may differ from the checkpoint's, e.g. steps
-    log_every: int = common.at_least(1, 50)
-    ckpt_every: int = common.at_least(1, 1000)
-    stop_after: int = common.at_least(0, 0)
-
 
 IN1K = dict(data='', checkpoint='', img_size=224, min_crop_scale=0.08, workers=10, log_every=100, ckpt_every=5000)
 FT = dict(IN1K, mode='finetune', min_lr=1e-6, weight_decay=0.05, recipe_batch=1024)
@@ -197,15 +167,10 @@ def load_backbone_weights(cfg):
     return sd, mcfg
 
 
-class Pixels(nn.Module):
-    """The raw-pixel baseline: the (normalised) image itself as the feature vector."""
-
+class Pixels(nn.Flatten):  # the raw-pixel baseline: the (normalised) image itself as the feature vector
     def __init__(self, img_size):
         super().__init__()
         self.dim = 3 * img_size * img_size
-
-    def forward(self, images):
-        return images.flatten(1)
 
 
 def build_backbone(cfg, sd, mcfg, **over):
@@ -245,8 +210,7 @@ def pooled(backbone, images, cfg):
     if isinstance(backbone, Pixels):
         return backbone(images)
     layer = common.block_index(cfg.layer, backbone.cfg.depth)
-    x, taken = backbone.forward_tokens(images, layers=(layer,))
-    x = taken[0]
+    x = backbone.forward_tokens(images, layers=(layer,))[1][0]
     f = x[:, 0] if cfg.feature == 'cls' else x[:, 1:].mean(1)
     if layer == backbone.cfg.depth - 1:
         f = (backbone.norm or backbone.fc_norm)(f)
@@ -280,11 +244,7 @@ class TrainTransform:
 
     def __call__(self, img, rng):
         img = self.crop(img)
-        if self.randaug is not None:
-            img = self.randaug(img, rng)
-        return self.after(img)
-
-
+        return self.after(img if self.randaug is None else self.randaug(img, rng))
 
 
 @torch.no_grad()
@@ -296,79 +256,14 @@ def extract(fn, dataset, cfg, env):
         with env.autocast():
             feats.append(fn(x.to(env.device)).float())
         labels.append(y.to(env.device))
-    f, y = torch.cat(feats), torch.cat(labels)
+    shape = feats[0].shape[1:]
+    f = torch.cat([torch.cat(feats).flatten(1), torch.cat(labels)[:, None].float()], 1)  # labels: a last column
     if env.ddp:  # pad to equal length, gather, drop the padding, restore the dataset order
         n = math.ceil(len(dataset) / env.world)
-
-        def pad(t):
-            return torch.cat([t, t.new_zeros((n - len(t),) + t.shape[1:])])
-        gf = [torch.empty_like(pad(f)) for _ in range(env.world)]
-        gy = [torch.empty_like(pad(y)) for _ in range(env.world)]
-        dist.all_gather(gf, pad(f))
-        dist.all_gather(gy, pad(y))
-        f = torch.stack(gf, 1).flatten(0, 1)[:len(dataset)]  # rank r held items r, r + world, ...
-        y = torch.stack(gy, 1).flatten(0, 1)[:len(dataset)]
-    return f, y
-
-
-def fit(cfg, env, model, optimizer, loader, sampler, n_train, loss_fn, score, metric='top1', quiet=False):
-    """The training loop of the three trained modes (the stage scripts' loop): per-step lr with
-    warmup + cosine, scaled per group, accumulation, clipping, logging, atomic checkpoints, resume.
-    loss_fn(model, batch) -> loss; score(model) -> dict of metrics, every --eval_every steps and at
-    the end (score None: no val split, no scores). -> the final scores, and the best `metric` of all
-    those evaluations with its step (best_top1, best_step: what the official fine-tuning script
-    reports as max accuracy); with periodic evaluations OUT_DIR/best.pt holds the best weights."""
-    steps_per_epoch, per_step = common.steps_from_epochs(cfg, env, n_train)
-    if not quiet:
-        common.print_setup(cfg, env, steps_per_epoch, per_step)
-    every = cfg.eval_every if cfg.eval_every >= 0 else (steps_per_epoch if cfg.epochs else 0)
-    every = every if score else 0
-    step, kept = common.resume(cfg, env, model, optimizer, RUN_ONLY, inputs=('checkpoint',))
-    best = kept.get('best')  # the best evaluation a resumed run had seen
-    ddp_model = DDP(model) if env.ddp else model  # broadcast buffers: one set of BatchNorm statistics
-    run = torch.compile(ddp_model) if cfg.compile else ddp_model
-    start, final = step, None
-    net = model.backbone if isinstance(model, upernet.Segmenter) else model
-    model_config = asdict(net.cfg) if isinstance(net, beitv2.ViT) else None  # what the checkpoints record
-    log = common.Logger(cfg, env, step)
-    batches = data.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
-    while step < cfg.steps:
-        lr = common.get_lr(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.schedule, cfg.epochs)
-        common.set_lr(optimizer, lr)
-        model.train()
-        for micro in range(cfg.accum):
-            batch = next(batches)
-            sync = micro == cfg.accum - 1 or not env.ddp
-            with (ddp_model.no_sync() if not sync else contextlib.nullcontext()), env.autocast():
-                loss = loss_fn(run, batch)
-                env.scaler.scale(loss / cfg.accum).backward()
-        gnorm = common.optimizer_step(env, optimizer, cfg.clip_grad)
-        step += 1
-        common.check_finite(loss.item(), step, cfg)
-        if (step % cfg.log_every == 0 or step == cfg.steps) and not quiet:
-            log(step, cfg.steps, per_step, loss=loss.item(), lr=lr, gnorm=gnorm)
-        if every and step % every == 0 or step == cfg.steps and score:
-            final = scores = score(model)
-            if not quiet:
-                log.scores(step, **{f'val_{k}': v for k, v in scores.items()})
-            if best is None or scores[metric] > best[metric]:
-                best = dict(scores, step=step)
-                if every:  # official checkpoint-best: the weights of the best evaluation
-                    common.save_checkpoint(os.path.join(cfg.out_dir, 'best.pt'), env, model=model.state_dict(),
-                                           step=step, config=asdict(cfg), model_config=model_config, scores=scores)
-        stop = cfg.stop_after and step - start >= cfg.stop_after
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
-            common.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
-                                   optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
-                                   config=asdict(cfg), model_config=model_config, loop=dict(best=best))
-        if stop:
-            return None
-    if not score:  # no val split: the run is its checkpoint
-        return dict(step=step)
-    if final is None:  # a finished run, resumed
-        final = score(model)
-        best = best or dict(final, step=step)
-    return dict(final, **{f'best_{metric}': best[metric], 'best_step': best['step']})
+        parts = [torch.empty(n, f.shape[1], device=f.device) for _ in range(env.world)]
+        dist.all_gather(parts, torch.cat([f, f.new_zeros(n - len(f), f.shape[1])]))
+        f = torch.stack(parts, 1).flatten(0, 1)[:len(dataset)]  # rank r held items r, r + world, ...
+    return f[:, :-1].view(-1, *shape), f[:, -1].long()
 
 
 def topk_acc(scores, y, ks=(1, 5)):  # top-k for each k that is at most the number of classes
@@ -463,26 +358,25 @@ def run_linear(cfg, env, quiet=False):
         optimizer = torch.optim.AdamW([dict(params=heads, weight_decay=cfg.weight_decay)], lr=cfg.lr, fused=True)
     else:
         optimizer = LARS([dict(params=heads, weight_decay=cfg.weight_decay)], lr=cfg.lr)
-    loader, sampler = data.make_loader(train, TrainTransform(cfg, False), cfg.batch_size, cfg.workers, cfg.seed, env)
 
-    def loss_fn(m, batch):
+    def step(run, batch):
         x, y = batch[0].to(env.device), batch[1].to(env.device)
-        return sum(F.cross_entropy(lg, y) for lg in m(x))
-    return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
-               lambda m: classify(m, val, cfg, env), quiet=quiet)
+        return sum(F.cross_entropy(lg, y) for lg in run(x)), {}
+    return common.fit(cfg, env, model, optimizer, train, TrainTransform(cfg, False), step,
+                      lambda m: classify(m, val, cfg, env), 'top1', inputs=('checkpoint',), quiet=quiet)
 
 # ----------------------------------------------------------------------------- k-NN
 
 
 def knn_classify(train_f, train_y, test_f, k=20, t=0.07, num_classes=None, chunk=256):
-    """Weighted k-NN (DINO): cosine similarity, top-k neighbours vote with exp(sim / t)."""
+    """Weighted k-NN (DINO): cosine similarity, top-k neighbours vote with exp(sim / t) (each query's scale)."""
     num_classes = num_classes or int(train_y.max()) + 1
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
     scores = []
     for q in test_f.split(chunk):
         sim, nn_idx = (q @ train_f.t()).topk(min(k, len(train_f)), dim=1)
         votes = torch.zeros(len(q), num_classes, device=q.device)
-        scores.append(votes.scatter_add_(1, train_y[nn_idx], (sim / t).exp()))
+        scores.append(votes.scatter_add_(1, train_y[nn_idx], ((sim - sim[:, :1]) / t).exp()))  # no overflow
     return torch.cat(scores)
 
 
@@ -554,18 +448,17 @@ def run_finetune(cfg, env):
         return classify(model, val, cfg, env)
     groups = common.param_groups(model, cfg.weight_decay, cfg.layer_decay, model.cfg.depth)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
-    loader, sampler = data.make_loader(train, TrainTransform(cfg, True), cfg.batch_size, cfg.workers, cfg.seed, env)
     mixes = [m for a, m in ((cfg.mixup, T2.MixUp(alpha=cfg.mixup or 1.0, num_classes=classes)),
                             (cfg.cutmix, T2.CutMix(alpha=cfg.cutmix or 1.0, num_classes=classes))) if a > 0]
     mix = T2.RandomChoice(mixes) if mixes else None  # switch probability 0.5 between the two
 
-    def loss_fn(m, batch):
+    def step(run, batch):
         x, y = batch[0].to(env.device), batch[1].to(env.device)
         x, soft = mix(x, y) if mix else (x, F.one_hot(y, classes).float())  # MixUp or CutMix per batch
-        soft = soft * (1 - cfg.smoothing) + cfg.smoothing / classes  # label smoothing, as timm's Mixup
-        return torch.sum(-soft * F.log_softmax(m(x).float(), -1), -1).mean()
-    return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
-               (lambda m: classify(m, val, cfg, env)) if val is not None else None)
+        return F.cross_entropy(run(x).float(), soft, label_smoothing=cfg.smoothing), {}  # smoothing as timm's Mixup
+    return common.fit(cfg, env, model, optimizer, train, TrainTransform(cfg, True), step,
+                      None if val is None else lambda m: classify(m, val, cfg, env), 'top1', inputs=('checkpoint',),
+                      model_config=asdict(model.cfg))
 
 
 def robust_test(cfg, env, sd, mcfg):
@@ -620,18 +513,14 @@ def run_segment(cfg, env):
     # official mmseg run: 'backbone.cls_token' misses its no-decay name test, so it IS decayed
     groups = common.param_groups(model, cfg.weight_decay, cfg.layer_decay, backbone.cfg.depth, no_decay=())
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
-    loader, sampler = data.make_loader(train, data.SegTransform(cfg.img_size, True), cfg.batch_size, cfg.workers,
-                                       cfg.seed, env, joint=True)
 
-    def loss_fn(m, batch):
+    def step(run, batch):
         x, y = batch[0].to(env.device), batch[1].to(env.device)
-        top = int(y.masked_fill(y == 255, 0).max())
-        if top >= train.num_classes:
-            common.die(f'mask class {top} exceeds the head ({train.num_classes} classes)')
-        logits, aux = m(x)
-        return upernet.seg_loss(logits, y) + 0.4 * upernet.seg_loss(aux, y)  # auxiliary FCN head, weight 0.4
-    return fit(cfg, env, model, optimizer, loader, sampler, len(train), loss_fn,
-               lambda m: segment_score(m, val, cfg, env), metric='mIoU')
+        logits, aux = run(x)
+        return upernet.seg_loss(logits, y) + 0.4 * upernet.seg_loss(aux, y), {}  # auxiliary FCN head, weight 0.4
+    return common.fit(cfg, env, model, optimizer, train, data.SegTransform(cfg.img_size, True), step,
+                      lambda m: segment_score(m, val, cfg, env), 'mIoU', inputs=('checkpoint',),
+                      model_config=asdict(backbone.cfg), joint=True)
 
 
 def check_seg_layers(cfg, backbone):
@@ -664,6 +553,7 @@ def trained_segmenter(cfg, sd, heads, mcfg):
                    f'unexpected {unexpected[:3]}; --seg_layers={cfg.seg_layers})')
     return model
 
+
 def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)
     modes = dict(linear=run_linear, knn=run_knn, compare=run_compare, finetune=run_finetune, segment=run_segment)
@@ -671,16 +561,13 @@ def main(argv=None):
         common.die('--data and --checkpoint are required for this preset')
     if cfg.schedule == 'cosine_epoch' and not cfg.epochs:
         common.die('--schedule=cosine_epoch steps once per epoch: give --epochs')
-    if not cfg.out_dir:
-        suffix = '' if cfg.backbone == 'checkpoint' else '_' + cfg.backbone
-        cfg.out_dir = os.path.join('out', 'eval', cfg.mode + suffix)
+    suffix = '' if cfg.backbone == 'checkpoint' else '_' + cfg.backbone
+    cfg.out_dir = cfg.out_dir or os.path.join('out', 'eval', cfg.mode + suffix)
     env = common.Env(cfg)
-    common.claim_out_dir(cfg, env)
     result = modes[cfg.mode](cfg, env)
-    if result is not None and cfg.mode != 'compare':  # compare printed its own table
-        env.print(f'{cfg.mode}: ' + ', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
-                                              for k, v in result.items()))
-    if result is not None:
+    if result is not None:  # compare printed its own table
+        env.print(*[] if cfg.mode == 'compare' else [f'{cfg.mode}: ' + ', '.join(
+            f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in result.items())])
         record(cfg, env, dict(mode=cfg.mode, checkpoint=cfg.checkpoint, backbone=cfg.backbone, **result))
     env.close()
     return result

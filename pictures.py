@@ -187,7 +187,6 @@ def run_codes(cfg, env):
 def main(argv=None):
     cfg = common.configure(Config(), {'demo': {}}, argv)
     env = common.Env(cfg)
-    common.claim_out_dir(cfg, env)
     result = dict(attention=run_attention, codebook=run_codebook, codes=run_codes)[cfg.mode](cfg, env)
     env.print(f'{cfg.mode}: ' + ', '.join(f'{k} {v}' for k, v in result.items()))
     env.close()

@@ -5,60 +5,39 @@ the training scripts never import it).
     python plot.py out/tokenizer out/pretrain out/eval/compare   # writes OUT_DIR/curves.png, results.png
     python plot.py --together=val_top1 out/ft/a out/ft/b         # one panel, a line per run: val_top1.png
 """
-import json
 import os
 import sys
 
+from common import read_log  # a line cut short (a full disk, a kill while writing) is dropped
+
 # what the logs hold that is not a training curve
-SKIP = {'step', 'time', 'img_per_s', 'eta_min', 'gnorm', 'quant_loss'}
+SKIP = {'step', 'img_per_s', 'eta_min', 'gnorm', 'quant_loss'}
 
 
-def read_jsonl(path):  # the rows; a line cut short (a full disk, a kill while writing) is skipped
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return rows
-
-
-def plot_curves(plt, rows, title, path):
-    """One panel per logged metric against the step (training lines and val_* scores, each from the
-    lines that hold it); mlm_acc_1 and mlm_acc_2 share a panel."""
-    keys = list(dict.fromkeys(k for r in rows for k, v in r.items()
+def plot_curves(plt, runs, title, path, only=None):
+    """One panel per logged metric against the step (training lines and val_* scores, each from the lines that
+    hold it), a line per run of `runs` ({name: rows}); mlm_acc_1 / _2 and loss_1 / _2 share a panel.
+    only: that metric's panel alone (several runs side by side, e.g. fine-tuning seeds against from scratch)."""
+    keys = list(dict.fromkeys(k for rows in runs.values() for r in rows for k, v in r.items()
                               if k not in SKIP and isinstance(v, (int, float)) and 'step' in r))
-    panels = [k for k in keys if k != 'mlm_acc_2' and k != 'loss_2']
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
+    panels = [only] if only else [k for k in keys if k not in ('mlm_acc_2', 'loss_2')]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 2 * bool(only), 2.8), squeeze=False)
     for ax, k in zip(axes[0], panels):
-        pair = {'mlm_acc_1': 'mlm_acc_2', 'loss_1': 'loss_2'}.get(k)
-        for name in [k] + ([pair] if pair in keys else []):
-            have = [r for r in rows if name in r and 'step' in r]
-            ax.plot([r['step'] for r in have], [r[name] for r in have], '.-' if len(have) < 20 else '-', label=name)
-        ax.set_title(k if pair not in keys else f'{k} / {pair}', fontsize=9)
+        pair = None if only else {'mlm_acc_1': 'mlm_acc_2', 'loss_1': 'loss_2'}.get(k)
+        names = [k] + ([pair] if pair in keys else [])
+        for run, rows in runs.items():
+            for name in names:
+                have = [r for r in rows if name in r and 'step' in r]
+                ax.plot([r['step'] for r in have], [r[name] for r in have], '.-' if len(have) < 20 else '-',
+                        label=run if len(runs) > 1 else name)
+        ax.set_title(' / '.join(names), fontsize=9)
         ax.set_xlabel('step', fontsize=8)
         ax.tick_params(labelsize=7)
         if k == 'lr':
             ax.ticklabel_format(axis='y', style='sci', scilimits=(0, 0))
-        if pair in keys:
+        if len(names) > 1 or len(runs) > 1:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_together(plt, runs, key, path):
-    """runs: {name: rows}. One panel: `key` against the step, a line per run (e.g. fine-tuning seeds
-    from the pretrained backbone beside those from scratch)."""
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for name, rows in runs.items():
-        have = [r for r in rows if key in r and 'step' in r]
-        ax.plot([r['step'] for r in have], [r[key] for r in have], '.-', label=name)
-    ax.set_xlabel('step')
-    ax.set_ylabel(key)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -108,17 +87,17 @@ def main(dirs):
         missing = [d for d in dirs if not os.path.exists(os.path.join(d, 'log.jsonl'))]
         if missing or not dirs:
             sys.exit(f'error: no log.jsonl in {", ".join(missing) or "(no folders given)"}')
-        plot_together(plt, {d: read_jsonl(os.path.join(d, 'log.jsonl')) for d in dirs}, key, f'{key}.png')
+        plot_curves(plt, {d: read_log(os.path.join(d, 'log.jsonl')) for d in dirs}, key, f'{key}.png', only=key)
         print(f'wrote {key}.png')
         return [f'{key}.png']
     written = []
     for d in dirs:
         log, res = os.path.join(d, 'log.jsonl'), os.path.join(d, 'result.json')
-        if os.path.exists(log) and read_jsonl(log):
-            plot_curves(plt, read_jsonl(log), d, os.path.join(d, 'curves.png'))
+        if os.path.exists(log) and read_log(log):
+            plot_curves(plt, {d: read_log(log)}, d, os.path.join(d, 'curves.png'))
             written.append(os.path.join(d, 'curves.png'))
-        if os.path.exists(res) and any(r.get('mode') == 'compare_run' for r in read_jsonl(res)):
-            plot_results(plt, read_jsonl(res), d, os.path.join(d, 'results.png'))
+        if os.path.exists(res) and any(r.get('mode') == 'compare_run' for r in read_log(res)):
+            plot_results(plt, read_log(res), d, os.path.join(d, 'results.png'))
             written.append(os.path.join(d, 'results.png'))
         if not os.path.exists(log) and not os.path.exists(res):
             sys.exit(f'error: {d} has neither log.jsonl nor result.json')

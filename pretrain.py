@@ -8,15 +8,12 @@ early_layers (9 of 12 in ViT-B).
         --tokenizer=vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth --accum=2
 Settings are --key=value (see Config); README.md has the recipes.
 """
-import contextlib
 import os
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import beitv2
 import common
@@ -24,13 +21,9 @@ import data
 
 
 @dataclass
-class Config:
-    preset: str = 'demo'
-    # data
-    data: str = 'demo'              # 'demo', ImageNet-layout folder, or cifar10:ROOT, stl10:ROOT, ...
+class Config(common.Run):
     img_size: int = common.at_least(1, None)  # None: the --model's (as the settings marked so below)
     min_crop_scale: float = common.above(0, 0.2)  # RandomResizedCrop scale range (paper recipe: 0.2)
-    workers: int = common.at_least(0, 2)  # DataLoader processes per rank (masks are made there too)
     tokenizer: str = 'out/tokenizer/ckpt.pt'  # ours or an official vqkd_*.pth file
     # model: an architecture of beitv2.PRESETS; None = its value (vocab_size = the tokenizer's codebook size)
     model: str = 'beitv2_demo'      # beitv2_base_patch16_224, beitv2_large_patch16_224, ...
@@ -44,30 +37,8 @@ class Config:
     drop_path: float = common.at_least(0, 0.0)
     num_mask: int = -1              # masked patches per image; -1 = round(n * 75 / 196) (75 of 196)
     min_mask_block: int = -1        # smallest mask block; -1 = max(2, round(16 n / 196))
-    # optimisation
-    batch_size: int = common.at_least(1, 64)  # per rank; effective = batch_size * accum * world
-    accum: int = common.at_least(1, 1)
-    recipe_batch: int = common.at_least(0, 0)  # presets: the official run's images per step; another says so
-    epochs: int = common.at_least(0, 0)  # > 0: steps and warmup_steps come from epochs at start
-    warmup_epochs: int = common.at_least(0, 0)
-    steps: int = common.at_least(1, 500)
-    warmup_steps: int = common.at_least(0, 50)
-    lr: float = common.above(0, 1.5e-3)  # peak lr, absolute (not scaled by batch size; official)
-    min_lr: float = common.at_least(0, 1e-5)
-    weight_decay: float = common.at_least(0, 0.05)
-    betas: tuple = common.betas((0.9, 0.999))
     clip_grad: float = common.at_least(0, 3.0)
-    # run
-    device: str = ''
-    dtype: str = common.one_of('', 'fp32', 'bf16', 'fp16')  # '' = bf16 on CUDA and on CPUs with bf16 units
-    compile: bool = False
-    seed: int = 0
     out_dir: str = 'out/pretrain'
-    resume: str = ''
-    allow_change: str = ''          # resume: settings that may differ from the checkpoint's, e.g. steps
-    log_every: int = common.at_least(1, 25)
-    ckpt_every: int = common.at_least(1, 250)
-    stop_after: int = common.at_least(0, 0)
 
 
 BASE = dict(data='', tokenizer='', model='beitv2_base_patch16_224', batch_size=128, recipe_batch=2048,
@@ -125,7 +96,6 @@ def main(argv=None):
     if cfg.img_size % cfg.patch_size:
         common.die(f'img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}')
     env = common.Env(cfg)
-    common.claim_out_dir(cfg, env)
     try:
         tokenizer = beitv2.load_tokenizer(common.read_checkpoint(cfg.tokenizer)).to(env.device)
     except (ValueError, KeyError) as e:
@@ -140,62 +110,33 @@ def main(argv=None):
         common.die(f'--num_mask / --min_mask_block: {e} ({grid}x{grid} patches)')
     dataset = data.build_dataset(cfg.data, 'train', cfg.img_size)
     views = TwoViews(cfg.img_size, tokenizer.cfg.img_size, cfg.min_crop_scale, masker)
-    loader, sampler = data.make_loader(dataset, views, cfg.batch_size, cfg.workers, cfg.seed, env)
-    steps_per_epoch, per_step = common.steps_from_epochs(cfg, env, len(dataset))
-    common.print_setup(cfg, env, steps_per_epoch, per_step)
     env.print(f'masking {masker.num} of {grid * grid} patches per image (blocks >= {masker.min_num}); '
               f'vocabulary {tokenizer.cfg.codebook_size} codes')
 
     mcfg = common.model_config(cfg, vocab_size=tokenizer.cfg.codebook_size)
     model = beitv2.BEiTv2(mcfg).to(env.device)
-    groups = common.param_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)  # fused: one kernel for all
-    step, _ = common.resume(cfg, env, model, optimizer, inputs=('tokenizer',))
-    ddp_model = DDP(model, forward_sync_buffers=False) if env.ddp else model  # buffers are derived
-    run = torch.compile(ddp_model) if cfg.compile else ddp_model
+    optimizer = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                  fused=True)  # fused: one kernel for all parameters
+    counts = torch.zeros(tokenizer.cfg.codebook_size, dtype=torch.long, device=env.device)  # codes since the last log
 
-    def save():
-        common.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
-                               optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
-                               config=asdict(cfg), model_config=asdict(mcfg))
+    def step(run, batch):
+        (images, tok_images, mask), _ = batch
+        images, mask = images.to(env.device, non_blocking=True), mask.to(env.device, non_blocking=True)
+        with torch.no_grad(), env.target_autocast():
+            codes = tokenizer.encode(tok_images.to(env.device, non_blocking=True))  # (B, n) targets
+        logits, losses = run(images, mask, codes, num_masked=masker.num)  # static shapes
+        counts.index_add_(0, codes.flatten(), torch.ones_like(codes.flatten()))
+        labels = beitv2.masked_rows(codes, mask, masker.num)
+        return losses['loss'], official_names({name: dict(loss=losses[f'loss_{name}'].detach(),
+                                                          acc=(lg.argmax(-1) == labels).float().mean())
+                                               for name, lg in logits.items()})
 
-    counts = torch.zeros(tokenizer.cfg.codebook_size, device=env.device)  # target codes since last log
-    start, t0 = step, time.time()
-    log = common.Logger(cfg, env, step)
-    batches = data.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
-    while step < cfg.steps:
-        lr = common.get_lr(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr)
-        common.set_lr(optimizer, lr)
-        model.train()
-        for micro in range(cfg.accum):
-            (images, tok_images, mask), _ = next(batches)
-            images, mask = images.to(env.device, non_blocking=True), mask.to(env.device, non_blocking=True)
-            with torch.no_grad(), env.target_autocast():
-                codes = tokenizer.encode(tok_images.to(env.device, non_blocking=True))  # (B, n) targets
-            sync = micro == cfg.accum - 1 or not env.ddp
-            with (ddp_model.no_sync() if not sync else contextlib.nullcontext()), env.autocast():
-                logits, losses = run(images, mask, codes, num_masked=masker.num)  # static shapes
-                env.scaler.scale(losses['loss'] / cfg.accum).backward()
-            counts += torch.bincount(codes.flatten(), minlength=len(counts))
-        gnorm = common.optimizer_step(env, optimizer, cfg.clip_grad)
-        step += 1
-        loss = losses['loss'].item()
-        common.check_finite(loss, step, cfg)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            labels = beitv2.masked_rows(codes, mask, masker.num)
-            branches = {name: dict(loss=losses[f'loss_{name}'].item(),
-                                   acc=(lg.argmax(-1) == labels).float().mean().item()) for name, lg in logits.items()}
-            usage = common.code_usage(env.all_reduce(counts))
-            log(step, cfg.steps, per_step, loss=loss, **official_names(branches),
-                unused_codes=usage['unused'], lr=lr, gnorm=gnorm)
-            counts.zero_()
-        stop = cfg.stop_after and step - start >= cfg.stop_after
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
-            save()
-        if stop:
-            break
-    env.print(f'done: {step} steps ({step - start} in this run, {time.time() - t0:.0f} s); '
-              f'model in {cfg.out_dir}/ckpt.pt')
+    def at_log():  # the target codes used since the last log line, on all ranks
+        unused = common.code_usage(env.all_reduce(counts))['unused']
+        counts.zero_()
+        return dict(unused_codes=unused)
+    common.fit(cfg, env, model, optimizer, dataset, views, step, inputs=('tokenizer',), model_config=asdict(mcfg),
+               sync_buffers=False, at_log=at_log)  # buffers are derived: no broadcasts
     env.close()
     return model
 

@@ -6,12 +6,10 @@ teacher's patch features from the codes alone (cosine loss).
     torchrun --nproc_per_node=8 train_tokenizer.py --preset=clip_3x --data=/data/imagenet
 Settings are --key=value (see Config); README.md has the recipes.
 """
-import contextlib
 import importlib
 import io
 import os
 import pickle
-import time
 import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -19,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
+import torchvision.transforms.functional as TF
 
 import beitv2
 import common
@@ -27,13 +25,9 @@ import data
 
 
 @dataclass
-class Config:
-    preset: str = 'demo'
-    # data
-    data: str = 'demo'              # 'demo', ImageNet-layout folder, or cifar10:ROOT, stl10:ROOT, ...
+class Config(common.Run):
     img_size: int = common.at_least(1, None)  # crop size seen by tokenizer and teacher; None: --model's
     min_crop_scale: float = common.above(0, 0.08)  # RandomResizedCrop scale range (min_crop_scale, 1)
-    workers: int = common.at_least(0, 2)  # DataLoader processes per rank
     # tokenizer: an architecture of beitv2.PRESETS; None = its value (teacher_dim = the teacher's)
     model: str = 'vqkd_demo'        # vqkd_encoder_base_decoder_3x768x12_clip, ...
     patch_size: int = common.at_least(2, None)
@@ -47,33 +41,13 @@ class Config:
     # teacher: 'hog' / 'hog_colour' (demo, no weights), 'clip', 'dino', or 'tv:MODEL[:NODE]' (torchvision)
     teacher: str = 'hog'
     teacher_weights: str = ''       # local weights file for clip / dino / tv teachers
-    # optimisation
-    batch_size: int = common.at_least(1, 64)  # per rank; effective = batch_size * accum * world
-    accum: int = common.at_least(1, 1)   # gradient accumulation steps
-    recipe_batch: int = common.at_least(0, 0)  # presets: the official run's images per step; another says so
-    epochs: int = common.at_least(0, 0)  # > 0: steps and warmup_steps come from epochs at start
-    warmup_epochs: int = common.at_least(0, 0)
     steps: int = common.at_least(1, 600)
-    warmup_steps: int = common.at_least(0, 50)
-    lr: float = common.above(0, 1e-3)    # per 128 images: peak lr = lr * effective batch / 128 (official)
-    min_lr: float = common.at_least(0, 1e-5)
+    lr: float = common.above(0, 1e-3)  # per 128 images: peak lr = lr * effective batch / 128 (official)
     weight_decay: float = common.at_least(0, 1e-4)
     betas: tuple = common.betas((0.9, 0.99))
-    clip_grad: float = common.at_least(0, 0.0)  # 0 = no clipping (official)
-    # run
-    device: str = ''                # '' = cuda if available; 'cpu' forces the CPU
-    dtype: str = common.one_of('', 'fp32', 'bf16', 'fp16')  # '' = bf16 on CUDA and on CPUs with bf16 units
-    compile: bool = False           # torch.compile the tokenizer
-    seed: int = 0
-    out_dir: str = 'out/tokenizer'
-    resume: str = ''                # checkpoint to continue from; default OUT_DIR/ckpt.pt if present
-    allow_change: str = ''          # resume: settings that may differ from the checkpoint's, e.g. steps,lr
-    log_every: int = common.at_least(1, 20)
     eval_every: int = common.at_least(0, 0)  # > 0: val split every N steps and at the end: reconstruction loss,
     #                                 codebook usage (official --calculate_codebook_usage); log: val_*
-    ckpt_every: int = common.at_least(1, 100)
-    stop_after: int = common.at_least(0, 0)  # > 0: checkpoint and exit after this many steps of this run
-
+    out_dir: str = 'out/tokenizer'
 
 IMAGENET = dict(data='', lr=5e-5, batch_size=64, recipe_batch=512, epochs=100, warmup_epochs=10, workers=10,
                 log_every=100, ckpt_every=2500)
@@ -172,7 +146,7 @@ class CLIPVisual(nn.Module):
         return model
 
     def forward(self, images):                                     # [0, 1] -> (B, n, out_dim)
-        x = (images - images.new_tensor(self.mean)[:, None, None]) / images.new_tensor(self.std)[:, None, None]
+        x = TF.normalize(images, self.mean, self.std)
         x = self.conv1(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], 1) + self.positional_embedding
         x = self.ln_pre(x)
@@ -262,8 +236,7 @@ class DINOTeacher(nn.Module):
         beitv2.load_state(self.vit, sd)
 
     def forward(self, images):
-        mean, std = images.new_tensor(data.IMAGENET_MEAN), images.new_tensor(data.IMAGENET_STD)
-        return self.vit.forward_patch_tokens((images - mean[:, None, None]) / std[:, None, None])
+        return self.vit.forward_patch_tokens(TF.normalize(images, data.IMAGENET_MEAN, data.IMAGENET_STD))
 
 
 def load_dino(path):
@@ -297,8 +270,7 @@ class TorchvisionTeacher(nn.Module):
         self.grid = grid
 
     def forward(self, images):
-        mean, std = images.new_tensor(data.IMAGENET_MEAN), images.new_tensor(data.IMAGENET_STD)
-        f = self.body((images - mean[:, None, None]) / std[:, None, None])['f']
+        f = self.body(TF.normalize(images, data.IMAGENET_MEAN, data.IMAGENET_STD))['f']
         return F.adaptive_avg_pool2d(f, self.grid).flatten(2).transpose(1, 2)
 
 
@@ -340,7 +312,7 @@ def validate(model, teacher, val, cfg, env):
         total += torch.tensor([losses['rec_loss'].item() * len(images), len(images)], device=env.device)
     usage = common.code_usage(env.all_reduce(counts))
     loss, n = env.all_reduce(total).tolist()
-    return dict(val_rec_loss=loss / n, val_unused_codes=usage['unused'], val_perplexity=usage['perplexity'])
+    return dict(rec_loss=loss / n, unused_codes=usage['unused'], perplexity=usage['perplexity'])
 
 
 def main(argv=None):
@@ -356,15 +328,8 @@ def main(argv=None):
                    f'{cfg.batch_size} images give {cfg.batch_size * (cfg.img_size // cfg.patch_size) ** 2}: '
                    'raise --batch_size or lower --codebook_size')
     env = common.Env(cfg)
-    common.claim_out_dir(cfg, env)
     dataset = data.build_dataset(cfg.data, 'train', cfg.img_size)
     val = data.build_dataset(cfg.data, 'val', cfg.img_size) if cfg.eval_every else None
-    crops = data.CropTransform(cfg.img_size, cfg.min_crop_scale)
-    loader, sampler = data.make_loader(dataset, crops, cfg.batch_size, cfg.workers, cfg.seed, env)
-    steps_per_epoch, per_step = common.steps_from_epochs(cfg, env, len(dataset))
-    cfg.lr = cfg.lr * per_step / 128  # official: lr scaled by the effective batch size
-    common.print_setup(cfg, env, steps_per_epoch, per_step)
-
     teacher = build_teacher(cfg).to(env.device)
     with torch.no_grad():
         probe = teacher(torch.zeros(1, 3, cfg.img_size, cfg.img_size, device=env.device))
@@ -373,59 +338,29 @@ def main(argv=None):
         common.die(f'teacher gives {probe.shape[1]} tokens, the tokenizer {grid * grid}: match img_size/patch_size')
     mcfg = common.model_config(cfg, teacher_dim=probe.shape[-1])
     model = beitv2.VQKD(mcfg).to(env.device)
-    groups = common.param_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)  # fused: one kernel for all
-    step, _ = common.resume(cfg, env, model, optimizer, common.RUN_ONLY + ('eval_every',),
-                            inputs=('teacher_weights',))
-    # the codebook is a buffer that is kept in sync by its own all-reduces, not by DDP broadcasts
-    ddp_model = DDP(model, forward_sync_buffers=False) if env.ddp else model
-    run = torch.compile(ddp_model) if cfg.compile else ddp_model
+    optimizer = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                  fused=True)  # fused: one kernel for all parameters
+    counts = torch.zeros(cfg.codebook_size, dtype=torch.long, device=env.device)  # codes since the last log
 
-    def save():
-        common.save_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), env, model=model.state_dict(),
-                               optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), step=step,
-                               config=asdict(cfg), model_config=asdict(mcfg))
+    def step(run, batch):
+        images = batch[0].to(env.device, non_blocking=True)
+        with torch.no_grad():
+            target = teacher(images)
+        _, codes, losses = run(images, target)
+        counts.index_add_(0, codes.flatten(), torch.ones_like(codes.flatten()))
+        return losses['loss'], dict(rec_loss=losses['rec_loss'].detach(), quant_loss=losses['quant_loss'].detach())
 
-    counts = torch.zeros(cfg.codebook_size, device=env.device)          # code histogram since last log
-    start, t0 = step, time.time()
-    log = common.Logger(cfg, env, step)
-    batches = data.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
-    while step < cfg.steps:
-        lr = common.get_lr(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr)
-        common.set_lr(optimizer, lr)
-        model.train()
-        for micro in range(cfg.accum):
-            images, _ = next(batches)
-            images = images.to(env.device, non_blocking=True)
-            with torch.no_grad(), env.autocast():
-                target = teacher(images)
-            sync = micro == cfg.accum - 1 or not env.ddp
-            with (ddp_model.no_sync() if not sync else contextlib.nullcontext()), env.autocast():
-                _, codes, losses = run(images, target)
-                env.scaler.scale(losses['loss'] / cfg.accum).backward()
-            counts += torch.bincount(codes.flatten(), minlength=cfg.codebook_size)
-        gnorm = common.optimizer_step(env, optimizer, cfg.clip_grad)
-        step += 1
-        loss = losses['loss'].item()
-        common.check_finite(loss, step, cfg)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            usage = common.code_usage(env.all_reduce(counts))
-            log(step, cfg.steps, per_step, loss=loss, rec_loss=losses['rec_loss'].item(),
-                quant_loss=losses['quant_loss'].item(), unused_codes=usage['unused'],
-                perplexity=usage['perplexity'], lr=lr, gnorm=gnorm)
-            counts.zero_()
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            log.scores(step, **validate(model, teacher, val, cfg, env))
-        stop = cfg.stop_after and step - start >= cfg.stop_after
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
-            save()
-        if stop:
-            break
-    env.print(f'done: {step} steps ({step - start} in this run, {time.time() - t0:.0f} s); '
-              f'tokenizer in {cfg.out_dir}/ckpt.pt')
+    def at_log():  # the codes used since the last log line, on all ranks
+        usage = common.code_usage(env.all_reduce(counts))
+        counts.zero_()
+        return dict(unused_codes=usage['unused'], perplexity=usage['perplexity'])
+    peak = cfg.lr * cfg.batch_size * cfg.accum * env.world / 128  # official: lr scaled by the effective batch
+    # the codebook is a buffer kept in sync by its own all-reduces, not by DDP broadcasts
+    common.fit(cfg, env, model, optimizer, dataset, data.CropTransform(cfg.img_size, cfg.min_crop_scale), step,
+               None if val is None else lambda m: validate(m, teacher, val, cfg, env), 'rec_loss', higher=False,
+               lr=peak, inputs=('teacher_weights',), model_config=asdict(mcfg), sync_buffers=False, at_log=at_log)
     env.close()
     return model
-
 
 if __name__ == '__main__':
     main()
