@@ -71,31 +71,26 @@ def official_model(root, cfg):
             norm_layer=lambda dim: torch.nn.LayerNorm(dim, eps=1e-6), use_abs_pos_emb=False,
             use_shared_rel_pos_bias=True, early_layers=cfg.early_layers, head_layers=cfg.head_layers)
 
-def stepper(opt, loss_fn, device, amp, clip=0.0):
-    """A closure: loss_fn() under autocast (amp None: fp32), backward, common.optimizer_step; -> the loss."""
-    env = types.SimpleNamespace(scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16))
-
-    def step():
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = loss_fn()
-        env.scaler.scale(loss).backward()
-        common.optimizer_step(env, opt, clip)
-        return loss.item()
-    return step
-
 def make_step(model, images, mask, targets, amp=None, num_masked=None, encode=None, tok_images=None, official=False):
-    """A closure that runs one student step as the official engine (CE of both heads summed, clip 3.0, AdamW)
-    and returns the loss. encode(tok_images) makes the targets (the full step); official: an official model."""
+    """A closure that runs one student step as the official engine (CE of both heads summed, under autocast
+    unless amp is None; backward, clip 3.0, AdamW) and returns the loss. encode(tok_images) makes the targets
+    (the full step); official: an official model."""
     opt = torch.optim.AdamW(common.param_groups(model, 0.05), lr=1.5e-3, betas=(0.9, 0.999), fused=not official)
+    env = types.SimpleNamespace(scaler=torch.amp.GradScaler(images.device.type, enabled=amp == torch.float16))
     model.train()
 
-    def loss():
+    def step():
         with torch.no_grad():
             codes = targets if encode is None else encode(tok_images)
-        if official:
-            return sum(F.cross_entropy(x.float(), codes[mask]) for x in model(images, bool_masked_pos=mask))
-        return model(images, mask, codes, num_masked=num_masked)[1]['loss']
-    return stepper(opt, loss, images.device, amp, clip=3.0)
+        with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
+            if official:
+                loss = sum(F.cross_entropy(x.float(), codes[mask]) for x in model(images, bool_masked_pos=mask))
+            else:
+                loss = model(images, mask, codes, num_masked=num_masked)[1]['loss']
+        env.scaler.scale(loss).backward()
+        common.optimizer_step(env, opt, 3.0)
+        return loss.item()
+    return step
 
 def timed(fns, steps, warmup, device):
     """Alternate the named closures (each returns a float: the device has finished) step by step.

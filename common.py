@@ -126,7 +126,7 @@ class Run:
     """The settings every stage shares: what it trains on, how long, how, where. Each script's Config
     adds its own and may change a default here."""
     preset: str = 'demo'
-    data: str = 'demo'              # 'demo' (demo:N: N images), an ImageNet-layout folder, or cifar10:ROOT, ...
+    data: str = rule('demo', 'given: demo, demo:N, an ImageNet folder (ROOT/train, ROOT/val), cifar10:ROOT, ...', bool)
     workers: int = at_least(0, 2)   # DataLoader processes per rank
     batch_size: int = at_least(1, 64)  # per rank; effective = batch_size * accum * world
     accum: int = at_least(1, 1)     # gradient accumulation steps
@@ -197,9 +197,8 @@ class Env:
 
     def target_autocast(self):  # pretraining targets: fp16 on CUDA under mixed precision, as the official
         #                           engine (bf16 flips more near-tie codes: docs/speed.md); else the step's dtype
-        if self.device.type == 'cuda' and self.amp_dtype is not None:
-            return torch.autocast('cuda', dtype=torch.float16)
-        return self.autocast()
+        cuda = self.device.type == 'cuda' and self.amp_dtype is not None
+        return torch.autocast('cuda', dtype=torch.float16) if cuda else self.autocast()
 
     def print(self, *a):
         if self.master:
@@ -400,7 +399,6 @@ def check_same_run(cfg, env, saved, path, inputs=None):
     """One-line error naming the first setting that differs from the checkpoint's config: a setting's
     value, or the content of an input file (--checkpoint, --tokenizer, ...) it names."""
     now = dict(asdict(cfg), world=env.world)
-
     allowed = {k.strip() for k in cfg.allow_change.split(',') if k.strip()}
     for key, value in now.items():
         if key in RUN_ONLY or key in allowed or key not in saved:
@@ -500,11 +498,11 @@ def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, met
     evaluation every --eval_every steps and at the end, atomic checkpoints and bit-exact resume.
     step_fn(run, batch) -> (loss, stats): one micro-batch's loss and a dict of tensors for the log line;
     at_log() -> more numbers for it (e.g. the codes used since the last one). score(model) -> dict of
-    scores (None: no val split); the best `metric` of them is kept, with its weights in OUT_DIR/best.pt
-    when scored periodically. lr: the peak lr (default cfg.lr). The host reads the device only at log,
-    evaluation and checkpoint steps: finiteness is gathered on the device and checked there, so a NaN never
-    overwrites a good checkpoint. -> the final scores, best_METRIC and best_step; dict(step) without score;
-    None when --stop_after ended it."""
+    scores (None: no val split); the best `metric` is kept, its weights in OUT_DIR/best.pt when scored
+    periodically. lr: the peak lr (default cfg.lr). quiet: no lines, no resume (the compare mode's probes).
+    The host reads the device only at log, evaluation and checkpoint steps: finiteness is gathered on the
+    device and checked there, so a NaN never overwrites a good checkpoint. -> the final scores, best_METRIC
+    and best_step; dict(step) without score; None when --stop_after ended it."""
     lr = lr or cfg.lr
     per_step = cfg.batch_size * cfg.accum * env.world  # images per optimizer step
     steps_per_epoch = len(dataset) // per_step
@@ -520,7 +518,7 @@ def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, met
         print_setup(cfg, env, steps_per_epoch, per_step, lr)
     every = getattr(cfg, 'eval_every', 0)
     every = (every if every >= 0 else steps_per_epoch if cfg.epochs else 0) if score else 0
-    step, kept = resume(cfg, env, model, optimizer, inputs)
+    step, kept = (0, {}) if quiet else resume(cfg, env, model, optimizer, inputs)
     best, final, start, t0 = kept.get('best'), None, step, time.time()  # best: what a resumed run had seen
     ddp = DDP(model, forward_sync_buffers=sync_buffers) if env.ddp else model
     run = torch.compile(ddp) if cfg.compile else ddp

@@ -219,10 +219,9 @@ def pooled(backbone, images, cfg):
 # ----------------------------------------------------------- shared by the modes: data, features, training loop, scores
 
 
-def classification_data(cfg, split):
+def classification_data(cfg, split):  # -> (dataset, number of classes)
     ds = data.build_dataset(cfg.data, split, cfg.img_size)
-    classes = len(getattr(ds, 'classes', None) or data.DemoTextures.classes)
-    return ds, classes
+    return ds, len(ds.classes)
 
 
 class TrainTransform:
@@ -385,11 +384,8 @@ def run_knn(cfg, env):
     train, classes = classification_data(cfg, 'train')
     val, _ = classification_data(cfg, 'val')
     ev = data.eval_transform(cfg.img_size)
-
-    def features(x):
-        return pooled(backbone, x, cfg)
-    train_f, train_y = extract(features, data.Mapped(train, ev), cfg, env)
-    val_f, val_y = extract(features, data.Mapped(val, ev), cfg, env)
+    train_f, train_y = extract(lambda x: pooled(backbone, x, cfg), data.Mapped(train, ev), cfg, env)
+    val_f, val_y = extract(lambda x: pooled(backbone, x, cfg), data.Mapped(val, ev), cfg, env)
     return topk_acc(knn_classify(train_f, train_y, val_f, cfg.knn_k, cfg.knn_t, classes), val_y)
 
 # ------------------------------------------------------------- compare: both probes on every backbone (the quick start)
@@ -408,12 +404,7 @@ def run_compare(cfg, env):
         name = names[backbone]
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):
             sub = replace(cfg, backbone=backbone, seed=seed, out_dir=os.path.join(cfg.out_dir, f'{backbone}_{seed}'))
-            os.makedirs(sub.out_dir, exist_ok=True)
-            stale = os.path.join(sub.out_dir, 'ckpt.pt')  # a probe of an earlier checkpoint
-            if env.master and os.path.exists(stale):
-                os.remove(stale)
-            if env.ddp:
-                dist.barrier()
+            os.makedirs(sub.out_dir, exist_ok=True)  # a probe starts afresh (fit's quiet mode resumes nothing)
             torch.manual_seed(seed + env.rank)  # each probe as if run alone: 1 seed or 3, the same numbers
             runs = [('linear probe', run_linear(sub, env, quiet=True)['top1'])]
             if seed == cfg.seed or backbone == 'random':
@@ -557,8 +548,8 @@ def trained_segmenter(cfg, sd, heads, mcfg):
 def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)
     modes = dict(linear=run_linear, knn=run_knn, compare=run_compare, finetune=run_finetune, segment=run_segment)
-    if not cfg.data or not cfg.checkpoint:
-        common.die('--data and --checkpoint are required for this preset')
+    if not cfg.checkpoint:
+        common.die('--checkpoint is required for this preset')
     if cfg.schedule == 'cosine_epoch' and not cfg.epochs:
         common.die('--schedule=cosine_epoch steps once per epoch: give --epochs')
     suffix = '' if cfg.backbone == 'checkpoint' else '_' + cfg.backbone

@@ -5,7 +5,8 @@
 #   2. torchrun --nproc_per_node=1 (NCCL) of train_tokenizer.py and pretrain.py, 20 steps, bf16,
 #      compile off and on, beside the same runs without torchrun: losses side by side, recompiles counted;
 #   3. bench.py, ViT-B/16 at 224: ours bf16 (+ compile) against the official fp16 recipe in the same process,
-#      and a kernel table of the full step.
+#      and a kernel table of the compiled full step;
+#   4. each stage's run with torch.cuda.set_sync_debug_mode('error') between its log steps (no host sync).
 #     OFFICIAL_BEIT2=/path/to/unilm/beit2 OUT=gpu_out bash gpu_check.sh
 #     TEST_DEVICE=cpu MODEL=beitv2_tiny_patch16_224 BATCH=4 bash gpu_check.sh     # a dry run of the script on a CPU
 # The official side needs timm and einops; .official/site is added to PYTHONPATH if they are missing.
@@ -67,8 +68,33 @@ grep -h "codes differ" "$OUT/pytest.log"
 
 echo "== 3. speed, $MODEL, batch $BATCH"
 BENCH="python3 bench.py --model=$MODEL --batch_size=$BATCH --steps=10 --warmup=3"
-{ timeout 200 $BENCH --dtype=bf16 --compile=True --what=pretrain --official=$OFFICIAL
-  timeout 100 $BENCH --dtype=bf16 --what=pretrain --official=$OFFICIAL --profile=True
+{ timeout 260 $BENCH --dtype=bf16 --compile=True --what=pretrain --official=$OFFICIAL --profile=True
+  timeout 100 $BENCH --dtype=bf16 --what=pretrain --official=$OFFICIAL
 } 2>&1 | grep -v Warning | tee "$OUT/bench.log"
+
+echo "== 4. no host sync between log steps: set_sync_debug_mode('error') at every other step of each stage"
+python3 - <<'EOF' 2>&1 | grep -E "SYNC CHECK" | tee "$OUT/sync.txt"
+import torch, common, evaluate, pretrain, train_tokenizer
+LOG, STEPS, steps, set_lr = 5, 20, [], common.set_lr
+def guarded(opt, lr):  # the step about to run (1-based): 'error' unless it is the first, a log or the last step
+    steps.append(lr)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error' if len(steps) > 1 and len(steps) % LOG else 'default')
+    set_lr(opt, lr)
+common.set_lr = guarded
+run = ['--dtype=bf16', f'--steps={STEPS}', f'--log_every={LOG}', '--ckpt_every=1000', '--workers=2']
+for name, main, args in [('tokenizer', train_tokenizer.main, ['--out_dir=/tmp/s_tok']),
+                         ('pretrain', pretrain.main, ['--tokenizer=/tmp/s_tok/ckpt.pt', '--out_dir=/tmp/s_pre']),
+                         ('finetune', evaluate.main, ['--mode=finetune', '--checkpoint=/tmp/s_pre/ckpt.pt', '--lr=1e-3',
+                                                      '--eval_every=0', '--out_dir=/tmp/s_ft'])]:
+    steps.clear()
+    try:
+        main(run + args)
+        print(f'SYNC CHECK {name}: {len(steps)} steps, no host sync between log steps', flush=True)
+    except Exception as e:  # the sync error names the operation
+        print(f'SYNC CHECK {name}: FAILED at step {len(steps)}: {type(e).__name__}: {str(e)[:300]}', flush=True)
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+EOF
 tar czf "$OUT/logs.tgz" -C "$W" .
 echo "== done"

@@ -8,6 +8,7 @@ visualize_attention.py and test_get_code.py, and the paper's codebook picture).
 Settings are --key=value (see Config); the pictures go to OUT_DIR.
 """
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ class Config:
     image: str = ''                 # image file; '' = the first val image of --data
     img_size: int = common.at_least(1, 32)  # attention: the input size (tables resized as for fine-tuning)
     layer: int = -1                 # attention: the block (0-based); -1 = last
-    query: str = 'cls'              # attention of: cls, or a patch ROW,COL (0-based)
+    query: str = common.rule('cls', 'cls or ROW,COL', lambda v: re.fullmatch(r'cls|\d+,\d+', v))  # 0-based patch
     batch_size: int = common.at_least(1, 64)  # codebook: images encoded at a time
     device: str = ''
     dtype: str = 'fp32'
@@ -91,17 +92,10 @@ def run_attention(cfg, env):
     the relative position tables are resized as for fine-tuning)."""
     sd, mcfg = evaluate.load_weights(cfg.checkpoint)
     backbone = evaluate.build_backbone(cfg, sd, mcfg, num_classes=0, drop_path=0.0).to(env.device).eval()
-    h, w = backbone.grid
-    p = backbone.cfg.patch_size
-    if cfg.query == 'cls':
-        row = col = None
-    else:
-        try:
-            row, col = (int(v) for v in cfg.query.split(','))
-        except ValueError:
-            common.die(f'--query must be cls or ROW,COL, got {cfg.query!r}')
-        if not (0 <= row < h and 0 <= col < w):
-            common.die(f'--query {row},{col} is outside the {h}x{w} patch grid')
+    (h, w), p = backbone.grid, backbone.cfg.patch_size
+    row, col = (None, None) if cfg.query == 'cls' else map(int, cfg.query.split(','))
+    if row is not None and not (row < h and col < w):
+        common.die(f'--query {row},{col} is outside the {h}x{w} patch grid')
     layer = common.block_index(cfg.layer, backbone.cfg.depth)
     x, shown = picture_input(cfg, cfg.img_size, normalize=True)
     probs = attention_probs(backbone, x.to(env.device), layer)[0].float().cpu()  # (nh, N, N)

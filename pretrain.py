@@ -88,8 +88,6 @@ def official_names(branches):
 
 def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)
-    if not cfg.data:
-        common.die('--data is required for this preset (ImageNet folder with train/ and val/)')
     if not cfg.tokenizer or not os.path.exists(cfg.tokenizer):
         common.die(f'tokenizer {cfg.tokenizer!r} not found: run `python train_tokenizer.py` first (demo), '
                    'or pass --tokenizer=vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth')

@@ -594,10 +594,9 @@ def layout(name):
     return json.loads(LAYOUTS.read_text())['layouts'][name]
 
 
-def random_state(lay):
+def random_state(lay):  # zeros, and random fc1 weights (the ones checked): filling 300M numbers takes seconds
     dt = {'float32': torch.float32, 'int64': torch.int64}
-    return {k: torch.randn(s) if dt[d] == torch.float32 else torch.zeros(s, dtype=torch.int64)
-            for k, (s, d) in lay.items()}
+    return {k: torch.randn(s) if k.endswith('fc1.weight') else torch.zeros(s, dtype=dt[d]) for k, (s, d) in lay.items()}
 
 
 def full_size_models():
@@ -617,7 +616,10 @@ def full_size_models():
 
 
 @pytest.mark.parametrize('name,build', list(full_size_models()), ids=[n for n, _ in full_size_models()])
-def test_full_size_layouts_load_and_export(name, build):
+def test_full_size_layouts_load_and_export(name, build, monkeypatch):
+    for m in (torch.nn.Linear, torch.nn.Conv2d):  # the weights are loaded: no random init (seconds at this size)
+        monkeypatch.setattr(m, 'reset_parameters', lambda self: None)
+    monkeypatch.setattr(beitv2, 'trunc_normal_', lambda t, *a, **k: t)
     lay = layout(name)
     sd = random_state(lay)
     for k in sd:

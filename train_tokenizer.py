@@ -146,10 +146,8 @@ class CLIPVisual(nn.Module):
         return model
 
     def forward(self, images):                                     # [0, 1] -> (B, n, out_dim)
-        x = TF.normalize(images, self.mean, self.std)
-        x = self.conv1(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], 1) + self.positional_embedding
-        x = self.ln_pre(x)
+        x = self.conv1(TF.normalize(images, self.mean, self.std)).flatten(2).transpose(1, 2)
+        x = self.ln_pre(torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], 1) + self.positional_embedding)
         for blk in self.transformer.resblocks:
             x = blk(x)
         return self.ln_post(x)[:, 1:] @ self.proj
@@ -317,8 +315,6 @@ def validate(model, teacher, val, cfg, env):
 
 def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)
-    if not cfg.data:
-        common.die('--data is required for this preset (ImageNet folder with train/ and val/)')
     if cfg.img_size % cfg.patch_size or cfg.patch_size % 2:
         common.die(f'img_size {cfg.img_size} must be divisible by patch_size {cfg.patch_size} (even)')
     if cfg.decay >= 1:

@@ -86,15 +86,9 @@ class Segmenter(nn.Module):
 def split_mmseg(sd):
     """An mmseg UperNet state dict (backbone.*, decode_head.*, auxiliary_head.*) -> (the ViT's
     state dict, the rest in our Segmenter's names: the official backbone holds fpn1/fpn2)."""
-    vit, rest = {}, {}
-    for k, v in sd.items():
-        if k.startswith(('backbone.fpn1.', 'backbone.fpn2.')):
-            rest[k[len('backbone.'):]] = v
-        elif k.startswith('backbone.'):
-            vit[k[len('backbone.'):]] = v
-        else:
-            rest[k] = v
-    return vit, rest
+    fpn, vit = ('backbone.fpn1.', 'backbone.fpn2.'), 'backbone.'
+    return ({k[len(vit):]: v for k, v in sd.items() if k.startswith(vit) and not k.startswith(fpn)},
+            {k.removeprefix(vit): v for k, v in sd.items() if not k.startswith(vit) or k.startswith(fpn)})
 
 
 def seg_loss(logits, target):
