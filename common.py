@@ -556,13 +556,13 @@ def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, met
             final = scores = score(model)
             if not quiet:
                 log(step, {f'val_{k}': v for k, v in scores.items()})
-            if best is None or (scores[metric] > best[metric]) == higher and scores[metric] != best[metric]:
+            if best is None or (scores[metric] > best[metric] if higher else scores[metric] < best[metric]):
                 best = dict(scores, step=step)
                 if every:  # official checkpoint-best: the weights of the best evaluation
                     save('best.pt', scores=scores)
         if ckpt:
             save('ckpt.pt', optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), loop=dict(best=best))
-        if stop:
+        if stop and step < cfg.steps:
             return None
     if not quiet:
         env.print(f'done: {step} steps ({step - start} in this run, {time.time() - t0:.0f} s); {cfg.out_dir}/ckpt.pt')
