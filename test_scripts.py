@@ -947,7 +947,7 @@ def test_readme_commands_run_and_the_quick_start_learns(tmp_path):
     learn = {'train_tokenizer.py': ['--steps=300'], 'pretrain.py': ['--steps=200'],
              'evaluate.py': ['--data=demo:2000', "--backbones=('checkpoint','random')", '--steps=100']}
     few = {'train_tokenizer.py': ['--steps=2', '--data=demo:64'], 'pretrain.py': ['--steps=2', '--data=demo:64'],
-           'evaluate.py': ['--steps=2', '--data=demo:48'], 'pictures.py': ['--img_size=32', '--data=demo:8']}
+           'evaluate.py': ['--steps=2', '--data=demo:48', '--batch_size=16'], 'pictures.py': ['--img_size=32', '--data=demo:8']}
     text = (HERE / 'README.md').read_text() + (HERE / 'docs' / 'results.md').read_text().replace('$S', '1')
     commands = [shlex.split(line.split('#')[0]) for line in text.splitlines() if line.startswith('    python ')
                 and not any(s in line for s in ('/data/', '$D', 'plot.py'))]  # not the sets we have not here
