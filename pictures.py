@@ -9,11 +9,13 @@ Settings are --key=value (see Config); the pictures go to OUT_DIR.
 """
 import os
 import re
+import textwrap
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.utils import save_image
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from torchvision.utils import make_grid
 
 import beitv2
 import common
@@ -104,10 +106,9 @@ def run_attention(cfg, env):
     maps = maps / maps.flatten(1).max(1).values[:, None, None]             # each head to [0, 1]
     box = None if row is None else (row, col, p)
     tiles = [shown[0]] + [heat(shown[0], m, box) for m in maps]
-    scale = max(1, 128 // cfg.img_size)
-    out = F.interpolate(torch.stack(tiles), scale_factor=scale, mode='nearest')
     path = os.path.join(cfg.out_dir, 'attention.png')
-    save_image(out, path, nrow=len(tiles), padding=2, pad_value=1)
+    save_titled(torch.stack(tiles), path, f'{cfg.checkpoint}, block {layer}: where {cfg.query} attends (the image, '
+                f'then heads 1-{len(maps)}, each from black = none to yellow = its most; cyan box: the query patch)')
     top = [int(m.flatten().argmax()) for m in maps]
     return dict(png=path, layer=layer, query=cfg.query, heads=len(maps),
                 peak=' '.join(f'{t // w},{t % w}' for t in top))
@@ -145,15 +146,14 @@ def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
         hits = patches[flat == c][:per_code]
         rows.append(torch.cat([hits, hits.new_ones(per_code - len(hits), 3, p, p)]))
     os.makedirs(cfg.out_dir, exist_ok=True)
-    grid_img = torch.cat(rows)
-    grid_img = F.interpolate(grid_img, scale_factor=max(1, 32 // p), mode='nearest')  # small patches: enlarge
-    save_image(grid_img, os.path.join(cfg.out_dir, 'codebook.png'), nrow=per_code, padding=2, pad_value=1)
+    save_titled(torch.cat(rows), os.path.join(cfg.out_dir, 'codebook.png'), f'{cfg.checkpoint}: its {len(rows)} most '
+                f'used codes, one row each: val image patches that the tokenizer gives that code', per_code, 32)
     palette = code_colours(tok.cfg.codebook_size).to(env.device)
     maps = palette[codes[:8]].view(-1, h, w, 3).permute(0, 3, 1, 2)
     maps = F.interpolate(maps, size=images.shape[2:], mode='nearest')
     pairs = torch.stack([images[:8], maps], 1).flatten(0, 1)
-    pairs = F.interpolate(pairs, scale_factor=max(1, 128 // pairs.shape[-1]), mode='nearest')
-    save_image(pairs, os.path.join(cfg.out_dir, 'token_maps.png'), nrow=4, padding=2, pad_value=1)
+    save_titled(pairs, os.path.join(cfg.out_dir, 'token_maps.png'), f'{cfg.checkpoint}: val images, each beside '
+                'its token map (a patch per square, a colour per code)', 4, 128)
     used = int((torch.bincount(flat, minlength=tok.cfg.codebook_size) > 0).sum())
     return dict(codes_used=used, images=len(images), png=os.path.join(cfg.out_dir, 'codebook.png'))
 
@@ -172,10 +172,25 @@ def run_codes(cfg, env):
     palette = code_colours(tok.cfg.codebook_size)
     code_map = palette[codes].view(h, w, 3).permute(2, 0, 1)
     code_map = F.interpolate(code_map[None], size=shown.shape[2:], mode='nearest')
-    pair = F.interpolate(torch.cat([shown, code_map]), scale_factor=max(1, 128 // shown.shape[-1]), mode='nearest')
     path = os.path.join(cfg.out_dir, 'codes.png')
-    save_image(pair, path, nrow=2, padding=2, pad_value=1)
+    save_titled(torch.cat([shown, code_map]), path, f'{cfg.image or "the first val image of " + cfg.data} and its codes from {cfg.checkpoint} '
+                f'(a colour per code; {len(codes.unique())} distinct)')
     return dict(png=path, grid=f'{h}x{w}', distinct_codes=len(codes.unique()))
+
+
+def save_titled(tiles, path, title, nrow=0, size=256):
+    """tiles (B, 3, h, w) in [0, 1], enlarged to `size` px, as a grid (nrow per row; 0 = all in one) under the title
+    that says what they show (also the PNG's Title)."""
+    tiles = F.interpolate(tiles, scale_factor=max(1, size // tiles.shape[-1]), mode='nearest')
+    grid = make_grid(tiles, nrow=nrow or len(tiles), padding=2, pad_value=1)
+    grid = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+    lines = textwrap.wrap(title, max(30, grid.width // 8))
+    img = Image.new('RGB', (grid.width, grid.height + 16 * len(lines) + 6), 'white')
+    img.paste(grid, (0, 16 * len(lines) + 6))
+    ImageDraw.Draw(img).multiline_text((4, 3), '\n'.join(lines), fill='black', font=ImageFont.load_default(13))
+    info = PngImagePlugin.PngInfo()
+    info.add_text('Title', title)
+    img.save(path, pnginfo=info)
 
 
 def main(argv=None):

@@ -33,8 +33,6 @@ def plot_curves(plt, runs, title, path, only=None):
         ax.set_title(' / '.join(names), fontsize=9)
         ax.set_xlabel('step', fontsize=8)
         ax.tick_params(labelsize=7)
-        if k == 'lr':
-            ax.ticklabel_format(axis='y', style='sci', scilimits=(0, 0))
         if len(names) > 1 or len(runs) > 1:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
@@ -49,7 +47,7 @@ def plot_results(plt, rows, title, path):
     rows = [r for r in rows if r.get('mode') == 'compare_run']
     rows = [r for r in rows if r.get('checkpoint') == rows[-1].get('checkpoint')]  # not other checkpoints'
     title = f'{title}: {rows[-1]["checkpoint"]}' if rows[-1].get('checkpoint') else title
-    probes = sorted({r['probe'] for r in rows})
+    probes = list(dict.fromkeys(r['probe'] for r in rows))  # as compare prints them: linear probe, k-NN
     backbones = ['pretrained', 'random init', 'raw pixels']
     fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(probes), 3.2))
     width = 0.8 / len(backbones)
