@@ -581,9 +581,9 @@ class BEiTv2(ViT):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def load_file(path):  # torch.load that runs no code; the official files' `args` (a Namespace) allowed
+def load_file(path, mmap=False):  # torch.load that runs no code; the official files' `args` (a Namespace) allowed
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
 
 
 def state_dict_of(ckpt):

@@ -23,12 +23,12 @@ import pretrain
 
 @dataclass
 class Config:
-    preset: str = 'cpu'
+    preset: str = 'cpu'             # the only one: the settings below
     model: str = 'beitv2_tiny_patch16_224'  # a BEiTConfig of beitv2.PRESETS: ..._base_..., ..._large_...
     img_size: int = common.at_least(1, 224)
     batch_size: int = common.at_least(1, 8)
     dtype: str = common.one_of('fp32', 'bf16', 'fp16')  # ours: the autocast dtype
-    compile: bool = False
+    compile: bool = False           # torch.compile our step (the official one stays eager)
     device: str = ''            # '' = cuda if available
     steps: int = common.at_least(1, 10)  # timed steps per side, after the warmup
     warmup: int = common.at_least(0, 3)
@@ -36,7 +36,7 @@ class Config:
     official: str = ''          # the official beit2/ folder: its student step alternates with ours
     peak_tflops: float = 0.0    # the device's peak for MFU; 0 = PEAKS for a known GPU, else no MFU
     threads: int = 0            # torch.set_num_threads; 0 = torch's default
-    seed: int = 0
+    seed: int = common.within(0, 0, 2 ** 32, ')')  # the models' init and the inputs
     workers: int = common.at_least(0, 4)  # the loader's DataLoader processes
     profile: bool = False       # pretrain: a kernel table of 3 of our full steps
 

@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -50,6 +51,10 @@ def above(lowest, default):
     return rule(default, f'> {lowest}', lambda v: v > lowest)
 
 
+def within(default, lo, hi, top=']'):  # `reprob: float = within(0.25, 0, 1)`; top=')': below hi
+    return rule(default, f'in [{lo}, {hi}{top}', lambda v: lo <= v <= hi and (top == ']' or v < hi))
+
+
 def one_of(*choices):  # the first is the default: `feature: str = one_of('cls', 'mean')`
     return rule(choices[0], f'one of {", ".join(map(repr, choices))}', lambda v: v in choices)
 
@@ -79,6 +84,8 @@ def model_config(cfg, **fixed):
     out = type(arch)(**{**asdict(arch), **own, **fixed})
     if out.embed_dim % out.num_heads:
         die(f'--embed_dim={out.embed_dim} is not divisible by --num_heads={out.num_heads}')
+    if not getattr(out, 'early_layers', 1) <= out.depth:
+        die(f'--early_layers={out.early_layers}: the model has {out.depth} blocks')
     return out
 
 
@@ -88,6 +95,9 @@ def configure(cfg, presets, argv=None):
     line wins over the preset: cfg.given names its settings (steps given there are not recomputed
     from a preset's epochs, for example)."""
     args = sys.argv[1:] if argv is None else argv
+    if {'-h', '--help'} & set(args):
+        print(settings_help(cfg, presets))
+        raise SystemExit(0)
     pairs = []
     for arg in args:
         if not arg.startswith('--') or '=' not in arg:
@@ -121,36 +131,55 @@ def configure(cfg, presets, argv=None):
     return cfg
 
 
+def settings_help(cfg, presets):
+    """--help: the script's docstring, then each setting with its default, its range or choices, and the comment
+    beside its declaration (read from the source: the help lives where the setting is declared)."""
+    comments = {}
+    for cls in reversed(type(cfg).__mro__[:-1]):  # Run's settings first, then the script's own
+        name = None
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r'    (\w+): \w+ = .*?(?:  # (.*))?$', line)
+            if m:
+                name, comments[m[1]] = m[1], m[2] or ''
+            elif name and re.match(r'    # {10,}|.*\S  # ', line):  # the comment goes on (or starts on the next line)
+                comments[name] = (comments[name] + ' ' + line.split('#', 1)[1].strip()).strip()
+    rows = [f'  --{f.name}={f.default!r} '.ljust(34) + '  '.join(
+        filter(None, [f'({f.metadata["rule"][0]})' if 'rule' in f.metadata else '', comments.get(f.name)]))
+        for f in fields(cfg)]
+    doc = sys.modules[type(cfg).__module__].__doc__.strip()
+    return '\n'.join([doc, '', f'presets: {", ".join(presets)}', 'settings (--key=value; None: from --model):'] + rows)
+
+
 @dataclass
 class Run:
     """The settings every stage shares: what it trains on, how long, how, where. Each script's Config
     adds its own and may change a default here."""
-    preset: str = 'demo'
-    data: str = rule('demo', 'given: demo, demo:N, an ImageNet folder (ROOT/train, ROOT/val), cifar10:ROOT, ...', bool)
+    preset: str = 'demo'            # a named set of settings (the official recipes); the ones given here win
+    data: str = rule('demo', 'not empty', bool)  # demo, demo:N, an ImageNet folder (ROOT/train, ROOT/val), cifar10:ROOT
     workers: int = at_least(0, 2)   # DataLoader processes per rank
     batch_size: int = at_least(1, 64)  # per rank; effective = batch_size * accum * world
     accum: int = at_least(1, 1)     # gradient accumulation steps
     recipe_batch: int = at_least(0, 0)  # presets: the official run's images per step; another says so
     epochs: int = at_least(0, 0)    # > 0: steps and warmup_steps come from epochs (unless given)
-    warmup_epochs: int = at_least(0, 0)
-    steps: int = at_least(1, 500)
-    warmup_steps: int = at_least(0, 50)
+    warmup_epochs: int = at_least(0, 0)  # the warmup in epochs, with --epochs
+    steps: int = at_least(1, 500)   # optimizer steps in all (a resumed run counts the ones done)
+    warmup_steps: int = at_least(0, 50)  # linear warmup of the lr from 0
     lr: float = above(0, 1.5e-3)    # peak lr
-    min_lr: float = at_least(0, 1e-5)
+    min_lr: float = at_least(0, 1e-5)  # the lr at the last step
     schedule: str = one_of('cosine', 'poly', 'cosine_epoch')  # per step | linear decay (the official
     #                                 segmentation one) | per epoch, no warmup (BEiT v1 linear; needs --epochs)
-    weight_decay: float = at_least(0, 0.05)
-    betas: tuple = betas((0.9, 0.999))
-    clip_grad: float = at_least(0, 0.0)  # 0 = no clipping
+    weight_decay: float = at_least(0, 0.05)  # AdamW's (not on biases, norms, [CLS] and position embeddings)
+    betas: tuple = betas((0.9, 0.999))  # AdamW's
+    clip_grad: float = at_least(0, 0.0)  # gradient norm clipping; 0 = none
     device: str = ''                # '' = cuda if available; 'cpu' forces the CPU
     dtype: str = one_of('', 'fp32', 'bf16', 'fp16')  # '' = bf16 on CUDA and on CPUs with bf16 units
     compile: bool = False           # torch.compile the model
-    seed: int = 0
-    out_dir: str = ''
+    seed: int = within(0, 0, 2 ** 32, ')')  # the run's randomness: init, crops, masks, sampling order
+    out_dir: str = ''               # where checkpoints and log.jsonl go
     resume: str = ''                # checkpoint to continue from; default OUT_DIR/ckpt.pt if present
     allow_change: str = ''          # resume: settings that may differ from the checkpoint's, e.g. steps,lr
-    log_every: int = at_least(1, 25)
-    ckpt_every: int = at_least(1, 250)
+    log_every: int = at_least(1, 25)  # a log line every N steps
+    ckpt_every: int = at_least(1, 250)  # OUT_DIR/ckpt.pt every N steps (and at the end)
     stop_after: int = at_least(0, 0)  # > 0: checkpoint and exit after this many steps of this run
 
 # ----------------------------------------------------------------------------- distributed / device / dtype
@@ -182,11 +211,11 @@ class Env:
         if self.ddp:
             dist.init_process_group('nccl' if cuda else 'gloo')
         self.master = self.rank == 0
-        self.dtype = cfg.dtype or ('bf16' if cuda or cpu_has_fast_bf16() else 'fp32')  # a one_of setting
+        self.dtype = getattr(cfg, 'dtype', 'fp32') or ('bf16' if cuda or cpu_has_fast_bf16() else 'fp32')
         self.amp_dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[self.dtype]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == 'fp16')
-        torch.manual_seed(cfg.seed + self.rank)  # per-rank seeds (drop path, k-means draws)
-        random.seed(cfg.seed + self.rank)
+        torch.manual_seed(getattr(cfg, 'seed', 0) + self.rank)  # per-rank seeds (drop path, k-means draws)
+        random.seed(getattr(cfg, 'seed', 0) + self.rank)
         if cuda:  # fp32 is fp32 (the codebook, k-means, losses, --dtype=fp32); the tests set the same
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         if getattr(cfg, 'out_dir', ''):

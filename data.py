@@ -357,7 +357,7 @@ class Augmented(Dataset):
     def __getitem__(self, key):
         epoch, i = key
         item = self.dataset[i]
-        seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + i
+        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2 ** 64  # what torch.manual_seed takes
         with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
             torch.manual_seed(seed)
             if self.joint:  # e.g. (image, mask) pairs transformed together

@@ -7,7 +7,7 @@ order this file holds them (pictures.py looks inside a backbone or a tokenizer):
     python evaluate.py --mode=finetune | segment
     torchrun --nproc_per_node=8 evaluate.py --preset=finetune_base --data=/data/imagenet \\
         --checkpoint=beitv2_base_patch16_224_pt1k.pth
-Settings are --key=value (see Config, grouped by mode); README.md has the recipes.
+Settings are --key=value (`--help` lists them, grouped by mode); README.md has the recipes.
 """
 import json
 import math
@@ -31,26 +31,27 @@ import upernet
 class Config(common.Run):
     mode: str = common.one_of('compare', 'linear', 'knn', 'finetune', 'segment')  # compare: both probes, 3 backbones
     checkpoint: str = 'out/pretrain/ckpt.pt'  # ours or official (pretraining / fine-tuned / tokenizer)
-    img_size: int = common.at_least(1, 32)
+    img_size: int = common.at_least(1, 32)  # input size; not given: the size --checkpoint was trained at
     min_crop_scale: float = common.above(0, 0.5)  # RandomResizedCrop scale range for linear / fine-tune training
     # which backbone (linear, knn, finetune, segment)
     backbone: str = common.one_of('checkpoint', 'random', 'pixels')  # random: its architecture at the official init
     #                                 (what pretraining started from) | pixels: raw pixels, no network
     # linear / knn / compare features
     feature: str = common.one_of('cls', 'mean')  # cls: [CLS] after the final norm (paper); mean: mean patch token
-    layer: int = -1                 # block whose tokens are used; -1 = last
+    layer: int = -1                 # block whose tokens are used (checked against the depth); -1 = last
     linear_recipe: str = common.one_of('mae', 'beit')  # mae: BatchNorm + linear, LARS | beit: AdamW, a head per block
-    knn_k: int = common.at_least(1, 20)
+    knn_k: int = common.at_least(1, 20)  # neighbours that vote
     knn_t: float = common.above(0, 0.07)  # temperature of the neighbours' votes
-    backbones: tuple = ('checkpoint', 'random', 'pixels')  # compare: the backbones set side by side
+    backbones: tuple = common.rule(('checkpoint', 'random', 'pixels'), 'some of checkpoint, random, pixels', lambda v:
+                                   v and set(v) <= {'checkpoint', 'random', 'pixels'})  # compare: side by side
     seeds: int = common.at_least(1, 1)   # compare: probes with seeds seed, seed+1, ... (mean reported)
     # fine-tuning
-    layer_decay: float = 0.65
-    drop_path: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    smoothing: float = 0.1
-    reprob: float = 0.25            # random erasing probability
+    layer_decay: float = common.within(0.65, 0, 1)  # block l's lr is lr * layer_decay ** (depth + 1 - l)
+    drop_path: float = common.within(0.1, 0, 1, ')')  # stochastic depth rate of the last block (linear in depth)
+    mixup: float = common.at_least(0, 0.8)  # Beta(a, a) mixing of image pairs; 0 = off
+    cutmix: float = common.at_least(0, 1.0)  # Beta(a, a) box pasting; 0 = off
+    smoothing: float = common.within(0.1, 0, 1, ')')  # label smoothing
+    reprob: float = common.within(0.25, 0, 1)  # random erasing probability
     randaug: bool = True            # timm's RandAugment rand-m9-mstd0.5-inc1 (official --aa)
     eval_only: bool = False         # score --checkpoint on the val split, no training
     validate: bool = True           # False: no val split, train only (the 21k presets; official
@@ -59,13 +60,14 @@ class Config(common.Run):
     eval_every: int = common.at_least(-1, -1)  # training modes: score val every N steps too (log: val_*;
     #                                 result: final and best_*); -1 = each epoch of --epochs recipes, else 0: the end
     # segmentation
-    seg_layers: tuple = (1, 2, 3, 5)  # blocks feeding the 4 scales (official base: 3, 5, 7, 11)
-    seg_stride: int = 0             # sliding-window stride at test time; 0 = 2/3 of img_size
-    steps: int = common.at_least(1, 300)
-    warmup_steps: int = common.at_least(0, 30)
+    seg_layers: tuple = common.rule((1, 2, 3, 5), '4 block indices', lambda v: len(v) == 4 and all(
+        isinstance(i, int) and i >= 0 for i in v))  # blocks feeding the 4 scales (official base: 3, 5, 7, 11)
+    seg_stride: int = common.at_least(0, 0)  # sliding-window stride at test time; 0 = 2/3 of img_size
+    steps: int = common.at_least(1, 300)  # optimizer steps in all (a resumed run counts the ones done)
+    warmup_steps: int = common.at_least(0, 30)  # linear warmup of the lr from 0
     lr: float = common.above(0, 4.0)  # demo LARS: 300 steps need more than MAE's 0.1 x batch / 256
-    min_lr: float = common.at_least(0, 0.0)
-    weight_decay: float = common.at_least(0, 0.0)
+    min_lr: float = common.at_least(0, 0.0)  # the lr at the last step
+    weight_decay: float = common.at_least(0, 0.0)  # the optimizer's
     out_dir: str = ''               # '' = out/eval/MODE (out/eval/MODE_BACKBONE for random / pixels)
 
 IN1K = dict(data='', checkpoint='', img_size=224, min_crop_scale=0.08, workers=10, log_every=100, ckpt_every=5000)
@@ -155,6 +157,15 @@ def load_weights(path, segmenter=False):
     if 'patch_embed.proj.weight' not in sd:
         common.die(f'{path}: no ViT weights in it')
     return (sd, heads, mcfg) if segmenter else (sd, mcfg)
+
+
+def trained_img_size(path):
+    """The input size a checkpoint of ours was trained at (its saved config), read without loading the weights
+    (mmap); None for other files (the presets for official files say theirs) and for unreadable ones."""
+    try:
+        return beitv2.load_file(path, mmap=True)['model_config']['img_size']
+    except Exception:  # the run's own load judges the file
+        return None
 
 
 def load_backbone_weights(cfg):
@@ -398,9 +409,9 @@ def run_compare(cfg, env):
     names = dict(checkpoint='pretrained', random='random init', pixels='raw pixels')
     _, classes = classification_data(cfg, 'val')
     table = {}
+    if 'random' in cfg.backbones:  # its check (one of our pretraining files) before the first probe runs
+        load_backbone_weights(replace(cfg, backbone='random'))
     for backbone in cfg.backbones:
-        if backbone not in names:
-            common.die(f'--backbones: {backbone!r} is not one of {", ".join(names)}')
         name = names[backbone]
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):
             sub = replace(cfg, backbone=backbone, seed=seed, out_dir=os.path.join(cfg.out_dir, f'{backbone}_{seed}'))
@@ -550,6 +561,8 @@ def main(argv=None):
     modes = dict(linear=run_linear, knn=run_knn, compare=run_compare, finetune=run_finetune, segment=run_segment)
     if not cfg.checkpoint:
         common.die('--checkpoint is required for this preset')
+    if not {'img_size'} & (cfg.given | PRESETS[cfg.preset].keys()):  # neither the command line nor the preset
+        cfg.img_size = trained_img_size(cfg.checkpoint) or cfg.img_size
     if cfg.schedule == 'cosine_epoch' and not cfg.epochs:
         common.die('--schedule=cosine_epoch steps once per epoch: give --epochs')
     suffix = '' if cfg.backbone == 'checkpoint' else '_' + cfg.backbone

@@ -5,7 +5,7 @@ visualize_attention.py and test_get_code.py, and the paper's codebook picture).
     python pictures.py --mode=attention --query=cls --layer=3 --image=PHOTO.jpg --img_size=64
     python pictures.py --mode=codebook --checkpoint=out/tokenizer/ckpt.pt   # patches grouped by their code
     python pictures.py --mode=codes --checkpoint=out/tokenizer/ckpt.pt --image=PHOTO.jpg   # each patch's code
-Settings are --key=value (see Config); the pictures go to OUT_DIR.
+Settings are --key=value (`--help` lists them); the pictures go to OUT_DIR.
 """
 import os
 import re
@@ -25,7 +25,7 @@ import evaluate
 
 @dataclass
 class Config:
-    preset: str = 'demo'
+    preset: str = 'demo'            # the only one: the settings below
     mode: str = common.one_of('attention', 'codebook', 'codes')
     checkpoint: str = 'out/pretrain/ckpt.pt'  # attention: a backbone; codebook, codes: a tokenizer
     data: str = 'demo'              # where the images come from without --image (its val split)
@@ -34,10 +34,8 @@ class Config:
     layer: int = -1                 # attention: the block (0-based); -1 = last
     query: str = common.rule('cls', 'cls or ROW,COL', lambda v: re.fullmatch(r'cls|\d+,\d+', v))  # 0-based patch
     batch_size: int = common.at_least(1, 64)  # codebook: images encoded at a time
-    device: str = ''
-    dtype: str = 'fp32'
-    seed: int = 0
-    out_dir: str = 'out/pictures'
+    device: str = ''                # '' = cuda if available; 'cpu' forces the CPU
+    out_dir: str = 'out/pictures'   # where the pictures go
 
 # ----------------------------------------------------------------------------- a backbone: attention
 
@@ -173,8 +171,9 @@ def run_codes(cfg, env):
     code_map = palette[codes].view(h, w, 3).permute(2, 0, 1)
     code_map = F.interpolate(code_map[None], size=shown.shape[2:], mode='nearest')
     path = os.path.join(cfg.out_dir, 'codes.png')
-    save_titled(torch.cat([shown, code_map]), path, f'{cfg.image or "the first val image of " + cfg.data} and its codes from {cfg.checkpoint} '
-                f'(a colour per code; {len(codes.unique())} distinct)')
+    what = cfg.image or f'the first val image of {cfg.data}'
+    save_titled(torch.cat([shown, code_map]), path, f'{what} and its codes from {cfg.checkpoint} (a colour per code; '
+                f'{len(codes.unique())} distinct)')
     return dict(png=path, grid=f'{h}x{w}', distinct_codes=len(codes.unique()))
 
 
@@ -195,6 +194,8 @@ def save_titled(tiles, path, title, nrow=0, size=256):
 
 def main(argv=None):
     cfg = common.configure(Config(), {'demo': {}}, argv)
+    if cfg.mode == 'attention' and 'img_size' not in cfg.given:  # the size the backbone was trained at
+        cfg.img_size = evaluate.trained_img_size(cfg.checkpoint) or cfg.img_size
     env = common.Env(cfg)
     result = dict(attention=run_attention, codebook=run_codebook, codes=run_codes)[cfg.mode](cfg, env)
     env.print(f'{cfg.mode}: ' + ', '.join(f'{k} {v}' for k, v in result.items()))

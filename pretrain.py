@@ -6,7 +6,7 @@ early_layers (9 of 12 in ViT-B).
     python pretrain.py                                          # demo: uses python train_tokenizer.py's output
     torchrun --nproc_per_node=8 pretrain.py --preset=base_1600 --data=/data/imagenet \\
         --tokenizer=vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth --accum=2
-Settings are --key=value (see Config); README.md has the recipes.
+Settings are --key=value (`--help` lists them); README.md has the recipes.
 """
 import os
 from dataclasses import asdict, dataclass
@@ -38,7 +38,7 @@ class Config(common.Run):
     num_mask: int = -1              # masked patches per image; -1 = round(n * 75 / 196) (75 of 196)
     min_mask_block: int = -1        # smallest mask block; -1 = max(2, round(16 n / 196))
     clip_grad: float = common.at_least(0, 3.0)
-    out_dir: str = 'out/pretrain'
+    out_dir: str = 'out/pretrain'   # where checkpoints and log.jsonl go
 
 
 BASE = dict(data='', tokenizer='', model='beitv2_base_patch16_224', batch_size=128, recipe_batch=2048,

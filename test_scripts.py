@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import beitv2
+import bench
 import common
 import data
 import evaluate as E
@@ -44,7 +45,8 @@ TINY_PRE = ['--img_size=16', '--patch_size=4', '--embed_dim=32', '--depth=2', '-
             '--early_layers=1', '--batch_size=8', '--warmup_steps=1', '--log_every=1']
 
 
-SCRIPTS = {'train_tokenizer.py': TT, 'pretrain.py': pretrain, 'evaluate.py': E, 'pictures.py': pictures}
+SCRIPTS = {'train_tokenizer.py': TT, 'pretrain.py': pretrain, 'evaluate.py': E, 'pictures.py': pictures,
+           'bench.py': bench}
 
 
 def run_script(script, *args, ok=True, cwd=HERE):
@@ -209,9 +211,9 @@ def test_a_recipe_says_its_batch_when_the_run_differs(capsys):
 
 def test_scripts_build_the_architecture_from_beitv2_presets():
     """One definition per architecture: --model names a beitv2.PRESETS entry, settings override it."""
-    p = common.configure(pretrain.Config(), pretrain.PRESETS, ['--model=beitv2_base_patch16_224', '--depth=6'])
+    p = common.configure(pretrain.Config(), pretrain.PRESETS, ['--model=beitv2_base_patch16_224', '--depth=10'])
     m = common.model_config(p, vocab_size=64)
-    assert m == dataclasses.replace(beitv2.PRESETS['beitv2_base_patch16_224'], depth=6, vocab_size=64)
+    assert m == dataclasses.replace(beitv2.PRESETS['beitv2_base_patch16_224'], depth=10, vocab_size=64)
     demo = common.model_config(common.configure(pretrain.Config(), pretrain.PRESETS, []), vocab_size=512)
     assert demo == beitv2.PRESETS['beitv2_demo']
     t = common.configure(TT.Config(), TT.PRESETS, [])
@@ -238,6 +240,12 @@ def test_ranges_beside_the_fields_are_checked(arg, msg, capsys):
     ('pretrain', '--dtype=bfloat16', 'must be one of'),
     ('pretrain', '--model=vqkd_demo', 'for this stage; choose from beitv2_demo'),
     ('train_tokenizer', '--model=beitv2_demo', 'for this stage; choose from vqkd_demo'),
+    ('evaluate', '--smoothing=-0.5', 'in [0, 1)'), ('evaluate', '--smoothing=1.0', 'in [0, 1)'),
+    ('evaluate', '--reprob=2.0', 'in [0, 1]'), ('evaluate', '--drop_path=2.0', 'in [0, 1)'),
+    ('evaluate', '--layer_decay=1.5', 'in [0, 1]'), ('evaluate', '--mixup=-1', '>= 0'), ('evaluate', '--cutmix=-1', '>= 0'),
+    ('evaluate', "--backbones=('checkpoint','randm')", 'some of checkpoint'), ('evaluate', '--backbones=()', 'some of'),
+    ('evaluate', '--seg_layers=(1,2)', '4 block indices'), ('evaluate', '--seg_stride=-1', '>= 0'),
+    ('pretrain', '--seed=1234567890123456789012', 'in [0, '), ('pretrain', '--seed=-1', 'in [0, '),
 ])
 def test_choices_and_models_beside_the_fields_are_checked(script, arg, msg, capsys):
     mod = __import__(script)
@@ -247,9 +255,21 @@ def test_choices_and_models_beside_the_fields_are_checked(script, arg, msg, caps
     assert msg in err and err.count('\n') == 1, err
 
 
+@pytest.mark.parametrize('script', ['train_tokenizer.py', 'pretrain.py', 'evaluate.py', 'pictures.py', 'bench.py'])
+def test_help_lists_every_setting_with_its_default_range_and_help(script):
+    p = run_script(script, '--help')
+    rows = {line.split('=')[0].strip(): line for line in p.stdout.splitlines() if line.startswith('  --')}
+    assert list(rows) == ['--' + f.name for f in dataclasses.fields(SCRIPTS[script].Config())]
+    silent = [k for k, line in rows.items() if len(line.split(maxsplit=1)) < 2]
+    assert not silent, f'settings without a help text: {silent}'
+    assert script != 'evaluate.py' or "--knn_t=0.07                    (> 0)  temperature" in p.stdout
+
+
 def test_bad_sizes_and_indices_end_in_one_line(capsys):
     cfg = common.configure(pretrain.Config(), pretrain.PRESETS, ['--embed_dim=100', '--num_heads=3'])
+    deep = common.configure(pretrain.Config(), pretrain.PRESETS, ['--early_layers=8'])  # of 6 blocks
     for call, msg in [(lambda: common.model_config(cfg, vocab_size=8), 'not divisible by --num_heads=3'),
+                      (lambda: common.model_config(deep, vocab_size=8), '--early_layers=8: the model has 6 blocks'),
                       (lambda: common.block_index(99, 6), 'blocks 0..5'), (lambda: common.block_index(-7, 6), '-1'),
                       (lambda: data.build_dataset('demo:0', 'train', 16), 'N >= 1'),
                       (lambda: data.build_dataset('demo:-5', 'train', 16), 'N >= 1'),
@@ -960,8 +980,8 @@ def test_readme_commands_run_and_the_quick_start_learns(tmp_path, monkeypatch):
     for i, cmd in enumerate(commands):
         script, flags = cmd[1], [f.replace('CKPT', 'out/pretrain/ckpt.pt') for f in cmd[2:]]
         quick = i < 3 or not flags and script != 'evaluate.py'  # the quick start, and its stages again
-        run_script(script, *flags, *(learn[script] if quick else few[script]), '--dtype=fp32',
-                   cwd=tmp_path)
+        fp32 = ['--dtype=fp32'] if script != 'pictures.py' else []  # pictures compute in fp32
+        run_script(script, *flags, *(learn[script] if quick else few[script]), *fp32, cwd=tmp_path)
         if i == 2:
             res = json.loads((tmp_path / 'out' / 'eval' / 'compare' / 'result.json').read_text().splitlines()[-1])
             for probe in ('k-NN', 'linear probe'):
@@ -1407,6 +1427,13 @@ def tiny_pretrain_file(path, table_row=None):
     from dataclasses import asdict
     torch.save(dict(model=model.state_dict(), model_config=asdict(cfg)), path)
     return model
+
+
+def test_evaluate_takes_the_size_the_checkpoint_was_trained_at(tmp_path):
+    tiny_pretrain_file(tmp_path / 'p.pt')  # 16 px, where evaluate's default is 32
+    p = run_script('evaluate.py', '--mode=linear', f'--checkpoint={tmp_path / "p.pt"}', '--steps=1', '--batch_size=8',
+                   '--workers=0', '--data=demo:48', f'--out_dir={tmp_path / "o"}')
+    assert '"img_size": 16' in p.stdout and E.trained_img_size(tmp_path / 'none.pt') is None
 
 
 def test_attention_probs_are_the_blocks_softmax(tmp_path):

@@ -4,7 +4,7 @@ teacher's patch features from the codes alone (cosine loss).
 
     python train_tokenizer.py                                   # demo: offline, CPU, minutes
     torchrun --nproc_per_node=8 train_tokenizer.py --preset=clip_3x --data=/data/imagenet
-Settings are --key=value (see Config); README.md has the recipes.
+Settings are --key=value (`--help` lists them); README.md has the recipes.
 """
 import importlib
 import io
@@ -38,8 +38,7 @@ class Config(common.Run):
     codebook_size: int = common.at_least(1, None)  # K codes
     code_dim: int = common.at_least(1, None)  # codebook dimension
     decay: float = common.at_least(0, 0.99)  # codebook EMA decay (< 1: checked in main)
-    # teacher: 'hog' / 'hog_colour' (demo, no weights), 'clip', 'dino', or 'tv:MODEL[:NODE]' (torchvision)
-    teacher: str = 'hog'
+    teacher: str = 'hog'            # hog / hog_colour (demo, no weights), clip, dino, or tv:MODEL[:NODE] (torchvision)
     teacher_weights: str = ''       # local weights file for clip / dino / tv teachers
     steps: int = common.at_least(1, 600)
     lr: float = common.above(0, 1e-3)  # per 128 images: peak lr = lr * effective batch / 128 (official)
@@ -47,7 +46,7 @@ class Config(common.Run):
     betas: tuple = common.betas((0.9, 0.99))
     eval_every: int = common.at_least(0, 0)  # > 0: val split every N steps and at the end: reconstruction loss,
     #                                 codebook usage (official --calculate_codebook_usage); log: val_*
-    out_dir: str = 'out/tokenizer'
+    out_dir: str = 'out/tokenizer'  # where checkpoints and log.jsonl go
 
 IMAGENET = dict(data='', lr=5e-5, batch_size=64, recipe_batch=512, epochs=100, warmup_epochs=10, workers=10,
                 log_every=100, ckpt_every=2500)
