@@ -1436,6 +1436,14 @@ def test_evaluate_takes_the_size_the_checkpoint_was_trained_at(tmp_path):
     assert '"img_size": 16' in p.stdout and E.trained_img_size(tmp_path / 'none.pt') is None
 
 
+def test_compare_checks_every_backbone_before_its_first_probe(tmp_path):
+    model = tiny_pretrain_file(tmp_path / 'p.pt')
+    torch.save(dict(model=model.state_dict()), tmp_path / 'official.pt')  # no saved config: random cannot be built
+    p = run_script('evaluate.py', f'--checkpoint={tmp_path / "official.pt"}', '--img_size=16', '--data=demo:48',
+                   '--workers=0', f'--out_dir={tmp_path / "o"}', ok=False)
+    assert 'needs one of our pretraining checkpoints' in p.stderr and 'top-1' not in p.stdout
+
+
 def test_attention_probs_are_the_blocks_softmax(tmp_path):
     model = tiny_pretrain_file(tmp_path / 'p.pt').eval()
     with torch.no_grad():
