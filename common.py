@@ -16,6 +16,7 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -220,6 +221,7 @@ class Env:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         if getattr(cfg, 'out_dir', ''):
             claim_out_dir(cfg, self)
+        signal.signal(signal.SIGINT, functools.partial(on_interrupt, os.getpid()))
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -246,6 +248,18 @@ class Env:
 
 
 HELD = {}  # the OUT_DIR/lock files this process holds open, locked
+PENDING = []  # [False] while fit may end its step on Ctrl-C; [True] once Ctrl-C came
+
+
+def on_interrupt(pid, *_):
+    """Ctrl-C (SIGINT) ends a run in one line, not a traceback. While fit trains on one process, the step under way
+    ends and is checkpointed first; elsewhere, and under DDP (the ranks would need a collective every step to agree
+    on one), the run ends at once and the last checkpoint written stands."""
+    if os.getpid() != pid:  # a DataLoader worker serves on: the main process ends it
+        return
+    if PENDING != [False]:
+        die('interrupted: stopped; the last checkpoint written, if any, stands')
+    PENDING[0] = True
 
 
 def claim_out_dir(cfg, env):
@@ -555,6 +569,7 @@ def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, met
     batches = data.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     log = Logger(cfg, env, step)
     bad = torch.zeros((), dtype=torch.long, device=env.device)  # the first step with a non-finite loss or gradient
+    PENDING[:] = [] if env.ddp else [False]  # Ctrl-C: this step ends and is saved (on_interrupt)
 
     def save(name, **state):
         save_checkpoint(os.path.join(cfg.out_dir, name), env, model=model.state_dict(), step=step,
@@ -571,7 +586,7 @@ def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, met
         step += 1
         ok = loss.isfinite() & (gnorm.isfinite() | env.scaler.is_enabled())
         bad = torch.where((bad == 0) & ~ok, step, bad)
-        stop = cfg.stop_after and step - start >= cfg.stop_after
+        stop = cfg.stop_after and step - start >= cfg.stop_after or PENDING == [True]
         logs, evals = step % cfg.log_every == 0 or step == cfg.steps, every and step % every == 0 or step == cfg.steps
         ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or stop
         if logs or evals and score or ckpt:
@@ -591,8 +606,12 @@ def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, met
                     save('best.pt', scores=scores)
         if ckpt:
             save('ckpt.pt', optimizer=optimizer.state_dict(), scaler=env.scaler.state_dict(), loop=dict(best=best))
+        if PENDING == [True]:
+            env.print(f'interrupted at step {step}: {cfg.out_dir}/ckpt.pt holds it; the same command resumes')
+            raise SystemExit(130)
         if stop and step < cfg.steps:
             return None
+    PENDING.clear()
     if not quiet:
         env.print(f'done: {step} steps ({step - start} in this run, {time.time() - t0:.0f} s); {cfg.out_dir}/ckpt.pt')
     if not score:  # no val split: the run is its checkpoint

@@ -849,8 +849,8 @@ def opt_tensors(opt):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('script', ['train_tokenizer.py', 'pretrain.py'])
-def test_resume_mid_epoch_is_bit_exact(script, tokenizer_ckpt, tmp_path):
-    # demo train split of 40 images, batch 8 -> 5 steps/epoch; stop at step 3, resume to step 7
+def test_resume_mid_epoch_is_bit_exact(script, tokenizer_ckpt, tmp_path, monkeypatch):
+    # demo train split of 40 images, batch 8 -> 5 steps/epoch; stop at step 3 (--stop_after, Ctrl-C), resume to 7
     pre = TINY_PRE + [f'--tokenizer={tokenizer_ckpt}', '--drop_path=0.1']
     extra = TINY_TOK if script == 'train_tokenizer.py' else pre
     args = [*extra, '--steps=7', '--workers=1', '--ckpt_every=100', '--data=demo:40']
@@ -858,10 +858,22 @@ def test_resume_mid_epoch_is_bit_exact(script, tokenizer_ckpt, tmp_path):
     run_script(script, *args, f'--out_dir={tmp_path / "cut"}', '--stop_after=3')
     assert common.read_checkpoint(tmp_path / 'cut' / 'ckpt.pt')['step'] == 3
     run_script(script, *args, f'--out_dir={tmp_path / "cut"}')  # auto-resume
-    a, b = common.read_checkpoint(tmp_path / 'full' / 'ckpt.pt'), common.read_checkpoint(tmp_path / 'cut' / 'ckpt.pt')
-    assert a['step'] == b['step'] == 7
-    same_state(a['model'], b['model'])
-    same_state(opt_tensors(a['optimizer']), opt_tensors(b['optimizer']))
+    lr = common.get_lr
+
+    def ctrl_c_in_step_3(step, *a):  # step 3 reads its lr first; it ends, is saved, and the run stops
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return lr(step, *a)
+    with monkeypatch.context() as m:
+        m.setattr(common, 'get_lr', ctrl_c_in_step_3)
+        p = run_script(script, *args, f'--out_dir={tmp_path / "int"}', ok=False)
+    assert p.returncode == 130 and 'interrupted at step 3' in p.stdout and not p.stderr
+    run_script(script, *args, f'--out_dir={tmp_path / "int"}')
+    a = common.read_checkpoint(tmp_path / 'full' / 'ckpt.pt')
+    for b in (common.read_checkpoint(tmp_path / d / 'ckpt.pt') for d in ('cut', 'int')):
+        assert a['step'] == b['step'] == 7
+        same_state(a['model'], b['model'])
+        same_state(opt_tensors(a['optimizer']), opt_tensors(b['optimizer']))
 
 
 @pytest.mark.slow
