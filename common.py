@@ -518,6 +518,22 @@ class Logger:
         print(f'step {step}{f"/{total}" if total else ""} | {shown}', flush=True)
 
 
+class Progress:
+    """progress(i): 'WHAT: i/total, about N s left' at most every `every` seconds (rank 0), so that a long phase
+    (a probe's steps, a pass over the val split) shows that it lives."""
+    every = 10.0
+
+    def __init__(self, env, what, total):
+        self.env, self.what, self.total, self.t0 = env, what, total, time.time()
+        self.last = self.t0
+
+    def __call__(self, i):
+        now = time.time()
+        if now - self.last >= self.every and i < self.total:
+            self.last = now
+            self.env.print(f'{self.what}: {i}/{self.total}, about {(now - self.t0) / i * (self.total - i):.0f} s left')
+
+
 def read_log(path, note=print):
     """The rows of a log.jsonl; a line cut short (a full disk, a kill while writing) is dropped with a note."""
     rows = []
@@ -542,7 +558,7 @@ def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, met
     step_fn(run, batch) -> (loss, stats): one micro-batch's loss and a dict of tensors for the log line;
     at_log() -> more numbers for it (e.g. the codes used since the last one). score(model) -> dict of
     scores (None: no val split); the best `metric` is kept, its weights in OUT_DIR/best.pt when scored
-    periodically. lr: the peak lr (default cfg.lr). quiet: no lines, no resume (the compare mode's probes).
+    periodically. lr: the peak lr (default cfg.lr). quiet: a name: progress only, no resume (compare's probes).
     The host reads the device only at log, evaluation and checkpoint steps: finiteness is gathered on the
     device and checked there, so a NaN never overwrites a good checkpoint. -> the final scores, best_METRIC
     and best_step; dict(step) without score; None when --stop_after ended it."""
@@ -568,6 +584,7 @@ def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, met
     loader, sampler = data.make_loader(dataset, transform, cfg.batch_size, cfg.workers, cfg.seed, env, joint)
     batches = data.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     log = Logger(cfg, env, step)
+    progress = Progress(env, f'  {quiet} steps', cfg.steps)  # quiet runs: no log lines, this instead
     bad = torch.zeros((), dtype=torch.long, device=env.device)  # the first step with a non-finite loss or gradient
     PENDING[:] = [] if env.ddp else [False]  # Ctrl-C: this step ends and is saved (on_interrupt)
 
@@ -591,6 +608,8 @@ def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, met
         ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or stop
         if logs or evals and score or ckpt:
             check_finite(bad, model if ckpt else None, cfg)
+        if quiet:
+            progress(step)
         if logs and not quiet:
             numbers = torch.stack([loss.detach().float(), *(v.detach().float() for v in stats.values()),
                                    gnorm.float()]).tolist()

@@ -258,14 +258,17 @@ class TrainTransform:
 
 
 @torch.no_grad()
-def extract(fn, dataset, cfg, env):
+def extract(fn, dataset, cfg, env, what):
     """fn(images) -> (B, C) for every image of `dataset` (no augmentation), gathered on all ranks."""
     shard = torch.utils.data.Subset(dataset, range(env.rank, len(dataset), env.world))
     feats, labels = [], []
-    for x, y in torch.utils.data.DataLoader(shard, cfg.batch_size, num_workers=cfg.workers):
+    loader = torch.utils.data.DataLoader(shard, cfg.batch_size, num_workers=cfg.workers)
+    progress = common.Progress(env, f'  {what}, batches', len(loader))
+    for i, (x, y) in enumerate(loader, 1):
         with env.autocast():
             feats.append(fn(x.to(env.device)).float())
         labels.append(y.to(env.device))
+        progress(i)
     shape = feats[0].shape[1:]
     f = torch.cat([torch.cat(feats).flatten(1), torch.cat(labels)[:, None].float()], 1)  # labels: a last column
     if env.ddp:  # pad to equal length, gather, drop the padding, restore the dataset order
@@ -292,7 +295,7 @@ def classify(model, val, cfg, env, restrict=None):
         out = model(x)
         out = torch.stack(out, 1) if isinstance(out, list) else out[:, None]
         return out if restrict is None else out[..., restrict.to(out.device)]
-    scores, y = extract(fn, data.Mapped(val, data.eval_transform(cfg.img_size)), cfg, env)
+    scores, y = extract(fn, data.Mapped(val, data.eval_transform(cfg.img_size)), cfg, env, 'scoring the val split')
     res = [topk_acc(scores[:, h], y) for h in range(scores.shape[1])]
     best = max(range(len(res)), key=lambda h: res[h]['top1'])
     return dict(res[best], **({'best_block': best} if len(res) > 1 else {}))
@@ -395,8 +398,8 @@ def run_knn(cfg, env):
     train, classes = classification_data(cfg, 'train')
     val, _ = classification_data(cfg, 'val')
     ev = data.eval_transform(cfg.img_size)
-    train_f, train_y = extract(lambda x: pooled(backbone, x, cfg), data.Mapped(train, ev), cfg, env)
-    val_f, val_y = extract(lambda x: pooled(backbone, x, cfg), data.Mapped(val, ev), cfg, env)
+    train_f, train_y = extract(lambda x: pooled(backbone, x, cfg), data.Mapped(train, ev), cfg, env, 'k-NN train')
+    val_f, val_y = extract(lambda x: pooled(backbone, x, cfg), data.Mapped(val, ev), cfg, env, 'k-NN val')
     return topk_acc(knn_classify(train_f, train_y, val_f, cfg.knn_k, cfg.knn_t, classes), val_y)
 
 # ------------------------------------------------------------- compare: both probes on every backbone (the quick start)
@@ -411,13 +414,15 @@ def run_compare(cfg, env):
     table = {}
     if 'random' in cfg.backbones:  # its check (one of our pretraining files) before the first probe runs
         load_backbone_weights(replace(cfg, backbone='random'))
+    env.print(f'compare on {cfg.data} at {cfg.img_size} px: {", ".join(names[b] for b in cfg.backbones)}, each by a '
+              f'linear probe ({cfg.steps} steps) and k-NN (k={cfg.knn_k}), seed(s) {cfg.seed}..{cfg.seed + cfg.seeds - 1}')
     for backbone in cfg.backbones:
         name = names[backbone]
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):
             sub = replace(cfg, backbone=backbone, seed=seed, out_dir=os.path.join(cfg.out_dir, f'{backbone}_{seed}'))
             os.makedirs(sub.out_dir, exist_ok=True)  # a probe starts afresh (fit's quiet mode resumes nothing)
             torch.manual_seed(seed + env.rank)  # each probe as if run alone: 1 seed or 3, the same numbers
-            runs = [('linear probe', run_linear(sub, env, quiet=True)['top1'])]
+            runs = [('linear probe', run_linear(sub, env, quiet=f'{name} linear probe')['top1'])]
             if seed == cfg.seed or backbone == 'random':
                 runs.append(('k-NN', run_knn(sub, env)['top1']))
             for probe, top1 in runs:
@@ -491,13 +496,17 @@ def segment_score(model, val, cfg, env):
     model.eval()
     t = data.SegTransform(cfg.img_size, False)
     conf = torch.zeros(val.num_classes, val.num_classes, dtype=torch.long, device=env.device)
-    for i in range(env.rank, len(val), env.world):
-        img, mask = t(val[i], None)
+    mine = range(env.rank, len(val), env.world)
+    progress = common.Progress(env, '  scoring the val split, images', len(mine))
+    for n in range(0, len(mine), cfg.batch_size):  # the windows of batch_size images at a time
+        pairs = [t(val[i], None) for i in mine[n:n + cfg.batch_size]]
         with env.autocast():
-            logits = upernet.sliding_window(model, img.to(env.device), val.num_classes, cfg.img_size,
-                                    cfg.seg_stride or cfg.img_size * 2 // 3)
-        logits = F.interpolate(logits[None].float(), size=mask.shape, mode='bilinear', align_corners=False)[0]
-        conf += upernet.confusion(logits.argmax(0).flatten(), mask.to(env.device).flatten(), val.num_classes)
+            all_logits = upernet.sliding_window(model, [img.to(env.device) for img, _ in pairs], val.num_classes,
+                                                cfg.img_size, cfg.seg_stride or cfg.img_size * 2 // 3, cfg.batch_size)
+        for logits, (_, mask) in zip(all_logits, pairs):
+            logits = F.interpolate(logits[None], size=mask.shape, mode='bilinear', align_corners=False)[0]
+            conf += upernet.confusion(logits.argmax(0).flatten(), mask.to(env.device).flatten(), val.num_classes)
+        progress(n + len(pairs))
     return upernet.seg_scores(env.all_reduce(conf))
 
 

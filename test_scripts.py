@@ -1239,9 +1239,13 @@ def test_sliding_window_equals_whole_image_when_one_window_covers_it():
     img = torch.randn(3, 32, 32)
     with torch.no_grad():
         whole = m(img[None])[0][0]
-    close(upernet.sliding_window(m, img, 3, crop=32, stride=21), whole, atol=1e-6)
-    big = upernet.sliding_window(m, torch.randn(3, 40, 48), 3, crop=32, stride=21)  # overlapping windows
-    assert big.shape == (3, 40, 48) and torch.isfinite(big).all()
+        close(upernet.sliding_window(m, [img], 3, crop=32, stride=21, batch=1)[0], whole, atol=1e-6)
+        images = [torch.randn(3, 40, 48), img, torch.randn(3, 24, 70)]  # overlapping windows, padding
+        each = [upernet.sliding_window(m, [im], 3, crop=32, stride=21, batch=1)[0] for im in images]
+        together = upernet.sliding_window(m, images, 3, crop=32, stride=21, batch=3)  # 4 + 1 + 3 windows, 3 by 3
+    assert [t.shape[1:] for t in together] == [im.shape[1:] for im in images]
+    for a, b in zip(each, together):
+        close(a, b, atol=1e-5)
 
 
 def test_segmenter_shapes_and_gradients():
@@ -1454,6 +1458,17 @@ def test_compare_checks_every_backbone_before_its_first_probe(tmp_path):
     p = run_script('evaluate.py', f'--checkpoint={tmp_path / "official.pt"}', '--img_size=16', '--data=demo:48',
                    '--workers=0', f'--out_dir={tmp_path / "o"}', ok=False)
     assert 'needs one of our pretraining checkpoints' in p.stderr and 'top-1' not in p.stdout
+
+
+def test_long_phases_show_progress(tmp_path, monkeypatch):
+    tiny_pretrain_file(tmp_path / 'p.pt')
+    monkeypatch.setattr(common.Progress, 'every', 0.0)  # a line at every step / batch instead of every 10 s
+    p = run_script('evaluate.py', f'--checkpoint={tmp_path / "p.pt"}', '--steps=3', *EVAL_TINY, "--backbones=('random',)",
+                   f'--out_dir={tmp_path / "o"}')
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith('compare on demo:48 at 16 px: random init, each by a linear probe (3 steps)')
+    assert '  random init linear probe steps: 1/3, about' in p.stdout and '  scoring the val split, batches: 1/6' in \
+        p.stdout and '  k-NN train, batches: 5/6' in p.stdout and '  k-NN val, batches: 1/6' in p.stdout
 
 
 def test_attention_probs_are_the_blocks_softmax(tmp_path):

@@ -98,19 +98,20 @@ def seg_loss(logits, target):
 
 
 @torch.no_grad()
-def sliding_window(model, image, num_classes, crop, stride):
-    """Logits (classes, H, W) of one image: windows of crop x crop every `stride`, averaged."""
-    _, H, W = image.shape
-    ph, pw = max(crop - H, 0), max(crop - W, 0)
-    image = F.pad(image, (0, pw, 0, ph))
-    Hp, Wp = image.shape[1:]
-    out = image.new_zeros(num_classes, Hp, Wp)
-    count = image.new_zeros(1, Hp, Wp)
-    for y in sorted({min(y, Hp - crop) for y in range(0, max(Hp - crop, 0) + stride, stride)}):
-        for x in sorted({min(x, Wp - crop) for x in range(0, max(Wp - crop, 0) + stride, stride)}):
-            out[:, y:y + crop, x:x + crop] += model(image[None, :, y:y + crop, x:x + crop])[0][0].float()
-            count[:, y:y + crop, x:x + crop] += 1
-    return (out / count)[:, :H, :W]
+def sliding_window(model, images, num_classes, crop, stride, batch):
+    """fp32 logits (classes, H, W) of each image (3, H, W) of the list: windows of crop x crop every `stride`,
+    averaged; the windows of all the images go through the model `batch` at a time."""
+    padded = [F.pad(im, (0, max(crop - im.shape[2], 0), 0, max(crop - im.shape[1], 0))) for im in images]
+    starts = lambda size: sorted({min(s, size - crop) for s in range(0, max(size - crop, 0) + stride, stride)})
+    boxes = [(i, y, x) for i, im in enumerate(padded) for y in starts(im.shape[1]) for x in starts(im.shape[2])]
+    windows = torch.stack([padded[i][:, y:y + crop, x:x + crop] for i, y, x in boxes])
+    logits = torch.cat([model(w)[0].float() for w in windows.split(batch)])
+    out = [im.new_zeros(num_classes, *im.shape[1:], dtype=torch.float) for im in padded]
+    count = [im.new_zeros(1, *im.shape[1:], dtype=torch.float) for im in padded]
+    for (i, y, x), lg in zip(boxes, logits):
+        out[i][:, y:y + crop, x:x + crop] += lg
+        count[i][:, y:y + crop, x:x + crop] += 1
+    return [(o / c)[:, :im.shape[1], :im.shape[2]] for o, c, im in zip(out, count, images)]
 
 
 def confusion(pred, target, num_classes, ignore=255):
