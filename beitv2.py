@@ -228,6 +228,8 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, p = cfg.embed_dim, cfg.patch_size
+        if D % cfg.num_heads or cfg.img_size % p:  # not a whole number of patches: pixels would be lost
+            raise ValueError(f'{cfg}: needs embed_dim % num_heads = 0 and img_size % patch_size = 0')
         self.grid = (cfg.img_size // p, cfg.img_size // p)
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(cfg.in_chans, D, kernel_size=p, stride=p)
@@ -337,8 +339,7 @@ class NormEMACodebook(nn.Module):
     def __init__(self, K, d, decay=0.99, beta=1.0, kmeans_iters=10):
         super().__init__()
         self.K, self.decay, self.beta, self.kmeans_iters = K, decay, beta, kmeans_iters
-        # official: a frozen nn.Parameter `quantize.embedding.weight`; a buffer says what it is
-        self.register_buffer('weight', l2norm(torch.randn(K, d)))
+        self.register_buffer('weight', l2norm(torch.randn(K, d)))  # official: a frozen Parameter (embedding.weight)
         self.register_buffer('initted', torch.zeros(1))       # 1 once k-means has run
         self.register_buffer('cluster_size', torch.zeros(K))  # EMA of code counts: official layout; unread
 
@@ -394,14 +395,12 @@ class VQKD(nn.Module):
         super().__init__()
         self.cfg = cfg
         D = cfg.embed_dim  # both ViTs: absolute positions, no layer scale, fc_norm on the patch tokens
-        vit = dict(embed_dim=D, num_heads=cfg.num_heads, layer_scale=0.0, abs_pos_emb=True, rel_pos='none',
-                   fc_norm=True)
+        vit = dict(embed_dim=D, num_heads=cfg.num_heads, layer_scale=0, abs_pos_emb=True, rel_pos='none', fc_norm=True)
         self.encoder = ViT(ViTConfig(img_size=cfg.img_size, patch_size=cfg.patch_size, depth=cfg.depth, **vit))
         self.grid = self.encoder.grid
-        # the decoder's "image" is the (d, h, w) code map, embedded by a 1x1 conv
-        self.decoder = ViT(ViTConfig(img_size=self.grid[0], patch_size=1, in_chans=cfg.code_dim,
-                                     depth=cfg.decoder_depth, **vit))
-        self.checked_values = False  # encode looks at the pixel values of the first batch only
+        self.decoder = ViT(ViTConfig(img_size=self.grid[0], patch_size=1, in_chans=cfg.code_dim,  # its "image": the
+                                     depth=cfg.decoder_depth, **vit))  # (d, h, w) code map, embedded by a 1x1 conv
+        self.checked_values = False  # on a GPU, encode looks at the pixel values of the first batch only
         self.quantize = NormEMACodebook(cfg.codebook_size, cfg.code_dim, cfg.decay, cfg.beta)
         self.encode_task_layer = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, cfg.code_dim))
         self.decode_task_layer = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, cfg.teacher_dim))
@@ -415,13 +414,13 @@ class VQKD(nn.Module):
 
     @torch.no_grad()
     def encode(self, images):
-        """images (B, 3, H, W) in [0, 1] -> codes (B, n) int64, row-major patch order. No codebook
-        statistics, no collectives (the official eval forward all-reduces usage counts). Checks the
-        shape on every call, the values on the first only (reading them is a device sync)."""
+        """images (B, 3, H, W) in [0, 1] -> codes (B, n) int64, row-major patch order. No codebook statistics, no
+        collectives (the official eval forward all-reduces usage counts). Checks the shape on every call, the values
+        on every call on the CPU, on the first only on a GPU (reading them there would make each step wait)."""
         S = self.cfg.img_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, S, S):
             raise ValueError(f'encode expects images of shape (B, 3, {S}, {S}), got {tuple(images.shape)}')
-        if not self.checked_values:
+        if images.device.type == 'cpu' or not self.checked_values:
             lo, hi = images.aminmax()
             if not (lo >= -0.01 and hi <= 1.01):  # NaN fails too
                 raise ValueError(f'encode expects finite RGB values in [0, 1] (as ToTensor gives), got '
@@ -624,8 +623,8 @@ def load_state(model, sd, ignore=()):
     """Strictly load a state dict in our, the official or timm's layout into `model`. `ignore`: key prefixes that may
     be absent from the model (dropped) or from sd (left at init), e.g. PRETRAIN_ONLY + ('fc_norm', 'head') to fine-tune
     from a pretraining file. relative_position_index buffers are derived: absent is fine, present ones must match."""
-    if not isinstance(sd, dict):
-        raise ValueError(f'load_state takes a state dict (name -> tensor), got {type(sd).__name__}')
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError('load_state takes a state dict (name -> tensor); of a whole checkpoint: state_dict_of(ckpt)')
     own, buffers = model.state_dict(), dict(model.named_buffers())
     rename = {'quantize.embedding.weight': 'quantize.weight', 'quantize.embedding.initted': 'quantize.initted'}
     unread = ('quantize.embedding.cluster_size', 'quantize.embedding.embed_avg')  # never read officially
@@ -636,10 +635,12 @@ def load_state(model, sd, ignore=()):
         if shared is not None and k.endswith('relative_position_bias_table'):
             sd[k] = shared.clone()
     for k, v in list(sd.items()):
-        if k.endswith('relative_position_bias_table') and k in own and v.shape != own[k].shape:
+        if k not in own or v.shape == own[k].shape or v.shape[-1] != own[k].shape[-1]:
+            continue  # resized: position tables of another grid; another width (heads, dim) is a wrong shape
+        if k.endswith('relative_position_bias_table'):
             sd[k] = resize_rel_pos_table(v, own[k].shape[0])
             sd.pop(k.replace('bias_table', 'index'), None)  # the file's index is of its own grid
-        if k.endswith('pos_embed') and k in own and v.shape != own[k].shape:  # bicubic, as official
+        if k.endswith('pos_embed'):  # bicubic, as official
             s, d = int(math.sqrt(v.shape[1] - 1)), int(math.sqrt(own[k].shape[1] - 1))
             g = v[:, 1:].reshape(1, s, s, -1).permute(0, 3, 1, 2).float()
             g = F.interpolate(g, size=(d, d), mode='bicubic', align_corners=False)

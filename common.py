@@ -135,18 +135,10 @@ def configure(cfg, presets, argv=None):
 def settings_help(cfg, presets):
     """--help: the script's docstring, then each setting with its default, its range or choices, and the comment
     beside its declaration (read from the source: the help lives where the setting is declared)."""
-    comments = {}
-    for cls in reversed(type(cfg).__mro__[:-1]):  # Run's settings first, then the script's own
-        name = None
-        for line in inspect.getsource(cls).splitlines():
-            m = re.match(r'    (\w+): \w+ = .*?(?:  # (.*))?$', line)
-            if m:
-                name, comments[m[1]] = m[1], m[2] or ''
-            elif name and re.match(r'    # {10,}|.*\S  # ', line):  # the comment goes on (or starts on the next line)
-                comments[name] = (comments[name] + ' ' + line.split('#', 1)[1].strip()).strip()
-    rows = [f'  --{f.name}={f.default!r} '.ljust(34) + '  '.join(
-        filter(None, [f'({f.metadata["rule"][0]})' if 'rule' in f.metadata else '', comments.get(f.name)]))
-        for f in fields(cfg)]
+    notes = {k: a + re.sub(r'\n    # +', ' ', b) for c in reversed(type(cfg).__mro__[:-1])  # a script's own wins
+             for k, a, b in re.findall(r'^    (\w+): .*?  # (.*)((?:\n    #  {9,}.*)*)', inspect.getsource(c), re.M)}
+    rows = [f'  --{f.name}={f.default!r} '.ljust(34) + '  '.join(filter(None, [
+        f'({f.metadata["rule"][0]})' if 'rule' in f.metadata else '', notes.get(f.name)])) for f in fields(cfg)]
     doc = sys.modules[type(cfg).__module__].__doc__.strip()
     return '\n'.join([doc, '', f'presets: {", ".join(presets)}', 'settings (--key=value; None: from --model):'] + rows)
 
@@ -187,10 +179,9 @@ class Run:
 
 
 def cpu_has_fast_bf16():  # AVX-512 BF16 or AMX: a bf16 step ~0.6x fp32; without them bf16 is emulated, ~5x slower
-    try:
+    with contextlib.suppress(OSError):  # not Linux: fp32
         return bool(re.search(r'avx512_bf16|amx_bf16', pathlib.Path('/proc/cpuinfo').read_text()))
-    except OSError:  # not Linux: fp32
-        return False
+    return False
 
 
 class Env:
@@ -252,9 +243,8 @@ PENDING = []  # [False] while fit may end its step on Ctrl-C; [True] once Ctrl-C
 
 
 def on_interrupt(pid, *_):
-    """Ctrl-C (SIGINT) ends a run in one line, not a traceback. While fit trains on one process, the step under way
-    ends and is checkpointed first; elsewhere, and under DDP (the ranks would need a collective every step to agree
-    on one), the run ends at once and the last checkpoint written stands."""
+    """Ctrl-C (SIGINT): one line, no traceback. While fit trains on one process, the step under way ends and is
+    saved first; elsewhere, and under DDP (agreeing on a step would take a collective each step), it ends at once."""
     if os.getpid() != pid:  # a DataLoader worker serves on: the main process ends it
         return
     if PENDING != [False]:
@@ -518,20 +508,20 @@ class Logger:
         print(f'step {step}{f"/{total}" if total else ""} | {shown}', flush=True)
 
 
-class Progress:
-    """progress(i): 'WHAT: i/total, about N s left' at most every `every` seconds (rank 0), so that a long phase
-    (a probe's steps, a pass over the val split) shows that it lives."""
-    every = 10.0
+PROGRESS_EVERY = 10.0  # seconds
 
-    def __init__(self, env, what, total):
-        self.env, self.what, self.total, self.t0 = env, what, total, time.time()
-        self.last = self.t0
 
-    def __call__(self, i):
-        now = time.time()
-        if now - self.last >= self.every and i < self.total:
-            self.last = now
-            self.env.print(f'{self.what}: {i}/{self.total}, about {(now - self.t0) / i * (self.total - i):.0f} s left')
+def progress(env, what, total):
+    """-> tick(i): prints 'WHAT: i/total, about N s left' at most every PROGRESS_EVERY seconds (rank 0), so that a
+    long phase (a probe's steps, a pass over the val split) shows that it lives."""
+    t0 = last = time.time()
+
+    def tick(i):
+        nonlocal last
+        if time.time() - last >= PROGRESS_EVERY and i < total:
+            last = time.time()
+            env.print(f'{what}: {i}/{total}, about {(last - t0) / i * (total - i):.0f} s left')
+    return tick
 
 
 def read_log(path, note=print):
@@ -584,7 +574,7 @@ def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, met
     loader, sampler = data.make_loader(dataset, transform, cfg.batch_size, cfg.workers, cfg.seed, env, joint)
     batches = data.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     log = Logger(cfg, env, step)
-    progress = Progress(env, f'  {quiet} steps', cfg.steps)  # quiet runs: no log lines, this instead
+    tick = progress(env, f'  {quiet} steps', cfg.steps)  # quiet runs: no log lines, this instead
     bad = torch.zeros((), dtype=torch.long, device=env.device)  # the first step with a non-finite loss or gradient
     PENDING[:] = [] if env.ddp else [False]  # Ctrl-C: this step ends and is saved (on_interrupt)
 
@@ -609,7 +599,7 @@ def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, met
         if logs or evals and score or ckpt:
             check_finite(bad, model if ckpt else None, cfg)
         if quiet:
-            progress(step)
+            tick(step)
         if logs and not quiet:
             numbers = torch.stack([loss.detach().float(), *(v.detach().float() for v in stats.values()),
                                    gnorm.float()]).tolist()

@@ -9,10 +9,12 @@ order this file holds them (pictures.py looks inside a backbone or a tokenizer):
         --checkpoint=beitv2_base_patch16_224_pt1k.pth
 Settings are --key=value (`--help` lists them, grouped by mode); README.md has the recipes.
 """
+import contextlib
 import json
 import math
 import os
 from dataclasses import asdict, dataclass, replace
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads OpenMP: idle threads sleep (a busy machine)
 
 import torch
 import torch.distributed as dist
@@ -42,8 +44,8 @@ class Config(common.Run):
     linear_recipe: str = common.one_of('mae', 'beit')  # mae: BatchNorm + linear, LARS | beit: AdamW, a head per block
     knn_k: int = common.at_least(1, 20)  # neighbours that vote
     knn_t: float = common.above(0, 0.07)  # temperature of the neighbours' votes
-    backbones: tuple = common.rule(('checkpoint', 'random', 'pixels'), 'some of checkpoint, random, pixels', lambda v:
-                                   v and set(v) <= {'checkpoint', 'random', 'pixels'})  # compare: side by side
+    backbones: tuple = common.rule(('checkpoint', 'random', 'pixels'), 'some of checkpoint, random, pixels: compare '
+                                   'sets them side by side', lambda v: v and {*v} <= {'checkpoint', 'random', 'pixels'})
     seeds: int = common.at_least(1, 1)   # compare: probes with seeds seed, seed+1, ... (mean reported)
     # fine-tuning
     layer_decay: float = common.within(0.65, 0, 1)  # block l's lr is lr * layer_decay ** (depth + 1 - l)
@@ -60,8 +62,8 @@ class Config(common.Run):
     eval_every: int = common.at_least(-1, -1)  # training modes: score val every N steps too (log: val_*;
     #                                 result: final and best_*); -1 = each epoch of --epochs recipes, else 0: the end
     # segmentation
-    seg_layers: tuple = common.rule((1, 2, 3, 5), '4 block indices', lambda v: len(v) == 4 and all(
-        isinstance(i, int) and i >= 0 for i in v))  # blocks feeding the 4 scales (official base: 3, 5, 7, 11)
+    seg_layers: tuple = common.rule((1, 2, 3, 5), '4 block indices, feeding the 4 scales (official base: 3, 5, 7, 11)',
+                                    lambda v: len(v) == 4 and all(type(i) is int and i >= 0 for i in v))
     seg_stride: int = common.at_least(0, 0)  # sliding-window stride at test time; 0 = 2/3 of img_size
     steps: int = common.at_least(1, 300)  # optimizer steps in all (a resumed run counts the ones done)
     warmup_steps: int = common.at_least(0, 30)  # linear warmup of the lr from 0
@@ -160,12 +162,10 @@ def load_weights(path, segmenter=False):
 
 
 def trained_img_size(path):
-    """The input size a checkpoint of ours was trained at (its saved config), read without loading the weights
-    (mmap); None for other files (the presets for official files say theirs) and for unreadable ones."""
-    try:
+    """The input size a checkpoint of ours was trained at (its saved config), read without loading the weights (mmap);
+    None for other files (the presets for official files say theirs; the run's own load judges unreadable ones)."""
+    with contextlib.suppress(Exception):
         return beitv2.load_file(path, mmap=True)['model_config']['img_size']
-    except Exception:  # the run's own load judges the file
-        return None
 
 
 def load_backbone_weights(cfg):
@@ -178,10 +178,7 @@ def load_backbone_weights(cfg):
     return sd, mcfg
 
 
-class Pixels(nn.Flatten):  # the raw-pixel baseline: the (normalised) image itself as the feature vector
-    def __init__(self, img_size):
-        super().__init__()
-        self.dim = 3 * img_size * img_size
+Pixels = nn.Flatten  # the raw-pixel baseline: the (normalised) image itself as the feature vector
 
 
 def build_backbone(cfg, sd, mcfg, **over):
@@ -211,7 +208,7 @@ def feature_backbone(cfg):
     """What linear probing and k-NN read features from: the checkpoint's ViT, the same ViT at its
     random init, or raw pixels (--backbone)."""
     if cfg.backbone == 'pixels':
-        return Pixels(cfg.img_size)
+        return Pixels()
     sd, mcfg = load_backbone_weights(cfg)
     return build_backbone(cfg, sd, mcfg, num_classes=0, drop_path=0.0)
 
@@ -263,12 +260,12 @@ def extract(fn, dataset, cfg, env, what):
     shard = torch.utils.data.Subset(dataset, range(env.rank, len(dataset), env.world))
     feats, labels = [], []
     loader = torch.utils.data.DataLoader(shard, cfg.batch_size, num_workers=cfg.workers)
-    progress = common.Progress(env, f'  {what}, batches', len(loader))
+    tick = common.progress(env, f'  {what}, batches', len(loader))
     for i, (x, y) in enumerate(loader, 1):
         with env.autocast():
             feats.append(fn(x.to(env.device)).float())
         labels.append(y.to(env.device))
-        progress(i)
+        tick(i)
     shape = feats[0].shape[1:]
     f = torch.cat([torch.cat(feats).flatten(1), torch.cat(labels)[:, None].float()], 1)  # labels: a last column
     if env.ddp:  # pad to equal length, gather, drop the padding, restore the dataset order
@@ -336,11 +333,9 @@ class Probe(nn.Module):
     def __init__(self, backbone, cfg, num_classes):
         super().__init__()
         self.backbone, self.cfg = backbone.requires_grad_(False), cfg
-        if isinstance(backbone, Pixels):
-            D, L = backbone.dim, 1
-        else:
-            D, L = backbone.cfg.embed_dim, backbone.cfg.depth
-        if cfg.linear_recipe == 'beit' and not isinstance(backbone, Pixels):
+        pixels = isinstance(backbone, Pixels)
+        D, L = (3 * cfg.img_size ** 2, 1) if pixels else (backbone.cfg.embed_dim, backbone.cfg.depth)
+        if cfg.linear_recipe == 'beit' and not pixels:
             self.heads = nn.ModuleList(nn.Linear(2 * D, num_classes) for _ in range(L))
         else:
             self.heads = nn.ModuleList([nn.Sequential(nn.BatchNorm1d(D, affine=False), nn.Linear(D, num_classes))])
@@ -395,12 +390,10 @@ def knn_classify(train_f, train_y, test_f, k=20, t=0.07, num_classes=None, chunk
 
 def run_knn(cfg, env):
     backbone = feature_backbone(cfg).to(env.device).eval()
-    train, classes = classification_data(cfg, 'train')
-    val, _ = classification_data(cfg, 'val')
-    ev = data.eval_transform(cfg.img_size)
-    train_f, train_y = extract(lambda x: pooled(backbone, x, cfg), data.Mapped(train, ev), cfg, env, 'k-NN train')
-    val_f, val_y = extract(lambda x: pooled(backbone, x, cfg), data.Mapped(val, ev), cfg, env, 'k-NN val')
-    return topk_acc(knn_classify(train_f, train_y, val_f, cfg.knn_k, cfg.knn_t, classes), val_y)
+    (train_f, train_y), (val_f, val_y) = [extract(lambda x: pooled(backbone, x, cfg), data.Mapped(
+        classification_data(cfg, split)[0], data.eval_transform(cfg.img_size)), cfg, env, f'k-NN {split}')
+        for split in ('train', 'val')]
+    return topk_acc(knn_classify(train_f, train_y, val_f, cfg.knn_k, cfg.knn_t), val_y)
 
 # ------------------------------------------------------------- compare: both probes on every backbone (the quick start)
 
@@ -415,7 +408,7 @@ def run_compare(cfg, env):
     if 'random' in cfg.backbones:  # its check (one of our pretraining files) before the first probe runs
         load_backbone_weights(replace(cfg, backbone='random'))
     env.print(f'compare on {cfg.data} at {cfg.img_size} px: {", ".join(names[b] for b in cfg.backbones)}, each by a '
-              f'linear probe ({cfg.steps} steps) and k-NN (k={cfg.knn_k}), seed(s) {cfg.seed}..{cfg.seed + cfg.seeds - 1}')
+              f'linear probe ({cfg.steps} steps) and k-NN (k={cfg.knn_k}), {cfg.seeds} seed(s) from {cfg.seed}')
     for backbone in cfg.backbones:
         name = names[backbone]
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):
@@ -429,8 +422,7 @@ def run_compare(cfg, env):
                 table.setdefault(probe, {}).setdefault(name, []).append(top1)
                 env.print(f'  {probe:12s} {name:11s} seed {seed}: top-1 {top1:.1f}')
                 record(cfg, env, dict(mode='compare_run', checkpoint=cfg.checkpoint, backbone=name, probe=probe,
-                                      seed=seed, top1=top1,
-                                      chance=100 / classes))
+                                      seed=seed, top1=top1, chance=100 / classes))
     mean = {p: {n: sum(v) / len(v) for n, v in row.items()} for p, row in table.items()}
     line = '; '.join(f'{p}: ' + ' | '.join(f'{n} {v:.1f}' for n, v in row.items()) for p, row in mean.items())
     env.print(f'top-1 % (chance {100 / classes:.1f}), mean of {cfg.seeds} seed(s): {line}')
@@ -497,7 +489,7 @@ def segment_score(model, val, cfg, env):
     t = data.SegTransform(cfg.img_size, False)
     conf = torch.zeros(val.num_classes, val.num_classes, dtype=torch.long, device=env.device)
     mine = range(env.rank, len(val), env.world)
-    progress = common.Progress(env, '  scoring the val split, images', len(mine))
+    tick = common.progress(env, '  scoring the val split, images', len(mine))
     for n in range(0, len(mine), cfg.batch_size):  # the windows of batch_size images at a time
         pairs = [t(val[i], None) for i in mine[n:n + cfg.batch_size]]
         with env.autocast():
@@ -506,7 +498,7 @@ def segment_score(model, val, cfg, env):
         for logits, (_, mask) in zip(all_logits, pairs):
             logits = F.interpolate(logits[None], size=mask.shape, mode='bilinear', align_corners=False)[0]
             conf += upernet.confusion(logits.argmax(0).flatten(), mask.to(env.device).flatten(), val.num_classes)
-        progress(n + len(pairs))
+        tick(n + len(pairs))
     return upernet.seg_scores(env.all_reduce(conf))
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
 import beitv2
@@ -122,8 +123,9 @@ def tokenizer_of(cfg, env):
         common.die(f'{cfg.checkpoint}: {e}')
 
 
-def code_colours(n_codes):  # (K, 3) one fixed random colour per code, the same in every picture
-    return torch.rand(n_codes, 3, generator=torch.Generator().manual_seed(0))
+def code_maps(codes, tok, size):  # (B, n) codes -> (B, 3, size, size): a fixed random colour per code, in any picture
+    palette = torch.rand(tok.cfg.codebook_size, 3, generator=torch.Generator().manual_seed(0)).to(codes.device)
+    return F.interpolate(palette[codes].view(-1, *tok.grid, 3).permute(0, 3, 1, 2), size=size, mode='nearest')
 
 
 @torch.no_grad()
@@ -135,7 +137,7 @@ def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
     ev = data.eval_transform(tok.cfg.img_size, normalize=False)
     images = torch.stack([ev(data.rgb(val[i][0])) for i in range(min(n_images, len(val)))]).to(env.device)
     codes = torch.cat([tok.encode(x) for x in images.split(cfg.batch_size)])   # (n, N)
-    p, (h, w) = tok.cfg.patch_size, tok.grid
+    p = tok.cfg.patch_size
     patches = images.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, p, p)
     flat = codes.flatten()
     top = torch.bincount(flat, minlength=tok.cfg.codebook_size).topk(n_codes).indices
@@ -143,13 +145,9 @@ def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
     for c in top:
         hits = patches[flat == c][:per_code]
         rows.append(torch.cat([hits, hits.new_ones(per_code - len(hits), 3, p, p)]))
-    os.makedirs(cfg.out_dir, exist_ok=True)
     save_titled(torch.cat(rows), os.path.join(cfg.out_dir, 'codebook.png'), f'{cfg.checkpoint}: its {len(rows)} most '
                 f'used codes, one row each: val image patches that the tokenizer gives that code', per_code, 32)
-    palette = code_colours(tok.cfg.codebook_size).to(env.device)
-    maps = palette[codes[:8]].view(-1, h, w, 3).permute(0, 3, 1, 2)
-    maps = F.interpolate(maps, size=images.shape[2:], mode='nearest')
-    pairs = torch.stack([images[:8], maps], 1).flatten(0, 1)
+    pairs = torch.stack([images[:8], code_maps(codes[:8], tok, images.shape[2:])], 1).flatten(0, 1)
     save_titled(pairs, os.path.join(cfg.out_dir, 'token_maps.png'), f'{cfg.checkpoint}: val images, each beside '
                 'its token map (a patch per square, a colour per code)', 4, 128)
     used = int((torch.bincount(flat, minlength=tok.cfg.codebook_size) > 0).sum())
@@ -167,13 +165,9 @@ def run_codes(cfg, env):
     h, w = tok.grid
     width = len(str(tok.cfg.codebook_size - 1))
     env.print('\n'.join(' '.join(f'{c:{width}d}' for c in row) for row in codes.view(h, w).tolist()))
-    palette = code_colours(tok.cfg.codebook_size)
-    code_map = palette[codes].view(h, w, 3).permute(2, 0, 1)
-    code_map = F.interpolate(code_map[None], size=shown.shape[2:], mode='nearest')
-    path = os.path.join(cfg.out_dir, 'codes.png')
-    what = cfg.image or f'the first val image of {cfg.data}'
-    save_titled(torch.cat([shown, code_map]), path, f'{what} and its codes from {cfg.checkpoint} (a colour per code; '
-                f'{len(codes.unique())} distinct)')
+    path, what = os.path.join(cfg.out_dir, 'codes.png'), cfg.image or f'the first val image of {cfg.data}'
+    save_titled(torch.cat([shown, code_maps(codes[None], tok, shown.shape[2:])]), path, f'{what} and its codes from '
+                f'{cfg.checkpoint} (a colour per code; {len(codes.unique())} distinct)')
     return dict(png=path, grid=f'{h}x{w}', distinct_codes=len(codes.unique()))
 
 
@@ -181,8 +175,7 @@ def save_titled(tiles, path, title, nrow=0, size=256):
     """tiles (B, 3, h, w) in [0, 1], enlarged to `size` px, as a grid (nrow per row; 0 = all in one) under the title
     that says what they show (also the PNG's Title)."""
     tiles = F.interpolate(tiles, scale_factor=max(1, size // tiles.shape[-1]), mode='nearest')
-    grid = make_grid(tiles, nrow=nrow or len(tiles), padding=2, pad_value=1)
-    grid = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+    grid = to_pil_image(make_grid(tiles, nrow=nrow or len(tiles), padding=2, pad_value=1).cpu())
     lines = textwrap.wrap(title, max(30, grid.width // 8))
     img = Image.new('RGB', (grid.width, grid.height + 16 * len(lines) + 6), 'white')
     img.paste(grid, (0, 16 * len(lines) + 6))

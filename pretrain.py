@@ -10,6 +10,7 @@ Settings are --key=value (`--help` lists them); README.md has the recipes.
 """
 import os
 from dataclasses import asdict, dataclass
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads OpenMP: idle threads sleep (a busy machine)
 
 import torch
 import torchvision.transforms as T
@@ -76,16 +77,6 @@ class TwoViews:
         return self.normalize(student), tok, self.masker(rng)  # normalize makes a new tensor
 
 
-def official_names(branches):
-    """Per-branch numbers under the official log names: the main branch (mim) is loss_1 /
-    mlm_acc_1, the [CLS] head (cls) loss_2 / mlm_acc_2; a model without the head logs only _1."""
-    out = {}
-    for i, name in enumerate(('mim', 'cls'), start=1):
-        if name in branches:
-            out[f'loss_{i}'], out[f'mlm_acc_{i}'] = branches[name]['loss'], branches[name]['acc']
-    return out
-
-
 def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)
     if not cfg.tokenizer or not os.path.exists(cfg.tokenizer):
@@ -124,10 +115,11 @@ def main(argv=None):
             codes = tokenizer.encode(tok_images.to(env.device, non_blocking=True))  # (B, n) targets
         logits, losses = run(images, mask, codes, num_masked=masker.num)  # static shapes
         counts.index_add_(0, codes.flatten(), torch.ones_like(codes.flatten()))
-        labels = beitv2.masked_rows(codes, mask, masker.num)
-        return losses['loss'], official_names({name: dict(loss=losses[f'loss_{name}'].detach(),
-                                                          acc=(lg.argmax(-1) == labels).float().mean())
-                                               for name, lg in logits.items()})
+        labels, stats = beitv2.masked_rows(codes, mask, masker.num), {}
+        for i, (name, lg) in enumerate(logits.items(), 1):  # official log names: _1 the main branch, _2 the [CLS] head
+            stats[f'loss_{i}'] = losses[f'loss_{name}'].detach()
+            stats[f'mlm_acc_{i}'] = (lg.argmax(-1) == labels).float().mean()
+        return losses['loss'], stats
 
     def at_log():  # the target codes used since the last log line, on all ranks
         unused = common.code_usage(env.all_reduce(counts))['unused']

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import sys
 from pathlib import Path
@@ -444,10 +445,25 @@ def test_encode_says_what_it_expects():
                      (torch.rand(2, 1, 16, 16), 'shape'), (torch.rand(2, 3, 16, 16) * 255, r'\[0, 1\]'),
                      ((torch.rand(2, 3, 16, 16) - 0.45) / 0.225, r'\[0, 1\]'),
                      (torch.full((2, 3, 16, 16), float('nan')), 'non-finite')]:
-        tok.checked_values = False
+        assert tok.encode(torch.rand(2, 3, 16, 16)).shape == (2, 16)  # a good call first: CPU input is checked anew
         with pytest.raises(ValueError, match=msg):
             tok.encode(bad)
-    assert tok.encode(torch.rand(2, 3, 16, 16)).shape == (2, 16)
+
+
+def test_load_state_names_what_does_not_fit():
+    demo = beitv2.BEiTv2(beitv2.PRESETS['beitv2_demo']).state_dict()
+    with pytest.raises(KeyError, match=r'wrong shape .*patch_embed.proj.weight \(96, 3, 4, 4\) vs \(192, 3, 16, 16'):
+        beitv2.load_state(beitv2.BEiTv2(beitv2.PRESETS['beitv2_tiny_patch16_224']), demo)  # not a SciPy resize
+    with pytest.raises(ValueError, match='of a whole checkpoint: state_dict_of'):
+        beitv2.load_state(tiny_beit(), {'model': tiny_beit().state_dict(), 'step': 3})
+
+
+@pytest.mark.parametrize('cfg,msg', [(beitv2.ViTConfig(embed_dim=100, num_heads=3), 'embed_dim % num_heads = 0'),
+                                     (beitv2.ViTConfig(img_size=30, patch_size=4), 'img_size % patch_size = 0'),
+                                     (beitv2.BEiTConfig(depth=6, early_layers=8), 'reads a block 1..depth=6')])
+def test_a_config_that_cannot_be_built_says_so(cfg, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        (beitv2.BEiTv2 if isinstance(cfg, beitv2.BEiTConfig) else beitv2.ViT)(cfg)
 
 
 def _free_port():

@@ -242,8 +242,9 @@ def test_ranges_beside_the_fields_are_checked(arg, msg, capsys):
     ('train_tokenizer', '--model=beitv2_demo', 'for this stage; choose from vqkd_demo'),
     ('evaluate', '--smoothing=-0.5', 'in [0, 1)'), ('evaluate', '--smoothing=1.0', 'in [0, 1)'),
     ('evaluate', '--reprob=2.0', 'in [0, 1]'), ('evaluate', '--drop_path=2.0', 'in [0, 1)'),
-    ('evaluate', '--layer_decay=1.5', 'in [0, 1]'), ('evaluate', '--mixup=-1', '>= 0'), ('evaluate', '--cutmix=-1', '>= 0'),
-    ('evaluate', "--backbones=('checkpoint','randm')", 'some of checkpoint'), ('evaluate', '--backbones=()', 'some of'),
+    ('evaluate', '--layer_decay=1.5', 'in [0, 1]'), ('evaluate', '--mixup=-1', '>= 0'),
+    ('evaluate', '--cutmix=-1', '>= 0'), ('evaluate', '--backbones=()', 'some of'),
+    ('evaluate', "--backbones=('checkpoint','randm')", 'some of checkpoint, random, pixels'),
     ('evaluate', '--seg_layers=(1,2)', '4 block indices'), ('evaluate', '--seg_stride=-1', '>= 0'),
     ('pretrain', '--seed=1234567890123456789012', 'in [0, '), ('pretrain', '--seed=-1', 'in [0, '),
 ])
@@ -620,16 +621,6 @@ def test_dino_teacher_from_state_dict_file(tmp_path):
         close(t(x), vit.forward_patch_tokens((x - mean) / std), atol=1e-6)
 
 
-def test_torchvision_teacher_from_weights_file(tmp_path):
-    import torchvision
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / 'resnet18.pth')
-    cfg = TT.Config(teacher='tv:resnet18', teacher_weights=str(tmp_path / 'resnet18.pth'), img_size=64, patch_size=16)
-    t = TT.build_teacher(cfg)
-    assert t(torch.rand(2, 3, 64, 64)).shape == (2, 16, 256)  # layer3: 256 channels at stride 16
-    assert not any(p.requires_grad for p in t.parameters()) and not t.training
-
-
 @pytest.mark.parametrize('colour', [False, True])
 def test_hog_teacher_is_structured(colour):
     t = TT.HOGTeacher(4, colour=colour)
@@ -735,9 +726,6 @@ def test_pretrain_script_writes_loadable_checkpoint(tokenizer_ckpt, tmp_path):
 
 
 def test_pretrain_logs_only_the_branches_that_exist():
-    both = {'mim': dict(loss=1.0, acc=0.5), 'cls': dict(loss=2.0, acc=0.25)}
-    assert pretrain.official_names(both) == dict(loss_1=1.0, mlm_acc_1=0.5, loss_2=2.0, mlm_acc_2=0.25)
-    assert pretrain.official_names({'mim': both['mim']}) == dict(loss_1=1.0, mlm_acc_1=0.5)
     logits, losses = tiny_beit(head_layers=0)(torch.randn(2, 3, 32, 32), torch.ones(2, 16, dtype=torch.bool),
                                               torch.zeros(2, 16, dtype=torch.long))
     assert set(logits) == {'mim'} and set(losses) == {'loss_mim', 'loss'}
@@ -780,14 +768,16 @@ def image_folder(root, classes=3, per_class=4, splits=('train',)):
 @pytest.mark.parametrize('script', ['train_tokenizer.py', 'pretrain.py', 'evaluate.py'])
 def test_the_loop_reads_the_device_only_at_log_steps(script, tokenizer_ckpt, pretrain_ckpt, tmp_path, monkeypatch):
     """Between log steps the host never waits for the device: no item / tolist / cpu / bool of a tensor (the
-    host's own random draws aside (the loader's shuffle, torchvision's mixup), and the first step's one-time work
-    (k-means, encode's value check)."""
+    host's own random draws aside (the loader's shuffle, torchvision's mixup), the first step's one-time work
+    (k-means) and encode's value check of CPU input (on a GPU it checks the first call only)."""
     import traceback
     reads, steps = [], []
 
     def counted(name, orig):
         def read(self, *a, **k):
-            if not any(s in f.filename for f in traceback.extract_stack() for s in ('utils/data', 'torchvision/')):
+            stack = traceback.extract_stack()
+            if not any(s in f.filename for f in stack for s in ('utils/data', 'torchvision/')) and \
+                    not any(f.name == 'encode' for f in stack):
                 reads.append(len(steps))
             return orig(self, *a, **k)
         return read
@@ -881,7 +871,7 @@ def test_scripts_give_one_line_errors(tmp_path, tokenizer_ckpt):
     cases = [
         (['train_tokenizer.py', '--data=/nonexistent'], 'does not exist'),
         (['train_tokenizer.py', '--img_size=30'], 'divisible'),
-        (['train_tokenizer.py', '--teacher=nope'], 'unknown teacher'),
+        (['train_tokenizer.py', '--teacher=nope'], "must be one of 'hog'"),
         (['train_tokenizer.py', '--bogus=1'], 'unknown setting --bogus'),
         (['train_tokenizer.py', '--steps=abc'], 'not a int'),
         (['pretrain.py', f'--tokenizer={tmp_path}/missing.pt'], 'run `python train_tokenizer.py` first'),
@@ -1462,9 +1452,9 @@ def test_compare_checks_every_backbone_before_its_first_probe(tmp_path):
 
 def test_long_phases_show_progress(tmp_path, monkeypatch):
     tiny_pretrain_file(tmp_path / 'p.pt')
-    monkeypatch.setattr(common.Progress, 'every', 0.0)  # a line at every step / batch instead of every 10 s
-    p = run_script('evaluate.py', f'--checkpoint={tmp_path / "p.pt"}', '--steps=3', *EVAL_TINY, "--backbones=('random',)",
-                   f'--out_dir={tmp_path / "o"}')
+    monkeypatch.setattr(common, 'PROGRESS_EVERY', 0.0)  # a line at every step / batch instead of every 10 s
+    p = run_script('evaluate.py', f'--checkpoint={tmp_path / "p.pt"}', '--steps=3', *EVAL_TINY,
+                   "--backbones=('random',)", f'--out_dir={tmp_path / "o"}')
     lines = p.stdout.splitlines()
     assert lines[0].startswith('compare on demo:48 at 16 px: random init, each by a linear probe (3 steps)')
     assert '  random init linear probe steps: 1/3, about' in p.stdout and '  scoring the val split, batches: 1/6' in \

@@ -13,6 +13,7 @@ import pickle
 import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads OpenMP: idle threads sleep (a busy machine)
 
 import torch
 import torch.nn as nn
@@ -37,9 +38,9 @@ class Config(common.Run):
     decoder_depth: int = common.at_least(1, None)
     codebook_size: int = common.at_least(1, None)  # K codes
     code_dim: int = common.at_least(1, None)  # codebook dimension
-    decay: float = common.at_least(0, 0.99)  # codebook EMA decay (< 1: checked in main)
-    teacher: str = 'hog'            # hog / hog_colour (demo, no weights), clip, dino, or tv:MODEL[:NODE] (torchvision)
-    teacher_weights: str = ''       # local weights file for clip / dino / tv teachers
+    decay: float = common.within(0.99, 0, 1, ')')  # codebook EMA decay (1 would never move)
+    teacher: str = common.one_of('hog', 'hog_colour', 'clip', 'dino')  # hog, hog_colour: the demo's, no weights
+    teacher_weights: str = ''       # local weights file for clip / dino
     steps: int = common.at_least(1, 600)
     lr: float = common.above(0, 1e-3)  # per 128 images: peak lr = lr * effective batch / 128 (official)
     weight_decay: float = common.at_least(0, 1e-4)
@@ -249,45 +250,13 @@ def load_dino(path):
     return DINOTeacher({k: v for k, v in sd.items() if not k.startswith('head.')})
 
 
-class TorchvisionTeacher(nn.Module):
-    """Any torchvision model: the feature map at node NODE (default layer3: stride 16 in
-    ResNets), average-pooled to the tokenizer's grid. ImageNet normalisation."""
-
-    def __init__(self, name, node, path, grid):
-        super().__init__()
-        import torchvision.models as tvm
-        from torchvision.models.feature_extraction import create_feature_extractor
-        try:
-            model = tvm.get_model(name, weights=None if path else 'DEFAULT')
-        except Exception as e:  # unknown name or no network
-            common.die(f'torchvision teacher {name}: {str(e).splitlines()[0]}')
-        if path:
-            model.load_state_dict(beitv2.state_dict_of(common.read_checkpoint(path)))
-        self.body = create_feature_extractor(model, {node: 'f'})
-        self.grid = grid
-
-    def forward(self, images):
-        f = self.body(TF.normalize(images, data.IMAGENET_MEAN, data.IMAGENET_STD))['f']
-        return F.adaptive_avg_pool2d(f, self.grid).flatten(2).transpose(1, 2)
-
-
 def build_teacher(cfg):
     """Frozen, eval mode; called under no_grad. -> module mapping [0, 1] images to (B, n, C)."""
-    grid = cfg.img_size // cfg.patch_size
     try:
-        if cfg.teacher in ('hog', 'hog_colour'):
-            t = HOGTeacher(cfg.patch_size, colour=cfg.teacher == 'hog_colour')
-        elif cfg.teacher == 'clip':
-            t = load_clip(cfg.teacher_weights)
-        elif cfg.teacher == 'dino':
-            t = load_dino(cfg.teacher_weights)
-        elif cfg.teacher.startswith('tv:'):
-            name, _, node = cfg.teacher[3:].partition(':')
-            t = TorchvisionTeacher(name, node or 'layer3', cfg.teacher_weights, (grid, grid))
-        else:
-            common.die(f"unknown teacher {cfg.teacher!r}: use hog, hog_colour, clip, dino or tv:MODEL[:NODE]")
+        t = (HOGTeacher(cfg.patch_size, colour=cfg.teacher == 'hog_colour') if cfg.teacher.startswith('hog') else
+             load_clip(cfg.teacher_weights) if cfg.teacher == 'clip' else load_dino(cfg.teacher_weights))
     except (ValueError, KeyError, RuntimeError) as e:  # weights of another model, or of another layout
-        common.die(f'--teacher={cfg.teacher} --teacher_weights={cfg.teacher_weights}: {str(e).splitlines()[0][:300]}')
+        common.die(f'--teacher={cfg.teacher} --teacher_weights={cfg.teacher_weights}: {" ".join(str(e).split())[:300]}')
     return t.eval().requires_grad_(False)
 
 # ----------------------------------------------------------------------------- training
@@ -316,8 +285,6 @@ def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)
     if cfg.img_size % cfg.patch_size or cfg.patch_size % 2:
         common.die(f'img_size {cfg.img_size} must be divisible by patch_size {cfg.patch_size} (even)')
-    if cfg.decay >= 1:
-        common.die(f'--decay={cfg.decay}: must be < 1 (an EMA that never moves)')
     if cfg.batch_size * (cfg.img_size // cfg.patch_size) ** 2 < cfg.codebook_size:
         common.die(f'k-means init needs at least codebook_size={cfg.codebook_size} patch vectors in the first batch; '
                    f'{cfg.batch_size} images give {cfg.batch_size * (cfg.img_size // cfg.patch_size) ** 2}: '
