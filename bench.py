@@ -92,11 +92,11 @@ def make_step(model, images, mask, targets, amp=None, num_masked=None, encode=No
         return loss.item()
     return step
 
-def timed(fns, steps, warmup, device):
-    """Alternate the named closures (each returns a float: the device has finished) step by step.
-    -> name -> (list of ms, first loss, peak memory MiB)"""
-    cuda, ms, first, mem = device.type == 'cuda', {name: [] for name in fns}, {}, dict.fromkeys(fns, 0.0)
-    for i in range(warmup + steps):
+def measure(fns, flops, cfg, c):
+    """Alternate the named closures (each returns a float: the device has finished) step by step; a line each
+    (ms/step, img/s, TFLOP/s, MFU, peak memory) -> [(median ms, first loss)]"""
+    cuda, times, first, peak = c.device.type == 'cuda', {name: [] for name in fns}, {}, dict.fromkeys(fns, 0.0)
+    for i in range(cfg.warmup + cfg.steps):
         for name, fn in fns.items():
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -104,22 +104,18 @@ def timed(fns, steps, warmup, device):
             first.setdefault(name, fn())
             if cuda:
                 torch.cuda.synchronize()
-                mem[name] = max(mem[name], torch.cuda.max_memory_allocated() / 2 ** 20)
-            if i >= warmup:
-                ms[name].append((time.perf_counter() - t0) * 1000)
-    return {name: (ms[name], first[name], mem[name]) for name in fns}
-
-def measure(fns, flops, cfg, c):
-    """timed(), a line each (ms/step, img/s, TFLOP/s, MFU, memory) -> [(median ms, first loss)]"""
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated() / 2 ** 20)
+            if i >= cfg.warmup:
+                times[name].append((time.perf_counter() - t0) * 1000)
     out = []
-    for name, (ms, first, mem) in timed(fns, cfg.steps, cfg.warmup, c.device).items():
-        med = statistics.median(ms)
+    for name, ms in times.items():
+        med, mem = statistics.median(ms), peak[name]
         tf = flops * cfg.batch_size / med / 1e9
         line = f'{name:30s} {med:9.1f} ms/step  {cfg.batch_size / med * 1000:8.1f} img/s'
         line += f'  {tf:8.2f} TFLOP/s' + (f'  MFU {tf / c.peak:6.1%}' if c.peak else '') if flops else ''
         line += f'  peak {mem:.0f} MiB' if mem else ''
         print(line + f'  (min {min(ms):.1f}, max {max(ms):.1f}, n={len(ms)})', flush=True)
-        out.append((med, first))
+        out.append((med, first[name]))
     return out
 
 def inputs(b, c):  # b images (normalised), their block masks, random codes, the tokenizer's [0, 1] view

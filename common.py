@@ -191,9 +191,8 @@ class Env:
         cuda = torch.cuda.is_available() and cfg.device != 'cpu'
         if not re.fullmatch(r'(cpu|cuda(:\d+)?)?', cfg.device) or cfg.device[:4] == 'cuda' and not cuda:
             die(f"--device={cfg.device!r}: must be cpu, or cuda / cuda:N where the machine has CUDA ('' = cuda if any)")
-        self.ddp = 'RANK' in os.environ
-        self.rank = int(os.environ.get('RANK', 0))
-        self.world = int(os.environ.get('WORLD_SIZE', 1))
+        self.ddp, self.world = 'RANK' in os.environ, int(os.getenv('WORLD_SIZE', 1))
+        self.rank = int(os.getenv('RANK', 0))
         self.device = torch.device(f'cuda:{os.environ.get("LOCAL_RANK", 0)}' if cuda else 'cpu')
         self.lock = None  # OUT_DIR/lock while this process holds it (claim_out_dir)
         self.inputs = {}  # digests of the files the run starts from (resume sets them; checkpoints keep them)
@@ -325,11 +324,6 @@ def get_lr(step, steps, warmup_steps, lr, min_lr, schedule='cosine', epochs=0):
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def set_lr(optimizer, lr):
-    for g in optimizer.param_groups:
-        g['lr'] = lr * g.get('lr_scale', 1.0)  # layer-wise lr decay
-
-
 def optimizer_step(env, optimizer, clip_grad):
     """Unscale (fp16), clip (0 = no clip; the norm is measured anyway), step, zero the grads. -> the gradient
     norm, a tensor (reading it would wait for the device)."""
@@ -436,9 +430,7 @@ def check_same_run(cfg, env, saved, path, inputs=None):
     for key, value in now.items():
         if key in RUN_ONLY or key in allowed or key not in saved:
             continue
-        old = saved[key]
-        if isinstance(value, tuple) and isinstance(old, (list, tuple)):
-            old = tuple(old)
+        old = tuple(saved[key]) if isinstance(value, tuple) and isinstance(saved[key], list) else saved[key]
         if old != value:
             name = 'ranks (world size)' if key == 'world' else f'--{key}'
             die(f'{name} is {value!r} but {path} was written with {old!r}: resume with the same setting, start '
@@ -456,9 +448,7 @@ def resume(cfg, env, model, optimizer, inputs=()):
     path = cfg.resume or os.path.join(cfg.out_dir, 'ckpt.pt')
     env.inputs = {k: digest(getattr(cfg, k)) for k in inputs if os.path.isfile(getattr(cfg, k))}
     if not os.path.exists(path):
-        if cfg.resume:
-            die(f'--resume: {path} does not exist')
-        return 0, {}
+        return (0, {}) if not cfg.resume else die(f'--resume: {path} does not exist')
     ckpt = read_checkpoint(path)
     if ckpt.get('stage', env.stage) != env.stage:
         die(f'{path} was written by {ckpt["stage"]}, not {env.stage}: pass one of its own checkpoints, or another '
@@ -478,9 +468,8 @@ def resume(cfg, env, model, optimizer, inputs=()):
         env.print(f'note: checkpoint written by {ckpt["world"]} ranks, now {env.world}: RNG not restored')
     env.print(f'resumed from {path} at step {ckpt["step"]}')
     if ckpt['step'] >= cfg.steps:
-        env.print(f'note: this run was already complete ({ckpt["step"]} of {cfg.steps} steps): nothing to train. '
-                  f'To train again, start a new --out_dir; to train longer, pass more --steps with '
-                  f'--allow_change=steps')
+        env.print(f'note: this run was already complete ({ckpt["step"]} of {cfg.steps} steps): nothing to train. To '
+                  'train again, start a new --out_dir; to train longer, pass more --steps with --allow_change=steps')
     return ckpt['step'], ckpt.get('loop', {})
 
 
@@ -574,7 +563,7 @@ def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, met
     loader, sampler = data.make_loader(dataset, transform, cfg.batch_size, cfg.workers, cfg.seed, env, joint)
     batches = data.stream(loader, sampler, step, steps_per_epoch, cfg.accum)
     log = Logger(cfg, env, step)
-    tick = progress(env, f'  {quiet} steps', cfg.steps)  # quiet runs: no log lines, this instead
+    tick = progress(env, f'  {quiet} steps', cfg.steps) if quiet else lambda i: None  # quiet: no log lines, this
     bad = torch.zeros((), dtype=torch.long, device=env.device)  # the first step with a non-finite loss or gradient
     PENDING[:] = [] if env.ddp else [False]  # Ctrl-C: this step ends and is saved (on_interrupt)
 
@@ -583,7 +572,8 @@ def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, met
                         config=asdict(cfg), model_config=model_config, **state)
     while step < cfg.steps:
         lr_now = get_lr(step, cfg.steps, cfg.warmup_steps, lr, cfg.min_lr, cfg.schedule, cfg.epochs)
-        set_lr(optimizer, lr_now)
+        for g in optimizer.param_groups:
+            g['lr'] = lr_now * g.get('lr_scale', 1.0)  # layer-wise lr decay
         model.train()
         for micro in range(cfg.accum):
             with (ddp.no_sync() if env.ddp and micro < cfg.accum - 1 else contextlib.nullcontext()), env.autocast():
@@ -598,8 +588,7 @@ def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, met
         ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps or stop
         if logs or evals and score or ckpt:
             check_finite(bad, model if ckpt else None, cfg)
-        if quiet:
-            tick(step)
+        tick(step)
         if logs and not quiet:
             numbers = torch.stack([loss.detach().float(), *(v.detach().float() for v in stats.values()),
                                    gnorm.float()]).tolist()

@@ -35,11 +35,9 @@ class Config(common.Run):
     checkpoint: str = 'out/pretrain/ckpt.pt'  # ours or official (pretraining / fine-tuned / tokenizer)
     img_size: int = common.at_least(1, 32)  # input size; not given: the size --checkpoint was trained at
     min_crop_scale: float = common.above(0, 0.5)  # RandomResizedCrop scale range for linear / fine-tune training
-    # which backbone (linear, knn, finetune, segment)
     backbone: str = common.one_of('checkpoint', 'random', 'pixels')  # random: its architecture at the official init
     #                                 (what pretraining started from) | pixels: raw pixels, no network
-    # linear / knn / compare features
-    feature: str = common.one_of('cls', 'mean')  # cls: [CLS] after the final norm (paper); mean: mean patch token
+    feature: str = common.one_of('cls', 'mean')  # probes: [CLS] after the final norm (paper) | the mean patch token
     layer: int = -1                 # block whose tokens are used (checked against the depth); -1 = last
     linear_recipe: str = common.one_of('mae', 'beit')  # mae: BatchNorm + linear, LARS | beit: AdamW, a head per block
     knn_k: int = common.at_least(1, 20)  # neighbours that vote
@@ -124,20 +122,18 @@ PRESETS = {
 # -------------------------------------------------------------- backbones: a checkpoint, its random init, or raw pixels
 
 
-def vit_config_from_state(sd, **over):
+def vit_config_from_state(sd):
     """ViTConfig for an official / timm / our state dict, read off its shapes (64-dim heads)."""
     w = sd['patch_embed.proj.weight']
     D, p = w.shape[0], w.shape[-1]
     depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
     table = sd.get('rel_pos_bias.relative_position_bias_table', sd.get('blocks.0.attn.relative_position_bias_table'))
     grid = (int(math.sqrt(table.shape[0] - 3)) + 1) // 2 if table is not None else None
-    cfg = dict(img_size=grid * p if grid else 224, patch_size=p, embed_dim=D, depth=depth, num_heads=D // 64,
-               layer_scale=0.1 if 'blocks.0.gamma_1' in sd else 0.0, abs_pos_emb='pos_embed' in sd,
-               rel_pos='shared' if 'rel_pos_bias.relative_position_bias_table' in sd else
-               'per_block' if table is not None else 'none', fc_norm='norm.weight' not in sd,
-               num_classes=sd['head.weight'].shape[0] if 'head.weight' in sd else 0)
-    cfg.update(over)
-    return beitv2.ViTConfig(**cfg)
+    return beitv2.ViTConfig(
+        img_size=grid * p if grid else 224, patch_size=p, embed_dim=D, depth=depth, num_heads=D // 64,
+        layer_scale=0.1 if 'blocks.0.gamma_1' in sd else 0.0, abs_pos_emb='pos_embed' in sd,
+        rel_pos='shared' if 'rel_pos_bias.relative_position_bias_table' in sd else 'per_block' if table is not None
+        else 'none', fc_norm='norm.weight' not in sd, num_classes=len(sd['head.weight']) if 'head.weight' in sd else 0)
 
 
 def load_weights(path, segmenter=False):
@@ -154,8 +150,7 @@ def load_weights(path, segmenter=False):
         if 'decode_head.conv_seg.weight' not in sd:
             common.die(f'{path}: not a segmentation checkpoint (no decode_head.*): train one with --mode=segment')
         sd, heads = upernet.split_mmseg(sd)
-    mcfg = ckpt.get('model_config')  # ours only
-    mcfg = mcfg if isinstance(mcfg, dict) else None
+    mcfg = ckpt.get('model_config') if isinstance(ckpt.get('model_config'), dict) else None  # ours only
     if 'patch_embed.proj.weight' not in sd:
         common.die(f'{path}: no ViT weights in it')
     return (sd, heads, mcfg) if segmenter else (sd, mcfg)

@@ -44,15 +44,10 @@ class Config:
 def picture_input(cfg, img_size, normalize):
     """The image of --image (or the first val image of --data), resized to img_size/0.875 and
     centre-cropped: (1, 3, S, S), and the same in [0, 1] for drawing."""
-    if cfg.image:
-        if not os.path.exists(cfg.image):
-            common.die(f'--image {cfg.image!r} not found')
-        try:
-            img = data.load_image(cfg.image)
-        except RuntimeError as e:
-            common.die(str(e))
-    else:
-        img = data.rgb(data.build_dataset(cfg.data, 'val', img_size)[0][0])
+    try:
+        img = data.load_image(cfg.image) if cfg.image else data.rgb(data.build_dataset(cfg.data, 'val', img_size)[0][0])
+    except RuntimeError as e:  # unreadable, or no such file
+        common.die(f'--image: {e}')
     shown = data.eval_transform(img_size, normalize=False)(img)[None]
     return (data.eval_transform(img_size)(img)[None] if normalize else shown), shown
 
@@ -61,10 +56,7 @@ def picture_input(cfg, img_size, normalize):
 def attention_probs(backbone, images, layer):
     """(B, nh, N, N) softmax attention of block `layer` (0-based), token 0 = [CLS]: the same
     logits the block computes (q/v biases, scale, relative position bias)."""
-    if layer == 0:
-        x = backbone.with_cls(backbone.patches(images))
-    else:
-        x = backbone.forward_tokens(images, (layer - 1,))[1][0]
+    x = backbone.forward_tokens(images, (layer - 1,))[1][0] if layer else backbone.with_cls(backbone.patches(images))
     blk = backbone.blocks[layer]
     q, k, _ = blk.attn.heads(blk.norm1(x))                                # each (B, nh, N, hs)
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)              # (B, nh, N, N)

@@ -783,8 +783,8 @@ def test_the_loop_reads_the_device_only_at_log_steps(script, tokenizer_ckpt, pre
         return read
     for name in ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__int__', '__float__'):
         monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
-    set_lr = common.set_lr
-    monkeypatch.setattr(common, 'set_lr', lambda opt, lr: (steps.append(lr), set_lr(opt, lr)))
+    get_lr = common.get_lr
+    monkeypatch.setattr(common, 'get_lr', lambda *a: steps.append(get_lr(*a)) or steps[-1])
     args = {'train_tokenizer.py': TINY_TOK, 'pretrain.py': [*TINY_PRE, f'--tokenizer={tokenizer_ckpt}'],
             'evaluate.py': [*EVAL_TINY[:-1], '--mode=finetune', f'--checkpoint={pretrain_ckpt}', '--lr=1e-3']}[script]
     run_script(script, *args, '--steps=9', '--log_every=4', '--ckpt_every=100', '--workers=1', '--data=demo:64',
@@ -919,7 +919,7 @@ def test_scripts_refuse_bad_files_and_changed_settings(tmp_path, tokenizer_ckpt,
         (['train_tokenizer.py', *TINY_TOK, '--teacher=clip', f'--teacher_weights={tmp_path}/none.pt'], 'no such file'),
         (['train_tokenizer.py', *TINY_TOK, '--teacher=dino', f'--teacher_weights={pretrain_ckpt}'],
          '--teacher=dino --teacher_weights='),
-        (['evaluate.py', '--mode=segment', f'--checkpoint={pretrain_ckpt}', *EVAL_TINY, '--seg_layers=(-1,0,1,1)',
+        (['evaluate.py', '--mode=segment', f'--checkpoint={pretrain_ckpt}', *EVAL_TINY, '--seg_layers=(0,1,1,5)',
           f'--out_dir={tmp_path / "o"}'], '--seg_layers needs 4 block indices'),
     ]
     for args, msg in cases:
@@ -1532,7 +1532,7 @@ def test_codes_picture_equals_encode(tokenizer_ckpt, tmp_path):
     assert png.size[0] == 2 + 2 * (256 + 2) and 'x.png and its codes' in png.text['Title']
     p = run_script('pictures.py', '--mode=codes', f'--checkpoint={tokenizer_ckpt}', '--image=/nonexistent.png',
                    ok=False)
-    assert 'not found' in p.stderr and 'Traceback' not in p.stderr
+    assert 'No such file' in p.stderr and 'Traceback' not in p.stderr
 
 
 # ----------------------------------------------------------------------------- plot.py and README.md
