@@ -15,6 +15,7 @@ import re
 import socket
 import sys
 from pathlib import Path
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads OpenMP, as the scripts run themselves
 
 import pytest
 import torch
