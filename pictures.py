@@ -31,7 +31,7 @@ class Config:
     checkpoint: str = 'out/pretrain/ckpt.pt'  # attention: a backbone; codebook, codes: a tokenizer
     data: str = 'demo'              # where the images come from without --image (its val split)
     image: str = ''                 # image file; '' = the first val image of --data
-    img_size: int = common.at_least(1, 32)  # attention: the input size (tables resized as for fine-tuning)
+    img_size: int = common.at_least(1, 32)  # attention: the input size; not given: the backbone's training size
     layer: int = -1                 # attention: the block (0-based); -1 = last
     query: str = common.rule('cls', 'cls or ROW,COL', lambda v: re.fullmatch(r'cls|\d+,\d+', v))  # 0-based patch
     batch_size: int = common.at_least(1, 64)  # codebook: images encoded at a time
