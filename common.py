@@ -61,7 +61,7 @@ def one_of(*choices):  # the first is the default: `feature: str = one_of('cls',
 
 
 def betas(default):  # AdamW's (beta1, beta2)
-    return rule(default, 'two numbers in [0, 1), as (0.9, 0.999)',
+    return rule(default, 'two numbers in [0, 1), e.g. --betas=0.9,0.98',
                 lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v))
 
 
@@ -152,7 +152,7 @@ class Run:
     workers: int = at_least(0, 2)   # DataLoader processes per rank
     batch_size: int = at_least(1, 64)  # per rank; effective = batch_size * accum * world
     accum: int = at_least(1, 1)     # gradient accumulation steps
-    recipe_batch: int = at_least(0, 0)  # presets: the official run's images per step; another says so
+    recipe_batch: int = at_least(0, 0)  # presets: the official images per step; a run with other says the --accum
     epochs: int = at_least(0, 0)    # > 0: steps and warmup_steps come from epochs (unless given)
     warmup_epochs: int = at_least(0, 0)  # the warmup in epochs, with --epochs
     steps: int = at_least(1, 500)   # optimizer steps in all (a resumed run counts the ones done)

@@ -7,7 +7,7 @@ order this file holds them (pictures.py looks inside a backbone or a tokenizer):
     python evaluate.py --mode=finetune | segment
     torchrun --nproc_per_node=8 evaluate.py --preset=finetune_base --data=/data/imagenet \\
         --checkpoint=beitv2_base_patch16_224_pt1k.pth
-Settings are --key=value (`--help` lists them, grouped by mode); README.md has the recipes.
+Settings are --key=value (`--help` lists them, each mode's after the shared ones); README.md has the recipes.
 """
 import contextlib
 import json
@@ -33,7 +33,7 @@ import upernet
 class Config(common.Run):
     mode: str = common.one_of('compare', 'linear', 'knn', 'finetune', 'segment')  # compare: both probes, 3 backbones
     checkpoint: str = 'out/pretrain/ckpt.pt'  # ours or official (pretraining / fine-tuned / tokenizer)
-    img_size: int = common.at_least(1, 32)  # input size; not given: the size --checkpoint was trained at
+    img_size: int = common.at_least(1, 32)  # input size; not given: what --checkpoint (ours) was trained at, or 32
     min_crop_scale: float = common.above(0, 0.5)  # RandomResizedCrop scale range for linear / fine-tune training
     backbone: str = common.one_of('checkpoint', 'random', 'pixels')  # random: its architecture at the official init
     #                                 (what pretraining started from) | pixels: raw pixels, no network
@@ -46,13 +46,13 @@ class Config(common.Run):
                                    'sets them side by side', lambda v: v and {*v} <= {'checkpoint', 'random', 'pixels'})
     seeds: int = common.at_least(1, 1)   # compare: probes with seeds seed, seed+1, ... (mean reported)
     # fine-tuning
-    layer_decay: float = common.within(0.65, 0, 1)  # block l's lr is lr * layer_decay ** (depth + 1 - l)
+    layer_decay: float = common.within(0.65, 0, 1)  # block i (from 0) trains at lr * layer_decay ** (depth - i)
     drop_path: float = common.within(0.1, 0, 1, ')')  # stochastic depth rate of the last block (linear in depth)
-    mixup: float = common.at_least(0, 0.8)  # Beta(a, a) mixing of image pairs; 0 = off
-    cutmix: float = common.at_least(0, 1.0)  # Beta(a, a) box pasting; 0 = off
-    smoothing: float = common.within(0.1, 0, 1, ')')  # label smoothing
-    reprob: float = common.within(0.25, 0, 1)  # random erasing probability
-    randaug: bool = True            # timm's RandAugment rand-m9-mstd0.5-inc1 (official --aa)
+    mixup: float = common.at_least(0, 0.8)  # fine-tuning: Beta(a, a) mixing of image pairs; 0 = off
+    cutmix: float = common.at_least(0, 1.0)  # fine-tuning: Beta(a, a) box pasting; 0 = off
+    smoothing: float = common.within(0.1, 0, 1, ')')  # fine-tuning: label smoothing
+    reprob: float = common.within(0.25, 0, 1)  # fine-tuning: random erasing probability
+    randaug: bool = True            # fine-tuning: timm's RandAugment rand-m9-mstd0.5-inc1 (official --aa)
     eval_only: bool = False         # score --checkpoint on the val split, no training
     validate: bool = True           # False: no val split, train only (the 21k presets; official
     #                                 --disable_eval_during_finetuning)
@@ -65,7 +65,7 @@ class Config(common.Run):
     seg_stride: int = common.at_least(0, 0)  # sliding-window stride at test time; 0 = 2/3 of img_size
     steps: int = common.at_least(1, 300)  # optimizer steps in all (a resumed run counts the ones done)
     warmup_steps: int = common.at_least(0, 30)  # linear warmup of the lr from 0
-    lr: float = common.above(0, 4.0)  # demo LARS: 300 steps need more than MAE's 0.1 x batch / 256
+    lr: float = common.above(0, 4.0)  # peak lr, absolute; the demo's LARS needs more than MAE's 0.1 x batch / 256
     min_lr: float = common.at_least(0, 0.0)  # the lr at the last step
     weight_decay: float = common.at_least(0, 0.0)  # the optimizer's
     out_dir: str = ''               # '' = out/eval/MODE (out/eval/MODE_BACKBONE for random / pixels)

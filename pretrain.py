@@ -23,7 +23,7 @@ import data
 
 @dataclass
 class Config(common.Run):
-    img_size: int = common.at_least(1, None)  # None: the --model's (as the settings marked so below)
+    img_size: int = common.at_least(1, None)  # None: the --model's (32 for beitv2_demo), as every None below
     min_crop_scale: float = common.above(0, 0.2)  # RandomResizedCrop scale range (paper recipe: 0.2)
     tokenizer: str = 'out/tokenizer/ckpt.pt'  # ours or an official vqkd_*.pth file
     # model: an architecture of beitv2.PRESETS; None = its value (vocab_size = the tokenizer's codebook size)
@@ -34,10 +34,10 @@ class Config(common.Run):
     num_heads: int = common.at_least(1, None)
     layer_scale: float = None       # 0.1 base, 1e-5 large
     early_layers: int = common.at_least(1, None)  # [CLS] head reads patch tokens after this block (9 base)
-    head_layers: int = common.at_least(0, None)
-    drop_path: float = common.at_least(0, 0.0)
-    num_mask: int = -1              # masked patches per image; -1 = round(n * 75 / 196) (75 of 196)
-    min_mask_block: int = -1        # smallest mask block; -1 = max(2, round(16 n / 196))
+    head_layers: int = common.at_least(0, None)  # blocks of the [CLS] head (2; 0: BEiT v1's MIM only)
+    drop_path: float = common.within(0.0, 0, 1, ')')  # stochastic depth rate of the last block (linear in depth)
+    num_mask: int = common.at_least(-1, -1)  # masked of the n patches per image; -1 = round(n * 75 / 196)
+    min_mask_block: int = common.at_least(-1, -1)  # smallest mask block; -1 = max(2, round(16 n / 196))
     clip_grad: float = common.at_least(0, 3.0)
     out_dir: str = 'out/pretrain'   # where checkpoints and log.jsonl go
 

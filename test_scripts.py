@@ -977,7 +977,8 @@ def test_readme_commands_run_and_the_quick_start_learns(tmp_path, monkeypatch):
     the smallest size that still shows learning, in fp32: 300 tokenizer and 200 pretraining steps, the probes on
     2,000 demo images with 100 linear-probe steps. Its pretrained [CLS] beats the random init by 17+ points on
     both probes: seeds 0, 1, 2 of all three stages gave k-NN margins of 25.1, 15.1, 18.7 (sd 5.1) and linear ones
-    of 26.5, 16.6, 17.3 (sd 5.5); 17 is over 3 sd of either. Every other command runs a few steps; then the README's Python blocks."""
+    of 26.5, 16.6, 17.3 (sd 5.5); 17 is over 3 sd of either. Every other command runs a few steps; then the
+    README's Python blocks."""
     import re
     import shlex
     from PIL import Image
