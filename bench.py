@@ -152,11 +152,11 @@ def bench_pretrain(cfg, c):  # the student step, ours and the official one alter
         print(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90), flush=True)
 
 def bench_loader(cfg, c):  # pretrain.py's loader: DemoTextures through TwoViews (two views, the mask)
-    views = pretrain.TwoViews(cfg.img_size, cfg.img_size, 0.2, c.masker)
-    dataset = data.DemoTextures('train', size=cfg.img_size)
-    loader, sampler = data.make_loader(dataset, views, cfg.batch_size, cfg.workers, cfg.seed, c.env)
+    loader, sampler = data.make_loader(data.DemoTextures('train', size=cfg.img_size), pretrain.TwoViews(
+        cfg.img_size, cfg.img_size, 0.2, c.masker), cfg.batch_size, cfg.workers, cfg.seed, c.env)
     batches = data.stream(loader, sampler, 0, len(loader), 1)
-    measure({f'loader, {cfg.workers} workers': lambda: len(next(batches)[1])}, 0, cfg, c)  # no FLOPs
+    warm = replace(cfg, warmup=cfg.warmup + 2 * cfg.workers)  # past the batches the workers prefetched at start
+    measure({f'loader, {cfg.workers} workers': lambda: len(next(batches)[1])}, 0, warm, c)  # no FLOPs
 
 def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)

@@ -275,6 +275,14 @@ def test_help_lists_every_setting_with_its_default_range_and_help(script):
     assert script != 'evaluate.py' or "--knn_t=0.07                    (> 0)  temperature" in p.stdout
 
 
+def test_bench_times_the_demo_model_and_the_loader():
+    """The demo model (its targets from a tokenizer of its own 512 codes) and the loader: a line each."""
+    p = run_script('bench.py', '--model=beitv2_demo', '--img_size=32', '--steps=2', '--warmup=1')
+    assert 'ours: student step' in p.stdout and 'ours: full step (+ encode)' in p.stdout
+    p = run_script('bench.py', '--what=loader', '--img_size=32', '--workers=1', '--steps=2', '--warmup=1')
+    assert 'loader, 1 workers' in p.stdout
+
+
 def test_bad_sizes_and_indices_end_in_one_line(capsys):
     cfg = common.configure(pretrain.Config(), pretrain.PRESETS, ['--embed_dim=100', '--num_heads=3'])
     deep = common.configure(pretrain.Config(), pretrain.PRESETS, ['--early_layers=8'])  # of 6 blocks
