@@ -115,8 +115,8 @@ def configure(cfg, presets, argv=None):
         if isinstance(val, str) and kind is not str:
             try:
                 val = ast.literal_eval(val)
-            except (ValueError, SyntaxError):
-                die(f'--{key}={val}: not a {kind.__name__}')
+            except (ValueError, SyntaxError):  # bare words: a tuple of them (--backbones=checkpoint,random)
+                val = tuple(val.split(',')) if kind is tuple else die(f'--{key}={val}: not a {kind.__name__}')
         if kind is float and isinstance(val, int) and not isinstance(val, bool):
             val = float(val)
         if type(val) is not kind:

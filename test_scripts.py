@@ -246,6 +246,7 @@ def test_ranges_beside_the_fields_are_checked(arg, msg, capsys):
     ('evaluate', '--layer_decay=1.5', 'in [0, 1]'), ('evaluate', '--mixup=-1', '>= 0'),
     ('evaluate', '--cutmix=-1', '>= 0'), ('evaluate', '--backbones=()', 'some of'),
     ('evaluate', "--backbones=('checkpoint','randm')", 'some of checkpoint, random, pixels'),
+    ('evaluate', '--backbones=checkpoint,randm', 'some of'), ('pretrain', '--betas=0.9,x', 'two numbers'),
     ('evaluate', '--seg_layers=(1,2)', '4 block indices'), ('evaluate', '--seg_stride=-1', '>= 0'),
     ('pretrain', '--seed=1234567890123456789012', 'in [0, '), ('pretrain', '--seed=-1', 'in [0, '),
 ])
@@ -281,6 +282,11 @@ def test_bench_times_the_demo_model_and_the_loader():
     assert 'ours: student step' in p.stdout and 'ours: full step (+ encode)' in p.stdout
     p = run_script('bench.py', '--what=loader', '--img_size=32', '--workers=1', '--steps=2', '--warmup=1')
     assert 'loader, 1 workers' in p.stdout
+
+
+def test_a_tuple_of_words_needs_no_quotes():
+    for arg, want in [('checkpoint,random', ('checkpoint', 'random')), ("('pixels',)", ('pixels',))]:
+        assert common.configure(E.Config(), E.PRESETS, [f'--backbones={arg}']).backbones == want
 
 
 def test_bad_sizes_and_indices_end_in_one_line(capsys):
