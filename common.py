@@ -501,8 +501,7 @@ PROGRESS_EVERY = 10.0  # seconds
 
 
 def progress(env, what, total):
-    """-> tick(i): prints 'WHAT: i/total, about N s left' at most every PROGRESS_EVERY seconds (rank 0), so that a
-    long phase (a probe's steps, a pass over the val split) shows that it lives."""
+    """-> tick(i): 'WHAT: i/total, about N s left' at most every PROGRESS_EVERY s (rank 0): a long phase lives."""
     t0 = last = time.time()
 
     def tick(i):
@@ -608,8 +607,10 @@ def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, met
             env.print(f'interrupted at step {step}: {cfg.out_dir}/ckpt.pt holds it; the same command resumes')
             raise SystemExit(130)
         if stop and step < cfg.steps:
-            return None
-    PENDING.clear()
+            break
+    PENDING.clear()  # Ctrl-C after the loop: one line at once (on_interrupt)
+    if step < cfg.steps:  # --stop_after ended it
+        return None
     if not quiet:
         env.print(f'done: {step} steps ({step - start} in this run, {time.time() - t0:.0f} s); {cfg.out_dir}/ckpt.pt')
     if not score:  # no val split: the run is its checkpoint

@@ -159,7 +159,7 @@ class SegData(torch.utils.data.Dataset):
 # sorted order of the sets' class folders. The official imagenet_a_r_indices.py gives them as masks over the sorted
 # 1000 wnids; here each mask is a 1000-bit hex number, bit i from the left for class i.
 def class_mask(hexdigits):  # -> the ImageNet-1k indices of the classes in the mask
-    return tuple(i for i in range(1000) if int(hexdigits, 16) >> (999 - i) & 1)
+    return tuple(i for i, bit in enumerate(f'{int(hexdigits, 16):01000b}') if bit == '1')  # the number parsed once
 
 
 IMAGENET_A = class_mask('021543120521204003090062d05a400c280183000000000000010000003000020000041111243f751b23'

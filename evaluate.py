@@ -157,8 +157,7 @@ def load_weights(path, segmenter=False):
 
 
 def trained_img_size(path):
-    """The input size a checkpoint of ours was trained at (its saved config), read without loading the weights (mmap);
-    None for other files (the presets for official files say theirs; the run's own load judges unreadable ones)."""
+    """The input size in the saved config of one of our checkpoints (read by mmap, not loaded); else None."""
     with contextlib.suppress(Exception):
         return beitv2.load_file(path, mmap=True)['model_config']['img_size']
 

@@ -872,7 +872,7 @@ def test_resume_mid_epoch_is_bit_exact(script, tokenizer_ckpt, tmp_path, monkeyp
     args = [*extra, '--steps=7', '--workers=1', '--ckpt_every=100', '--data=demo:40']
     run_script(script, *args, f'--out_dir={tmp_path / "full"}')
     run_script(script, *args, f'--out_dir={tmp_path / "cut"}', '--stop_after=3')
-    assert common.read_checkpoint(tmp_path / 'cut' / 'ckpt.pt')['step'] == 3
+    assert common.read_checkpoint(tmp_path / 'cut' / 'ckpt.pt')['step'] == 3 and common.PENDING == []  # Ctrl-C: at once
     run_script(script, *args, f'--out_dir={tmp_path / "cut"}')  # auto-resume
     lr = common.get_lr
 
