@@ -2,7 +2,7 @@
 
     python bench.py                              # the student and full steps, ViT-Tiny/16, batch 8, fp32
     python bench.py --official=/scratch/beit2    # alternate with the official model (needs timm, einops)
-    python bench.py --what=loader --workers=4    # images/s of pretrain.py's loader on the demo data
+    python bench.py --what=loader --workers=4    # images/s of pretrain.py's data path on the demo data
 gpu_check.sh runs the GPU set: ViT-B/16, bf16, compile, beside the official model.
 """
 import contextlib
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import beitv2
 import common
 import data
-import pretrain
+import evaluate
 
 @dataclass
 class Config:
@@ -33,6 +33,8 @@ class Config:
     steps: int = common.at_least(1, 10)  # timed steps per side, after the warmup
     warmup: int = common.at_least(0, 3)
     what: str = common.one_of('pretrain', 'loader')
+    data: str = 'demo'              # loader: demo, demo:N or an ImageNet-layout folder
+    transform: str = common.one_of('pretrain', 'tokenizer', 'finetune')  # loader: the stage whose data path
     official: str = ''          # the official beit2/ folder: its student step alternates with ours
     peak_tflops: float = 0.0    # the device's peak for MFU; 0 = PEAKS for a known GPU, else no MFU
     threads: int = 0            # torch.set_num_threads; 0 = torch's default
@@ -54,18 +56,21 @@ def flops_per_image(m, t, n_mask):
     lm_heads = 2 * 2 * n_mask * D * m.vocab_size  # on the masked patches of both branches
     return dict(student=3 * (blocks(m.depth + m.head_layers) + embed + lm_heads), encode=enc)
 
+def official(root, module):  # a module of the official beit2/ folder, unedited
+    sys.path.insert(0, root)
+    with contextlib.redirect_stdout(io.StringIO()):  # some print as they load
+        try:
+            return __import__(module)
+        except ImportError as e:
+            common.die(f'--official={root}: cannot import its {module}.py (needs timm, einops): {e}')
+
 def official_model(root, cfg):
-    """root/modeling_pretrain.py's model, unedited; stubbed: utils (torch._six), vqkd_teacher (downloads)."""
+    """root/modeling_pretrain.py's model; stubbed: utils (torch._six), vqkd_teacher (downloads)."""
     sys.modules.setdefault('utils', types.ModuleType('utils'))
     stub = sys.modules.setdefault('vqkd_teacher', types.ModuleType('vqkd_teacher'))
     stub.clip, stub.get_dino_vit_base = types.SimpleNamespace(load=None), None
-    sys.path.insert(0, root)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints as it builds
-        try:
-            mod = __import__('modeling_pretrain')
-        except ImportError as e:
-            common.die(f'--official={root}: cannot import its modeling_pretrain.py (needs timm, einops): {e}')
-        return mod.VisionTransformerForMaskedImageModelingCLS(
+        return official(root, 'modeling_pretrain').VisionTransformerForMaskedImageModelingCLS(
             img_size=cfg.img_size, patch_size=cfg.patch_size, vocab_size=cfg.vocab_size,
             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, init_values=cfg.layer_scale,
             norm_layer=lambda dim: torch.nn.LayerNorm(dim, eps=1e-6), use_abs_pos_emb=False,
@@ -151,12 +156,31 @@ def bench_pretrain(cfg, c):  # the student step, ours and the official one alter
         key = 'self_device_time_total' if c.device.type == 'cuda' else 'self_cpu_time_total'
         print(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90), flush=True)
 
-def bench_loader(cfg, c):  # pretrain.py's loader: DemoTextures through TwoViews (two views, the mask)
-    loader, sampler = data.make_loader(data.DemoTextures('train', size=cfg.img_size), pretrain.TwoViews(
-        cfg.img_size, cfg.img_size, 0.2, c.masker), cfg.batch_size, cfg.workers, cfg.seed, c.env)
-    batches = data.stream(loader, sampler, 0, len(loader), 1)
+def bench_loader(cfg, c):
+    """A stage's data path, files to tensors on the device: --data through --transform in the training loader, then
+    the step's first lines (uint8 to floats). --official: then the official DataAugmentationForBEiT, the same way."""
+    S, dataset = cfg.img_size, data.build_dataset(cfg.data, 'train', cfg.img_size)
+    transforms = dict(pretrain=lambda: data.Crops((S, S), 0.2, 0.4, c.masker), tokenizer=lambda: data.Crops((S,), 0.08),
+                      finetune=lambda: evaluate.TrainTransform(replace(evaluate.Config(), img_size=S), finetune=True))
+    sides = {f'ours: {cfg.transform}': transforms[cfg.transform]()}
+    if cfg.official:  # root/datasets.py's, at the recipe's settings (PRETRAINING.md)
+        args = types.SimpleNamespace(imagenet_default_mean_and_std=True, input_size=S, second_input_size=S,
+                                     min_crop_scale=0.2, train_interpolation='bicubic', second_interpolation='bicubic',
+                                     window_size=(c.masker.h,) * 2, num_mask_patches=c.masker.num,
+                                     max_mask_patches_per_block=None, min_mask_patches_per_block=c.masker.min_num)
+        official_views = official(cfg.official, 'datasets').DataAugmentationForBEiT(args)
+        sides['official: DataAugmentationForBEiT'] = lambda img, rng: official_views(img)
     warm = replace(cfg, warmup=cfg.warmup + 2 * cfg.workers)  # past the batches the workers prefetched at start
-    measure({f'loader, {cfg.workers} workers': lambda: len(next(batches)[1])}, 0, warm, c)  # no FLOPs
+
+    def to_device(views):  # the step's first lines: the student's view normalised, the others in [0, 1]
+        return [data.to_device(v, c.device, i == 0) if v.dtype == torch.uint8 else v.to(c.device)
+                for i, v in enumerate(views if isinstance(views, list) else [views])]
+    for name, transform in sides.items():  # one after the other: the other side's workers stay idle
+        loader, sampler = data.make_loader(dataset, transform, cfg.batch_size, cfg.workers, cfg.seed, c.env)
+        batches = data.stream(loader, sampler, 0, len(loader), 1)
+        (ms, _), = measure({name: lambda: len(to_device(next(batches)[0]))}, 0, warm, c)
+        print(f'  {ms / cfg.batch_size * max(cfg.workers, 1):.2f} ms per image per worker', flush=True)
+        del batches, loader  # its workers end
 
 def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)

@@ -1,7 +1,6 @@
-"""What the three stage scripts share: `--key=value` settings with their ranges and choices, the
-process's place (DDP, device, dtype), the OUT_DIR lock, optimizer groups and the lr schedule,
-checkpoints (safe reading, atomic writing, exact resume) and logging. Model code is in beitv2.py,
-data in data.py."""
+"""What the three stage scripts share: `--key=value` settings with their ranges and choices, the process's place (DDP,
+device, dtype), the OUT_DIR lock, optimizer groups and the lr schedule, checkpoints (safe reading, atomic writing, exact
+resume) and logging. Model code is in beitv2.py, data in data.py."""
 import ast
 import contextlib
 import fcntl
@@ -91,10 +90,9 @@ def model_config(cfg, **fixed):
 
 
 def configure(cfg, presets, argv=None):
-    """Apply `--preset=NAME` (a dict of overrides), then every `--key=value` of argv, to the
-    dataclass `cfg`; values are parsed as Python literals and must keep the field's type. The command
-    line wins over the preset: cfg.given names its settings (steps given there are not recomputed
-    from a preset's epochs, for example)."""
+    """Apply `--preset=NAME` (a dict of overrides), then every `--key=value` of argv, to the dataclass `cfg`; values are
+    parsed as Python literals and must keep the field's type. The command line wins over the preset: cfg.given names its
+    settings (steps given there are not recomputed from a preset's epochs, for example)."""
     args = sys.argv[1:] if argv is None else argv
     if {'-h', '--help'} & set(args):
         print(settings_help(cfg, presets))
@@ -365,6 +363,13 @@ def read_checkpoint(path):
         die(junk)
 
 
+def read_tokenizer(path, device):  # a frozen tokenizer (ours or an official vqkd_*.pth) there, or one line
+    try:
+        return beitv2.load_tokenizer(read_checkpoint(path)).to(device)
+    except (ValueError, KeyError) as e:
+        die(f'tokenizer {path}: {e}')
+
+
 def code_usage(counts):
     """counts: (K,) code histogram -> dict(unused codes, perplexity)."""
     p = counts.double() / counts.sum().clamp(min=1)
@@ -408,13 +413,7 @@ RUN_ONLY = ('preset', 'out_dir', 'resume', 'allow_change', 'log_every', 'ckpt_ev
             'workers', 'device', 'compile')
 
 
-def digest(path):  # the content of an input file, in 16 hex digits (read once per version of the file)
-    st = os.stat(path)
-    return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=None)
-def _digest(path, size, mtime):  # size and mtime: a rewritten file is read again
+def digest(path):  # the content of an input file, in 16 hex digits
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
@@ -530,16 +529,15 @@ def read_log(path, note=print):
 
 def fit(cfg, env, model, optimizer, dataset, transform, step_fn, score=None, metric='', higher=True, lr=None,
         inputs=(), model_config=None, sync_buffers=True, joint=False, at_log=None, quiet=False):
-    """The training loop of every stage (tokenizer, pretraining, the trained evaluation modes), as MAE's
-    engine: the per-step lr, accumulation (no_sync), autocast and the loss scaler, clipping, logging,
-    evaluation every --eval_every steps and at the end, atomic checkpoints and bit-exact resume.
-    step_fn(run, batch) -> (loss, stats): one micro-batch's loss and a dict of tensors for the log line;
-    at_log() -> more numbers for it (e.g. the codes used since the last one). score(model) -> dict of
-    scores (None: no val split); the best `metric` is kept, its weights in OUT_DIR/best.pt when scored
-    periodically. lr: the peak lr (default cfg.lr). quiet: a name: progress only, no resume (compare's probes).
-    The host reads the device only at log, evaluation and checkpoint steps: finiteness is gathered on the
-    device and checked there, so a NaN never overwrites a good checkpoint. -> the final scores, best_METRIC
-    and best_step; dict(step) without score; None when --stop_after ended it."""
+    """The training loop of every stage (tokenizer, pretraining, the trained evaluation modes), as MAE's engine: the
+    per-step lr, accumulation (no_sync), autocast and the loss scaler, clipping, logging, evaluation every --eval_every
+    steps and at the end, atomic checkpoints and bit-exact resume. step_fn(run, batch) -> (loss, stats): one micro-
+    batch's loss and a dict of tensors for the log line; at_log() -> more numbers for it (e.g. the codes used since the
+    last one). score(model) -> dict of scores (None: no val split); the best `metric` is kept, its weights in
+    OUT_DIR/best.pt when scored periodically. lr: the peak lr (default cfg.lr). quiet: a name: progress only, no resume
+    (compare's probes). The host reads the device only at log, evaluation and checkpoint steps: finiteness is gathered
+    on the device and checked there, so a NaN never overwrites a good checkpoint. -> the final scores, best_METRIC and
+    best_step; dict(step) without score; None when --stop_after ended it."""
     lr = lr or cfg.lr
     per_step = cfg.batch_size * cfg.accum * env.world  # images per optimizer step
     steps_per_epoch = len(dataset) // per_step

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 import torchvision.datasets as tvd
 import torchvision.transforms as T
-from PIL import Image
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageStat
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import common
@@ -172,16 +173,51 @@ IMAGENET_R = class_mask('6ad403250101000101090822d85040242800db10f01820101111801
 # ----------------------------------------------------------------------------- augmentation
 
 
-class CropTransform:
-    """Tokenizer training: RandomResizedCrop (bicubic) + flip, values in [0, 1] (official)."""
+class Crops:
+    """Training views as the official code draws them: pretraining's DataAugmentationForBEiT (colour jitter 0.4 in a
+    random order, a flip, ONE RandomResizedCrop box for a view of each of `sizes`: student, tokenizer; the block
+    mask) or the tokenizer's (a box, a flip). Views leave the worker as uint8 (3, S, S); to_device makes floats."""
 
-    def __init__(self, img_size, min_scale=0.08):
-        self.t = T.Compose([T.RandomResizedCrop(img_size, scale=(min_scale, 1.0),
-                                                interpolation=T.InterpolationMode.BICUBIC),
-                            T.RandomHorizontalFlip(), T.ToTensor()])
+    def __init__(self, sizes, min_scale, jitter=0.0, masker=None):
+        self.sizes, self.scale, self.jitter, self.masker = dict.fromkeys(sizes), (min_scale, 1.0), jitter, masker
 
-    def __call__(self, img, rng):
-        return self.t(img)
+    def __call__(self, img, rng):  # drawn as the official ops draw: jitter's order and factors, a flip, a box
+        j = (1 - self.jitter, 1 + self.jitter)
+        jitter = T.ColorJitter.get_params(j, j, j, None)[:4] if self.jitter else None
+        flip, box = torch.rand(1).item() < 0.5, T.RandomResizedCrop.get_params(img, self.scale, (3 / 4, 4 / 3))
+        return views(img, box, flip, jitter, self.sizes) + ((self.masker(rng),) if self.masker else ())
+
+
+def views(img, box, flip, jitter, sizes):
+    """PIL image img -> a uint8 (3, S, S) view for each S in sizes. The official order jitters the whole image, flips
+    it, then crops `box` (i, j, h, w) and resizes (bicubic); here the mirrored box is cropped first, jittered with the
+    same arithmetic (its steps are per pixel), resized (torch's uint8 antialiased bicubic, PIL's filter) and flipped."""
+    i, j, h, w = box
+    j = img.size[0] - j - w if flip else j
+    region = img.crop((j, i, j + w, i + h))
+    x = TF.pil_to_tensor(color_jitter(region, img, *jitter) if jitter else region)[None]
+    out = (F.interpolate(x, (s, s), mode='bicubic', antialias=True)[0] for s in sizes)
+    return tuple(v.flip(-1) if flip else v for v in out)
+
+
+def color_jitter(region, img, order, brightness, contrast, saturation):
+    """ColorJitter's PIL steps in the drawn order on the cropped region (each is per pixel), contrast's blend with the
+    whole image's grey mean after the steps before it, as in the official order: from a 1-in-k subsample of it."""
+    k = max(1, min(img.size) // 64)
+    small = img.resize((img.size[0] // k, img.size[1] // k), Image.NEAREST)
+    for op in order.tolist():  # 0 brightness, 1 contrast, 2 saturation (3, hue, is off)
+        if op == 1:  # PIL's ImageEnhance.Contrast: a blend with the mean grey level, rounded
+            mean = int(ImageStat.Stat(small.convert('L')).mean[0] + 0.5)
+            region = Image.blend(Image.new('RGB', region.size, (mean,) * 3), region, contrast)
+        elif op != 3:
+            f, v = (TF.adjust_brightness, brightness) if op == 0 else (TF.adjust_saturation, saturation)
+            region, small = f(region, v), f(small, v)
+    return region
+
+
+def to_device(x, device, normalize=False):  # the workers' uint8 views -> floats in [0, 1] (or normalised) there
+    x = x.to(device, non_blocking=True).float().div_(255)
+    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD, inplace=True) if normalize else x
 
 
 def eval_transform(img_size, normalize=True):
@@ -244,13 +280,6 @@ class RandAugment:
         return img.transform(img.size, Image.AFFINE, matrix, Image.BICUBIC, fillcolor=self.fill)
 
 
-def fit_size(h, w, long, short):
-    """mmcv's imrescale (mmseg's Resize, keep_ratio): the largest (h, w) of the same aspect with
-    the long side <= long and the short side <= short."""
-    f = min(long / max(h, w), short / min(h, w))
-    return int(h * f + 0.5), int(w * f + 0.5)
-
-
 def photometric_distortion(img, rng, brightness=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=18):
     """mmseg 0.x's PhotoMetricDistortion on a uint8 (3, H, W) image: each step with probability 0.5,
     in its order: brightness +- 32, contrast x 0.5-1.5 (before or after the colour steps, at random),
@@ -278,19 +307,20 @@ def photometric_distortion(img, rng, brightness=32, contrast=(0.5, 1.5), saturat
 
 
 class SegTransform:
-    """The official mmseg 0.x ADE20K pipeline at crop size S (512 there), with ratios kept for
-    other sizes. Train: resize to fit (4S, S) x U(0.5, 2), aspect kept (bilinear; masks nearest);
-    an S x S crop, drawn again (up to 10 times) while one class covers >= cat_max_ratio of its
-    labelled pixels; flip; photometric distortion; normalise; pad bottom/right to S (image 0 = the
-    mean colour after normalising, mask 255). Eval: resize to fit (4S, S); the mask is returned at
-    its original size, where the prediction is scored."""
+    """The official mmseg 0.x ADE20K pipeline at crop size S (512 there), with ratios kept for other sizes. Train:
+    resize to fit (4S, S) x U(0.5, 2), aspect kept (bilinear; masks nearest); an S x S crop, drawn again (up to 10
+    times) while one class covers >= cat_max_ratio of its labelled pixels; flip; photometric distortion; normalise; pad
+    bottom/right to S (image 0 = the mean colour after normalising, mask 255). Eval: resize to fit (4S, S); the mask is
+    returned at its original size, where the prediction is scored."""
 
     def __init__(self, size, train, cat_max_ratio=0.75):
         self.size, self.train, self.cat_max_ratio = size, train, cat_max_ratio
         self.norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
-    def resize(self, img, mask, ratio=1.0):
-        h, w = fit_size(*img.shape[1:], 4 * self.size * ratio, self.size * ratio)
+    def resize(self, img, mask, ratio=1.0):  # mmcv's imrescale: the largest size of the same aspect within (4S, S)
+        (H, W), S = img.shape[1:], self.size * ratio
+        f = min(4 * S / max(H, W), S / min(H, W))
+        h, w = int(H * f + 0.5), int(W * f + 0.5)
         img = T.functional.resize(img, [h, w], T.InterpolationMode.BILINEAR, antialias=False)
         return img, T.functional.resize(mask[None], [h, w], T.InterpolationMode.NEAREST)[0]
 
@@ -349,7 +379,7 @@ class Augmented(Dataset):
         item = self.dataset[i]
         seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2 ** 64  # what torch.manual_seed takes
         with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU's alone: torch.manual_seed costs ~1 ms
             if self.joint:  # e.g. (image, mask) pairs transformed together
                 return self.transform(item, random.Random(seed))
             return self.transform(rgb(item[0]), random.Random(seed)), item[1]

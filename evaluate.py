@@ -89,8 +89,7 @@ PRESETS = {
     'knn_base': dict(IN1K, mode='knn', batch_size=256),
     # fine-tuning, official get_started_for_image_classification.md (8 GPUs; batch = GPUs x batch x accum)
     # base from the pretrained model: 8 x 128, lr 5e-4, 100 epochs, layer decay 0.6 (1600 ep) / 0.65 (300 ep)
-    'finetune_base': dict(FT, batch_size=128, epochs=100, warmup_epochs=20, lr=5e-4, layer_decay=0.6,
-                          drop_path=0.2),
+    'finetune_base': dict(FT, batch_size=128, epochs=100, warmup_epochs=20, lr=5e-4, layer_decay=0.6, drop_path=0.2),
     'finetune_base_300': dict(FT, batch_size=128, epochs=100, warmup_epochs=20, lr=5e-4, layer_decay=0.65,
                               drop_path=0.1),
     # large from the pretrained model: 8 x 64 x update_freq 2, lr 2e-4 (1600 ep) / 5e-4 (300 ep), 50 epochs,
@@ -221,15 +220,9 @@ def pooled(backbone, images, cfg):
 # ----------------------------------------------------------- shared by the modes: data, features, training loop, scores
 
 
-def classification_data(cfg, split):  # -> (dataset, number of classes)
-    ds = data.build_dataset(cfg.data, split, cfg.img_size)
-    return ds, len(ds.classes)
-
-
 class TrainTransform:
-    """Linear probe: RandomResizedCrop + flip (MAE: bicubic; BEiT v1's linear recipe: bilinear).
-    Fine-tuning adds RandAugment (timm's rand-m9-mstd0.5-inc1, as the official run) and random
-    erasing (reprob 0.25, pixel mode)."""
+    """Linear probe: RandomResizedCrop + flip (MAE: bicubic; BEiT v1's linear recipe: bilinear). Fine-tuning adds
+    RandAugment (timm's rand-m9-mstd0.5-inc1, as the official run) and random erasing (reprob 0.25, pixel mode)."""
 
     def __init__(self, cfg, finetune):
         bilinear = not finetune and cfg.linear_recipe == 'beit'
@@ -352,9 +345,8 @@ class Probe(nn.Module):
 
 def run_linear(cfg, env, quiet=False):
     backbone = feature_backbone(cfg)
-    train, classes = classification_data(cfg, 'train')
-    val, _ = classification_data(cfg, 'val')
-    model = Probe(backbone, cfg, classes).to(env.device)
+    train, val = (data.build_dataset(cfg.data, split, cfg.img_size) for split in ('train', 'val'))
+    model = Probe(backbone, cfg, len(train.classes)).to(env.device)
     heads = [p for p in model.heads.parameters()]
     if cfg.linear_recipe == 'beit':
         optimizer = torch.optim.AdamW([dict(params=heads, weight_decay=cfg.weight_decay)], lr=cfg.lr, fused=True)
@@ -384,8 +376,8 @@ def knn_classify(train_f, train_y, test_f, k=20, t=0.07, num_classes=None, chunk
 
 def run_knn(cfg, env):
     backbone = feature_backbone(cfg).to(env.device).eval()
-    (train_f, train_y), (val_f, val_y) = [extract(lambda x: pooled(backbone, x, cfg), data.Mapped(
-        classification_data(cfg, split)[0], data.eval_transform(cfg.img_size)), cfg, env, f'k-NN {split}')
+    (train_f, train_y), (val_f, val_y) = [extract(lambda x: pooled(backbone, x, cfg), data.Mapped(data.build_dataset(
+        cfg.data, split, cfg.img_size), data.eval_transform(cfg.img_size)), cfg, env, f'k-NN {split}')
         for split in ('train', 'val')]
     return topk_acc(knn_classify(train_f, train_y, val_f, cfg.knn_k, cfg.knn_t), val_y)
 
@@ -397,7 +389,7 @@ def run_compare(cfg, env):
     architecture at its random init, and of raw pixels, each probe with --seeds seeds (k-NN is
     deterministic except for the random init). The probes start afresh every time."""
     names = dict(checkpoint='pretrained', random='random init', pixels='raw pixels')
-    _, classes = classification_data(cfg, 'val')
+    classes = len(data.build_dataset(cfg.data, 'val', cfg.img_size).classes)
     table = {}
     if 'random' in cfg.backbones:  # its check (one of our pretraining files) before the first probe runs
         load_backbone_weights(replace(cfg, backbone='random'))
@@ -429,10 +421,11 @@ def run_finetune(cfg, env):
     sd, mcfg = load_backbone_weights(cfg)
     if cfg.robust_test:
         return robust_test(cfg, env, sd, mcfg)
-    train, classes = classification_data(cfg, 'train')
+    train = data.build_dataset(cfg.data, 'train', cfg.img_size)
+    classes = len(train.classes)
     if cfg.eval_only and not cfg.validate:
         common.die('--eval_only scores the val split: drop --validate=False')
-    val = classification_data(cfg, 'val')[0] if cfg.validate else None
+    val = data.build_dataset(cfg.data, 'val', cfg.img_size) if cfg.validate else None
     if cfg.eval_only and sd.get('head.weight', torch.empty(0)).shape[:1] != (classes,):
         common.die(f'--eval_only: {cfg.checkpoint} has no {classes}-class head (the data has {classes} classes)')
     model = build_backbone(cfg, sd, mcfg, rel_pos='per_block', fc_norm=True, num_classes=classes,
@@ -501,8 +494,7 @@ def run_segment(cfg, env):
         return segment_eval_only(cfg, env)
     sd, mcfg = load_backbone_weights(cfg)
     train, val = data.SegData(cfg.data, 'train', cfg.img_size), data.SegData(cfg.data, 'val', cfg.img_size)
-    backbone = build_backbone(cfg, sd, mcfg, rel_pos='per_block', fc_norm=True, num_classes=0,
-                              drop_path=cfg.drop_path)
+    backbone = build_backbone(cfg, sd, mcfg, rel_pos='per_block', fc_norm=True, num_classes=0, drop_path=cfg.drop_path)
     check_seg_layers(cfg, backbone)
     model = upernet.Segmenter(backbone, cfg.seg_layers, train.num_classes).to(env.device)
     if env.ddp and env.device.type == 'cuda':

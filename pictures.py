@@ -107,14 +107,6 @@ def run_attention(cfg, env):
 # ----------------------------------------------------------------------------- a tokenizer: codebook, codes
 
 
-def tokenizer_of(cfg, env):
-    """--checkpoint as a frozen tokenizer, or a one-line error."""
-    try:
-        return beitv2.load_tokenizer(common.read_checkpoint(cfg.checkpoint)).to(env.device)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        common.die(f'{cfg.checkpoint}: {e}')
-
-
 def code_maps(codes, tok, size):  # (B, n) codes -> (B, 3, size, size): a fixed random colour per code, in any picture
     palette = torch.rand(tok.cfg.codebook_size, 3, generator=torch.Generator().manual_seed(0)).to(codes.device)
     return F.interpolate(palette[codes].view(-1, *tok.grid, 3).permute(0, 3, 1, 2), size=size, mode='nearest')
@@ -124,7 +116,7 @@ def code_maps(codes, tok, size):  # (B, n) codes -> (B, 3, size, size): a fixed 
 def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
     """The paper's codebook picture: image patches grouped by the code they get (the most used
     codes, one row each), and token maps (each code a colour) beside a few images."""
-    tok = tokenizer_of(cfg, env)
+    tok = common.read_tokenizer(cfg.checkpoint, env.device)
     val = data.build_dataset(cfg.data, 'val', cfg.img_size)
     ev = data.eval_transform(tok.cfg.img_size, normalize=False)
     images = torch.stack([ev(data.rgb(val[i][0])) for i in range(min(n_images, len(val)))]).to(env.device)
@@ -151,7 +143,7 @@ def run_codes(cfg, env):
     """Official test_get_code.py: the tokenizer's code of every patch of one image (resize
     img_size/0.875, centre crop, values in [0, 1]), printed as a grid, and a picture of the image
     beside its code map (each code one colour; the colours of --mode=codebook's token maps)."""
-    tok = tokenizer_of(cfg, env)
+    tok = common.read_tokenizer(cfg.checkpoint, env.device)
     _, shown = picture_input(cfg, tok.cfg.img_size, normalize=False)
     codes = tok.encode(shown.to(env.device))[0].cpu()                      # (n,)
     h, w = tok.grid

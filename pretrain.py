@@ -13,8 +13,6 @@ from dataclasses import asdict, dataclass
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads OpenMP: idle threads sleep (a busy machine)
 
 import torch
-import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 
 import beitv2
 import common
@@ -55,28 +53,6 @@ PRESETS = {  # official PRETRAINING.md: 2048 images per step (16 GPUs x 128 base
 }
 
 
-class TwoViews:
-    """Official DataAugmentationForBEiT: colour jitter 0.4 and flip, then ONE RandomResizedCrop
-    box resized (bicubic) for the student (ImageNet-normalised) and for the tokenizer ([0, 1]);
-    plus the block mask, made here in the DataLoader worker."""
-
-    def __init__(self, img_size, tok_size, min_scale, masker):
-        self.jitter_flip = T.Compose([T.ColorJitter(0.4, 0.4, 0.4), T.RandomHorizontalFlip()])
-        self.crop = T.RandomResizedCrop(img_size, scale=(min_scale, 1.0))
-        self.img_size, self.tok_size, self.masker = img_size, tok_size, masker
-        self.normalize = T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)
-
-    def __call__(self, img, rng):
-        img = self.jitter_flip(img)
-        box = self.crop.get_params(img, self.crop.scale, self.crop.ratio)  # one box for both views
-
-        def crop(size):
-            return TF.to_tensor(TF.resized_crop(img, *box, [size, size], T.InterpolationMode.BICUBIC))
-        student = crop(self.img_size)
-        tok = student if self.tok_size == self.img_size else crop(self.tok_size)
-        return self.normalize(student), tok, self.masker(rng)  # normalize makes a new tensor
-
-
 def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)
     if not cfg.tokenizer or not os.path.exists(cfg.tokenizer):
@@ -85,10 +61,7 @@ def main(argv=None):
     if cfg.img_size % cfg.patch_size:
         common.die(f'img_size {cfg.img_size} is not divisible by patch_size {cfg.patch_size}')
     env = common.Env(cfg)
-    try:
-        tokenizer = beitv2.load_tokenizer(common.read_checkpoint(cfg.tokenizer)).to(env.device)
-    except (ValueError, KeyError) as e:
-        common.die(f'tokenizer {cfg.tokenizer}: {e}')
+    tokenizer = common.read_tokenizer(cfg.tokenizer, env.device)
     grid = cfg.img_size // cfg.patch_size
     if tokenizer.grid != (grid, grid):
         common.die(f'tokenizer grid {tokenizer.grid} != student grid {(grid, grid)}: match img_size/patch_size')
@@ -98,7 +71,7 @@ def main(argv=None):
     except ValueError as e:
         common.die(f'--num_mask / --min_mask_block: {e} ({grid}x{grid} patches)')
     dataset = data.build_dataset(cfg.data, 'train', cfg.img_size)
-    views = TwoViews(cfg.img_size, tokenizer.cfg.img_size, cfg.min_crop_scale, masker)
+    views = data.Crops((cfg.img_size, tokenizer.cfg.img_size), cfg.min_crop_scale, 0.4, masker)  # official jitter 0.4
     env.print(f'masking {masker.num} of {grid * grid} patches per image (blocks >= {masker.min_num}); '
               f'vocabulary {tokenizer.cfg.codebook_size} codes')
 
@@ -109,10 +82,10 @@ def main(argv=None):
     counts = torch.zeros(tokenizer.cfg.codebook_size, dtype=torch.long, device=env.device)  # codes since the last log
 
     def step(run, batch):
-        (images, tok_images, mask), _ = batch
-        images, mask = images.to(env.device, non_blocking=True), mask.to(env.device, non_blocking=True)
+        (*views, mask), _ = batch  # one view when the tokenizer's size is the student's
+        images, mask = data.to_device(views[0], env.device, normalize=True), mask.to(env.device, non_blocking=True)
         with torch.no_grad(), env.target_autocast():
-            codes = tokenizer.encode(tok_images.to(env.device, non_blocking=True))  # (B, n) targets
+            codes = tokenizer.encode(data.to_device(views[-1], env.device))  # (B, n) targets
         logits, losses = run(images, mask, codes, num_masked=masker.num)  # static shapes
         counts.index_add_(0, codes.flatten(), torch.ones_like(codes.flatten()))
         labels, stats = beitv2.masked_rows(codes, mask, masker.num), {}

@@ -64,13 +64,12 @@ PRESETS = {  # the paper's ImageNet-1k recipes (official TOKENIZER.md): 8 GPUs x
 
 
 class HOGTeacher(nn.Module):
-    """Demo target that needs no weights: per patch, histograms of oriented gradients (2x2 cells,
-    9 unsigned orientations, as MaskFeat's target) of the colour channel with the strongest
-    gradient at each pixel (Dalal and Triggs): the patch's geometry, blind to its colours.
-    colour=True adds the mean colour and takes the histograms per channel instead.
-    Centred over the image's patches and not normalised per patch (the cosine loss does that):
-    non-negative targets would let a constant prediction score cos ~0.7, and a flat patch's
-    direction would be its noise. Not the paper's teacher."""
+    """Demo target that needs no weights: per patch, histograms of oriented gradients (2x2 cells, 9 unsigned
+    orientations, as MaskFeat's target) of the colour channel with the strongest gradient at each pixel (Dalal and
+    Triggs): the patch's geometry, blind to its colours. colour=True adds the mean colour and takes the histograms per
+    channel instead. Centred over the image's patches and not normalised per patch (the cosine loss does that): non-
+    negative targets would let a constant prediction score cos ~0.7, and a flat patch's direction would be its noise.
+    Not the paper's teacher."""
 
     def __init__(self, patch_size, bins=9, colour=False):
         super().__init__()
@@ -109,8 +108,7 @@ class CLIPBlock(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
         self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)   # CLIP: eps 1e-5
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(d, 4 * d), gelu=QuickGELU(),
-                                             c_proj=nn.Linear(4 * d, d)))
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(d, 4 * d), gelu=QuickGELU(), c_proj=nn.Linear(4 * d, d)))
 
     def forward(self, x):
         y = self.ln_1(x)
@@ -305,7 +303,7 @@ def main(argv=None):
     counts = torch.zeros(cfg.codebook_size, dtype=torch.long, device=env.device)  # codes since the last log
 
     def step(run, batch):
-        images = batch[0].to(env.device, non_blocking=True)
+        images = data.to_device(batch[0][0], env.device)
         with torch.no_grad():
             target = teacher(images)
         _, codes, losses = run(images, target)
@@ -318,7 +316,7 @@ def main(argv=None):
         return dict(unused_codes=usage['unused'], perplexity=usage['perplexity'])
     peak = cfg.lr * cfg.batch_size * cfg.accum * env.world / 128  # official: lr scaled by the effective batch
     # the codebook is a buffer kept in sync by its own all-reduces, not by DDP broadcasts
-    common.fit(cfg, env, model, optimizer, dataset, data.CropTransform(cfg.img_size, cfg.min_crop_scale), step,
+    common.fit(cfg, env, model, optimizer, dataset, data.Crops((cfg.img_size,), cfg.min_crop_scale), step,
                None if val is None else lambda m: validate(m, teacher, val, cfg, env), 'rec_loss', higher=False,
                lr=peak, inputs=('teacher_weights',), model_config=asdict(mcfg), sync_buffers=False, at_log=at_log)
     env.close()

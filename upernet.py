@@ -119,17 +119,10 @@ def confusion(pred, target, num_classes, ignore=255):
     return torch.bincount(target[keep] * num_classes + pred[keep], minlength=num_classes ** 2).view(num_classes, -1)
 
 
-def miou(conf):
-    """Mean IoU over the classes that occur (in the target or the prediction)."""
-    conf = conf.double()
-    inter, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
-    return (inter[union > 0] / union[union > 0]).mean().item() * 100
-
-
 def seg_scores(conf):
-    """mmseg's three: mIoU, mAcc (mean over the classes in the target of their pixels' accuracy) and
-    aAcc (all pixels' accuracy)."""
+    """mmseg's three: mIoU (over the classes in the target or the prediction), mAcc (mean over the classes in
+    the target of their pixels' accuracy) and aAcc (all pixels' accuracy)."""
     conf = conf.double()
-    seen = conf.sum(1) > 0
-    return dict(mIoU=miou(conf), mAcc=(conf.diag()[seen] / conf.sum(1)[seen]).mean().item() * 100,
-                aAcc=(conf.diag().sum() / conf.sum()).item() * 100)
+    inter, union, seen = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag(), conf.sum(1) > 0
+    miou, macc = (inter[union > 0] / union[union > 0]).mean(), (inter[seen] / conf.sum(1)[seen]).mean()
+    return dict(mIoU=miou.item() * 100, mAcc=macc.item() * 100, aAcc=(inter.sum() / conf.sum()).item() * 100)
