@@ -6,14 +6,17 @@
 #      compile off and on, beside the same runs without torchrun: losses side by side, recompiles counted;
 #   3. bench.py, ViT-B/16 at 224: ours bf16 (+ compile) against the official fp16 recipe in the same process,
 #      and a kernel table of the compiled full step;
-#   4. each stage's run with torch.cuda.set_sync_debug_mode('error') between its log steps (no host sync).
-#     OFFICIAL_BEIT2=/path/to/unilm/beit2 OUT=gpu_out bash gpu_check.sh
-#     TEST_DEVICE=cpu MODEL=beitv2_tiny_patch16_224 BATCH=4 bash gpu_check.sh     # a dry run of the script on a CPU
+#   4. each stage's run with torch.cuda.set_sync_debug_mode('error') between its log steps (no host sync);
+#   5. the data path: pretrain.py, compiled, on generated 500x375 JPEGs (docs/speed.md's generator) with WORKERS
+#      workers, its steady images/s beside section 3's full step; bench.py's loader beside the official one.
+#     OFFICIAL_BEIT2=/path/to/unilm/beit2 OUT=gpu_out bash gpu_check.sh     # ONLY=35: sections 3 and 5 alone
+#     TEST_DEVICE=cpu MODEL=beitv2_tiny_patch16_224 BATCH=4 ONLY=3 bash gpu_check.sh     # a dry run on a CPU
 # The official side needs timm and einops; .official/site is added to PYTHONPATH if they are missing.
 set -u
 OUT=${OUT:-gpu_out}
 OFFICIAL=${OFFICIAL_BEIT2:-.official/beit2}
-TEST_DEVICE=${TEST_DEVICE:-cuda} MODEL=${MODEL:-beitv2_base_patch16_224} BATCH=${BATCH:-128}
+TEST_DEVICE=${TEST_DEVICE:-cuda} MODEL=${MODEL:-beitv2_base_patch16_224} BATCH=${BATCH:-128} ONLY=${ONLY:-12345}
+WORKERS=${WORKERS:-14} JPEGS=${JPEGS:-6000} JPEG_STEPS=${JPEG_STEPS:-100}
 W=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -22,7 +25,8 @@ python3 -c 'import timm, einops' 2>/dev/null || export PYTHONPATH=$PWD/.official
   python3 -c 'import torch, torchvision, timm; print("torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__)'
   nproc; } 2>&1 | tee "$OUT/env.txt"
 
-# 1 and 2 run together (neither is timed); 3 runs alone afterwards.
+# 1 and 2 run together (neither is timed); 3, 4 and 5 run alone afterwards.
+if [[ $ONLY == *1* ]]; then
 echo "== 1. fast test tier, parity and device tests on CUDA"
 (BEITV2_TEST_DEVICE=$TEST_DEVICE timeout 200 python3 -m pytest -q -s -m 'not slow' -p no:cacheprovider test_beitv2.py \
     > "$OUT/pytest.log" 2>&1; echo "pytest exit $?" >> "$OUT/pytest.log") &
@@ -65,23 +69,27 @@ for stage, key in (('tok', 'loss'), ('pre', 'loss')):
 EOF
 tail -3 "$OUT/pytest.log"
 grep -h "codes differ" "$OUT/pytest.log"
+fi
 
+if [[ $ONLY == *3* ]]; then
 echo "== 3. speed, $MODEL, batch $BATCH"
 BENCH="python3 bench.py --model=$MODEL --batch_size=$BATCH --steps=10 --warmup=3"
 { timeout 260 $BENCH --dtype=bf16 --compile=True --what=pretrain --official=$OFFICIAL --profile=True
   timeout 100 $BENCH --dtype=bf16 --what=pretrain --official=$OFFICIAL
 } 2>&1 | grep -v Warning | tee "$OUT/bench.log"
+fi
 
+if [[ $ONLY == *4* ]]; then
 echo "== 4. no host sync between log steps: set_sync_debug_mode('error') at every other step of each stage"
 python3 - <<'EOF' 2>&1 | grep -E "SYNC CHECK" | tee "$OUT/sync.txt"
 import torch, common, evaluate, pretrain, train_tokenizer
-LOG, STEPS, steps, set_lr = 5, 20, [], common.set_lr
-def guarded(opt, lr):  # the step about to run (1-based): 'error' unless it is the first, a log or the last step
-    steps.append(lr)
+LOG, STEPS, steps, get_lr = 5, 20, [], common.get_lr
+def guarded(step, *a, **k):  # fit asks the lr of each step first: 'error' unless it is the first, a log or the last
+    steps.append(step)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode('error' if len(steps) > 1 and len(steps) % LOG else 'default')
-    set_lr(opt, lr)
-common.set_lr = guarded
+    return get_lr(step, *a, **k)
+common.get_lr = guarded
 run = ['--dtype=bf16', f'--steps={STEPS}', f'--log_every={LOG}', '--ckpt_every=1000', '--workers=2']
 for name, main, args in [('tokenizer', train_tokenizer.main, ['--out_dir=/tmp/s_tok']),
                          ('pretrain', pretrain.main, ['--tokenizer=/tmp/s_tok/ckpt.pt', '--out_dir=/tmp/s_pre']),
@@ -96,5 +104,46 @@ for name, main, args in [('tokenizer', train_tokenizer.main, ['--out_dir=/tmp/s_
     finally:
         torch.cuda.set_sync_debug_mode('default')
 EOF
-tar czf "$OUT/logs.tgz" -C "$W" .
+fi
+
+if [[ $ONLY == *5* ]]; then
+echo "== 5. data path: pretrain.py on $JPEGS generated 500x375 JPEGs, $WORKERS workers, beside section 3's full step"
+python3 - "$W/jpegs" "$JPEGS" <<'EOF'
+import multiprocessing, os, sys, numpy as np
+from PIL import Image
+H, W = 375, 500
+def make(i):  # docs/speed.md's generator: 1/f noise, ~96 KB at quality 85
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(W), np.fft.fftfreq(H)))
+    f[0, 0] = 1
+    g = np.random.default_rng(i)
+    base, own = (np.real(np.fft.ifft2(np.fft.fft2(g.normal(size=s)) / f)) for s in ((H, W), (3, H, W)))
+    img = 0.7 * base + 0.3 * own
+    img = (img - img.mean()) / img.std() * 50 + g.uniform(80, 170)
+    os.makedirs(d := f'{sys.argv[1]}/train/c{i % 10}', exist_ok=True)
+    Image.fromarray(img.transpose(1, 2, 0).clip(0, 255).astype(np.uint8)).save(f'{d}/{i}.JPEG', quality=85)
+with multiprocessing.Pool() as pool:
+    pool.map(make, range(int(sys.argv[2])))
+EOF
+python3 - "$W/vqkd.pt" <<'EOF'  # random weights: the targets cost what a trained ViT-B/16 tokenizer's cost
+import dataclasses, sys, torch, beitv2
+cfg = beitv2.PRESETS['vqkd_encoder_base_decoder_3x768x12_clip']
+torch.save(dict(model=beitv2.VQKD(cfg).state_dict(), model_config=dataclasses.asdict(cfg)), sys.argv[1])
+EOF
+{ timeout 200 python3 bench.py --what=loader --data=$W/jpegs --workers=$WORKERS --batch_size=$BATCH --steps=20 \
+      --official=$OFFICIAL
+  timeout 500 python3 pretrain.py --model=$MODEL --data=$W/jpegs --tokenizer=$W/vqkd.pt --batch_size=$BATCH \
+      --dtype=bf16 --compile=True --workers=$WORKERS --steps=$JPEG_STEPS --warmup_steps=10 --log_every=10 \
+      --ckpt_every=100000 --out_dir=$W/pre_jpegs | tail -2
+  python3 - "$W/pre_jpegs/log.jsonl" $BATCH <<'EOF'
+import json, sys  # the logger's img_per_s counts from the run's start: the rate between later log lines instead
+rows = [r for r in map(json.loads, open(sys.argv[1])) if 'img_per_s' in r]
+t = [r['step'] * int(sys.argv[2]) / r['img_per_s'] for r in rows]  # seconds since the start at each log line
+half = (len(rows) - 1) // 2  # from the middle on: past compilation and the first epoch
+print(f'pretrain.py, steps {rows[half]["step"]}-{rows[-1]["step"]}: '
+      f'{(rows[-1]["step"] - rows[half]["step"]) * int(sys.argv[2]) / (t[-1] - t[half]):.0f} img/s')
+EOF
+  grep -h "full step" "$OUT/bench.log" | head -1
+} 2>&1 | grep -v Warning | tee "$OUT/data_path.log"
+fi
+tar czf "$OUT/logs.tgz" -C "$W" --exclude=jpegs .
 echo "== done"
