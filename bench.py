@@ -37,7 +37,6 @@ class Config:
     transform: str = common.one_of('pretrain', 'tokenizer', 'finetune')  # loader: the stage whose data path
     official: str = ''          # the official beit2/ folder: its student step alternates with ours
     peak_tflops: float = 0.0    # the device's peak for MFU; 0 = PEAKS for a known GPU, else no MFU
-    threads: int = 0            # torch.set_num_threads; 0 = torch's default
     seed: int = common.within(0, 0, 2 ** 32, ')')  # the models' init and the inputs
     workers: int = common.at_least(0, 4)  # the loader's DataLoader processes
     profile: bool = False       # pretrain: a kernel table of 3 of our full steps
@@ -172,13 +171,14 @@ def bench_loader(cfg, c):
         sides['official: DataAugmentationForBEiT'] = lambda img, rng: official_views(img)
     warm = replace(cfg, warmup=cfg.warmup + 2 * cfg.workers)  # past the batches the workers prefetched at start
 
-    def to_device(views):  # the step's first lines: the student's view normalised, the others in [0, 1]
-        return [data.to_device(v, c.device, i == 0) if v.dtype == torch.uint8 else v.to(c.device)
-                for i, v in enumerate(views if isinstance(views, list) else [views])]
+    def to_device(batch):  # the step's first lines, as pretrain.py's: a view in [0, 1], then normalised in place
+        return [data.normalize(data.to_device(v, c.device)) if v.dtype == torch.uint8 else v.to(c.device)
+                for v in (batch if isinstance(batch, list) else [batch])]  # finetune: floats already
     for name, transform in sides.items():  # one after the other: the other side's workers stay idle
         loader, sampler = data.make_loader(dataset, transform, cfg.batch_size, cfg.workers, cfg.seed, c.env)
         batches = data.stream(loader, sampler, 0, len(loader), 1)
-        (ms, _), = measure({name: lambda: len(to_device(next(batches)[0]))}, 0, warm, c)
+        read = lambda: sum(t.sum().item() for t in to_device(next(batches)[0]))  # every page read, as a step would
+        (ms, _), = measure({name: read}, 0, warm, c)
         print(f'  {ms / cfg.batch_size * max(cfg.workers, 1):.2f} ms per image per worker', flush=True)
         del batches, loader  # its workers end
 
@@ -186,7 +186,6 @@ def main(argv=None):
     cfg = common.configure(Config(), PRESETS, argv)
     if not isinstance(beitv2.PRESETS[cfg.model], beitv2.BEiTConfig):
         common.die(f'--model={cfg.model} is a tokenizer; bench.py times the pretraining model (a beitv2_*)')
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
     env = common.Env(cfg)  # as the stage scripts: device, autocast dtype, seeds, no TF32
     name = torch.cuda.get_device_name(env.device) if env.device.type == 'cuda' else 'cpu'
     m = replace(beitv2.PRESETS[cfg.model], img_size=cfg.img_size)

@@ -174,16 +174,15 @@ IMAGENET_R = class_mask('6ad403250101000101090822d85040242800db10f01820101111801
 
 
 class Crops:
-    """Training views as the official code draws them: pretraining's DataAugmentationForBEiT (colour jitter 0.4 in a
-    random order, a flip, ONE RandomResizedCrop box for a view of each of `sizes`: student, tokenizer; the block
-    mask) or the tokenizer's (a box, a flip). Views leave the worker as uint8 (3, S, S); to_device makes floats."""
+    """Training views drawn as the official ops draw them: pretraining's DataAugmentationForBEiT (colour jitter 0.4 in
+    a random order, a flip, ONE RandomResizedCrop box, a view of each distinct size of `sizes`: student, tokenizer; the
+    block mask) or the tokenizer's (a box and a flip). Views leave the worker as uint8 (3, S, S): see to_device."""
 
     def __init__(self, sizes, min_scale, jitter=0.0, masker=None):
         self.sizes, self.scale, self.jitter, self.masker = dict.fromkeys(sizes), (min_scale, 1.0), jitter, masker
 
-    def __call__(self, img, rng):  # drawn as the official ops draw: jitter's order and factors, a flip, a box
-        j = (1 - self.jitter, 1 + self.jitter)
-        jitter = T.ColorJitter.get_params(j, j, j, None)[:4] if self.jitter else None
+    def __call__(self, img, rng):  # pretraining's order: jitter's order and factors, a flip, a box (tokenizer: any)
+        jitter = T.ColorJitter.get_params(*[(1 - self.jitter, 1 + self.jitter)] * 3, None)[:4] if self.jitter else None
         flip, box = torch.rand(1).item() < 0.5, T.RandomResizedCrop.get_params(img, self.scale, (3 / 4, 4 / 3))
         return views(img, box, flip, jitter, self.sizes) + ((self.masker(rng),) if self.masker else ())
 
@@ -191,7 +190,7 @@ class Crops:
 def views(img, box, flip, jitter, sizes):
     """PIL image img -> a uint8 (3, S, S) view for each S in sizes. The official order jitters the whole image, flips
     it, then crops `box` (i, j, h, w) and resizes (bicubic); here the mirrored box is cropped first, jittered with the
-    same arithmetic (its steps are per pixel), resized (torch's uint8 antialiased bicubic, PIL's filter) and flipped."""
+    same arithmetic (color_jitter), resized (torch's uint8 antialiased bicubic: PIL's kernel) and flipped."""
     i, j, h, w = box
     j = img.size[0] - j - w if flip else j
     region = img.crop((j, i, j + w, i + h))
@@ -201,8 +200,8 @@ def views(img, box, flip, jitter, sizes):
 
 
 def color_jitter(region, img, order, brightness, contrast, saturation):
-    """ColorJitter's PIL steps in the drawn order on the cropped region (each is per pixel), contrast's blend with the
-    whole image's grey mean after the steps before it, as in the official order: from a 1-in-k subsample of it."""
+    """ColorJitter's PIL steps in the drawn order on the cropped region: brightness and saturation act per pixel;
+    contrast blends with the whole image's grey mean after the steps before it, read off every k-th pixel and row."""
     k = max(1, min(img.size) // 64)
     small = img.resize((img.size[0] // k, img.size[1] // k), Image.NEAREST)
     for op in order.tolist():  # 0 brightness, 1 contrast, 2 saturation (3, hue, is off)
@@ -215,9 +214,14 @@ def color_jitter(region, img, order, brightness, contrast, saturation):
     return region
 
 
-def to_device(x, device, normalize=False):  # the workers' uint8 views -> floats in [0, 1] (or normalised) there
-    x = x.to(device, non_blocking=True).float().div_(255)
-    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD, inplace=True) if normalize else x
+def to_device(x, device):  # the workers' uint8 views -> floats in [0, 1] there
+    return x.to(device, non_blocking=True).float().div_(255)
+
+
+def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):  # (B, 3, H, W), in place; per channel, with Python numbers:
+    for c, (m, s) in enumerate(zip(mean, std)):           # nothing is copied to the device, nothing waits for it
+        x[:, c].sub_(m).div_(s)
+    return x
 
 
 def eval_transform(img_size, normalize=True):
@@ -379,7 +383,7 @@ class Augmented(Dataset):
         item = self.dataset[i]
         seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2 ** 64  # what torch.manual_seed takes
         with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
-            torch.default_generator.manual_seed(seed)  # the CPU's alone: torch.manual_seed costs ~1 ms
+            torch.default_generator.manual_seed(seed)  # the CPU's: torch.manual_seed seeds every backend (0.1 ms)
             if self.joint:  # e.g. (image, mask) pairs transformed together
                 return self.transform(item, random.Random(seed))
             return self.transform(rgb(item[0]), random.Random(seed)), item[1]

@@ -10,8 +10,7 @@ import sys
 
 from common import read_log  # a line cut short (a full disk, a kill while writing) is dropped
 
-# what the logs hold that is not a training curve
-SKIP = {'step', 'img_per_s', 'eta_min', 'gnorm', 'quant_loss'}
+SKIP = {'step', 'img_per_s', 'eta_min', 'gnorm', 'quant_loss'}  # what the logs hold that is not a training curve
 
 
 def plot_curves(plt, runs, title, path, only=None):

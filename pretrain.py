@@ -82,10 +82,11 @@ def main(argv=None):
     counts = torch.zeros(tokenizer.cfg.codebook_size, dtype=torch.long, device=env.device)  # codes since the last log
 
     def step(run, batch):
-        (*views, mask), _ = batch  # one view when the tokenizer's size is the student's
-        images, mask = data.to_device(views[0], env.device, normalize=True), mask.to(env.device, non_blocking=True)
+        (*crops, mask), _ = batch  # one crop when the tokenizer's size is the student's
+        x, mask = data.to_device(crops[-1], env.device), mask.to(env.device, non_blocking=True)  # in [0, 1]
         with torch.no_grad(), env.target_autocast():
-            codes = tokenizer.encode(data.to_device(views[-1], env.device))  # (B, n) targets
+            codes = tokenizer.encode(x)  # (B, n) targets
+        images = data.normalize(x if len(crops) == 1 else data.to_device(crops[0], env.device))  # in place: x is done
         logits, losses = run(images, mask, codes, num_masked=masker.num)  # static shapes
         counts.index_add_(0, codes.flatten(), torch.ones_like(codes.flatten()))
         labels, stats = beitv2.masked_rows(codes, mask, masker.num), {}

@@ -18,7 +18,6 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads OpenMP
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 
 import beitv2
 import common
@@ -144,7 +143,7 @@ class CLIPVisual(nn.Module):
         return model
 
     def forward(self, images):                                     # [0, 1] -> (B, n, out_dim)
-        x = self.conv1(TF.normalize(images, self.mean, self.std)).flatten(2).transpose(1, 2)
+        x = self.conv1(data.normalize(images.clone(), self.mean, self.std)).flatten(2).transpose(1, 2)
         x = self.ln_pre(torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], 1) + self.positional_embedding)
         for blk in self.transformer.resblocks:
             x = blk(x)
@@ -232,7 +231,7 @@ class DINOTeacher(nn.Module):
         beitv2.load_state(self.vit, sd)
 
     def forward(self, images):
-        return self.vit.forward_patch_tokens(TF.normalize(images, data.IMAGENET_MEAN, data.IMAGENET_STD))
+        return self.vit.forward_patch_tokens(data.normalize(images.clone()))
 
 
 def load_dino(path):
