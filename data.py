@@ -181,7 +181,7 @@ class Crops:
     def __init__(self, sizes, min_scale, jitter=0.0, masker=None):
         self.sizes, self.scale, self.jitter, self.masker = dict.fromkeys(sizes), (min_scale, 1.0), jitter, masker
 
-    def __call__(self, img, rng):  # pretraining's order: jitter's order and factors, a flip, a box (tokenizer: any)
+    def __call__(self, img, rng):  # in pretraining's order (jitter, flip, box; the tokenizer's box comes first: alike)
         jitter = T.ColorJitter.get_params(*[(1 - self.jitter, 1 + self.jitter)] * 3, None)[:4] if self.jitter else None
         flip, box = torch.rand(1).item() < 0.5, T.RandomResizedCrop.get_params(img, self.scale, (3 / 4, 4 / 3))
         return views(img, box, flip, jitter, self.sizes) + ((self.masker(rng),) if self.masker else ())
