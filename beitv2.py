@@ -5,8 +5,8 @@ https://arxiv.org/abs/2208.06366. Official code: github.com/microsoft/unilm, fol
 Stage 1 (train_tokenizer.py): VQKD learns 8192 codes by regressing a teacher's (CLIP) features.
 Stage 2 (pretrain.py): BEiTv2 predicts the codes of ~40% block-masked patches.
 Stage 3 (evaluate.py): linear probe / fine-tune / segment with the backbone.
-Read top to bottom; each section only uses what is above it. Imports torch and torchvision's drop path (SciPy,
-optional, only to resize position tables to another resolution). Parameter names are the official (and timm) ones,
+Read top to bottom; each section only uses what is above it. Imports torch and torchvision's drop path.
+Parameter names are the official (and timm) ones,
 so official weights load with a short filter.
 """
 import argparse
@@ -598,25 +598,40 @@ def state_dict_of(ckpt):
 PRETRAIN_ONLY = ('mask_token', 'lm_head', 'norm', 'cls_pt_layers')  # dropped when fine-tuning
 
 
+def spline_weights(x, u):
+    """(len(u), len(x)) weights W: W @ y is the cubic spline through the points (x, y) read at u (clamped to
+    [x[0], x[-1]]), with the not-a-knot ends, what FITPACK's interpolating spline (s=0) computes. Solved for the
+    second derivatives M of each unit vector y, then the cubic of the interval that holds u."""
+    m, h = len(x), x[1:] - x[:-1]                             # h: (m-1,) interval widths
+    A, R = torch.zeros(m, m, dtype=torch.float64), torch.zeros(m, m, dtype=torch.float64)
+    for i in range(1, m - 1):                                 # the slope is continuous at x[i]
+        A[i, i - 1:i + 2] = torch.stack([h[i - 1], 2 * (h[i - 1] + h[i]), h[i]])
+        R[i, i - 1:i + 2] = torch.stack([6 / h[i - 1], -6 / h[i - 1] - 6 / h[i], 6 / h[i]])
+    A[0, :3] = torch.stack([h[1], -(h[0] + h[1]), h[0]])     # not-a-knot: one cubic on x[0]..x[2],
+    A[-1, -3:] = torch.stack([h[-1], -(h[-2] + h[-1]), h[-2]])  # one on x[m-3]..x[m-1]
+    M, Y = torch.linalg.solve(A, R), torch.eye(m, dtype=torch.float64)  # (m, m): row j of y = e_j ...
+    u = u.clamp(x[0], x[-1])
+    i = (torch.searchsorted(x, u, right=True) - 1).clamp(0, m - 2)  # the interval [x[i], x[i+1]] of each u
+    a, b, w = (x[i + 1] - u)[:, None], (u - x[i])[:, None], h[i][:, None]
+    return (M[i] * a ** 3 + M[i + 1] * b ** 3) / (6 * w) + (Y[i] / w - M[i] * w / 6) * a + \
+        (Y[i + 1] / w - M[i + 1] * w / 6) * b
+
+
 def resize_rel_pos_table(table, dst_rows):
     """Official fine-tuning resize of a relative position table to another grid: source offsets on a geometric
-    progression, a bicubic interpolating spline read at integer offsets, the last 3 rows kept. The official scipy
-    interp2d(kind='cubic') is FITPACK's regrid, the spline RectBivariateSpline(s=0) computes (SciPy 1.14 dropped it)."""
-    try:
-        from scipy.interpolate import RectBivariateSpline
-    except ImportError:
-        raise ValueError('resizing relative position tables to another size needs SciPy (pip install scipy)') from None
+    progression, a bicubic interpolating spline read at integer offsets, the last 3 rows kept. The official
+    scipy interp2d(kind='cubic') is FITPACK's interpolating spline: spline_weights along each axis."""
     src, dst = int(math.sqrt(table.shape[0] - 3)), int(math.sqrt(dst_rows - 3))
     lo, hi = 1.01, 1.5  # bisection for q with sum_{k < src/2} q^k = dst/2 (official)
     while hi - lo > 1e-6:
         q = (lo + hi) / 2
         lo, hi = (lo, q) if (1 - q ** (src // 2)) / (1 - q) > dst // 2 else (q, hi)
     dis = [sum(q ** k for k in range(i + 1)) for i in range(src // 2)]
-    x = [-d for d in reversed(dis)] + [0] + dis                   # source offsets
-    dx = torch.arange(-(dst // 2), dst // 2 + 0.1, 1.0, dtype=torch.float64).numpy()  # target offsets
-    grids = table[:-3].double().T.reshape(-1, src, src).cpu().numpy()  # (nh, src, src), rows dy
-    out = [torch.from_numpy(RectBivariateSpline(x, x, g.T, kx=3, ky=3, s=0)(dx, dx).T) for g in grids]
-    return torch.cat([torch.stack(out).reshape(-1, dst * dst).T.to(table), table[-3:]])
+    x = torch.tensor([-d for d in reversed(dis)] + [0] + dis, dtype=torch.float64)  # source offsets
+    W = spline_weights(x, torch.arange(-(dst // 2), dst // 2 + 1, dtype=torch.float64))  # (dst, src)
+    grids = table[:-3].double().cpu().T.reshape(-1, src, src)  # (nh, src, src), rows dy
+    out = (W @ grids @ W.T).reshape(-1, dst * dst)              # (nh, dst * dst)
+    return torch.cat([out.T.to(table), table[-3:]])
 
 
 def load_state(model, sd, ignore=()):

@@ -200,28 +200,24 @@ def test_official_float32_tolerance(fx, pre):
 
 
 def test_rel_pos_table_resize_matches_official_interp2d():
-    """The official loader: geometric source grid + scipy interp2d(kind='cubic'), which is
-    FITPACK's regrid, as RectBivariateSpline(s=0); 14x14 -> 32x32 patches (224 -> 512 px)."""
-    interp = pytest.importorskip('scipy.interpolate')
-    import numpy as np
-    torch.manual_seed(0)
-    table = torch.randn(27 * 27 + 3, 2, dtype=torch.float64)
-    out = beitv2.resize_rel_pos_table(table, 63 * 63 + 3)
-    lo, hi = 1.01, 1.5  # official bisection and offsets, written as in run_class_finetuning.py
-    while hi - lo > 1e-6:
-        q = (lo + hi) / 2.0
-        lo, hi = (lo, q) if (1.0 - q ** 13) / (1.0 - q) > 31 else (q, hi)
-    dis, cur = [], 1
-    for i in range(13):
-        dis.append(cur)
-        cur += q ** (i + 1)
-    x = np.array([-d for d in reversed(dis)] + [0] + dis)
-    dx = np.arange(-31.0, 31.1, 1.0)
-    for h in range(2):
-        z = table[:-3, h].view(27, 27).numpy()
-        ref = interp.RectBivariateSpline(x, x, z.T, kx=3, ky=3, s=0)(dx, dx).T
-        close(out[:-3, h].view(63, 63), torch.from_numpy(ref), atol=1e-10)
-    assert torch.equal(out[-3:], table[-3:])
+    """The official loader: geometric source grid + scipy interp2d(kind='cubic'), which is FITPACK's
+    interpolating spline; 14x14 -> 32x32 patches (224 -> 512 px). Golden output made with SciPy's
+    RectBivariateSpline(s=0) and the official code's loop (testdata/README.md): SciPy is not needed."""
+    ref = torch.load(HERE / 'testdata' / 'rel_pos_resize_scipy.pt', weights_only=True)
+    close(beitv2.resize_rel_pos_table(ref['table'], 63 * 63 + 3), ref['resized'])
+
+
+def test_spline_interpolates_reproduces_cubics_and_clamps():
+    """What makes it FITPACK's interpolating spline and not another: it passes through its points, a cubic is its
+    own spline (the not-a-knot ends; a natural spline bends a cubic at its ends), and reading is clamped to the
+    points' range (FITPACK's evaluation)."""
+    x = torch.tensor([-4.7, -2.2, -1.0, 0.0, 1.0, 2.2, 4.7], dtype=torch.float64)
+    u = torch.linspace(-4.7, 4.7, 41, dtype=torch.float64)
+    close(beitv2.spline_weights(x, x), torch.eye(7, dtype=torch.float64))
+    for f in (lambda t: t ** 3 - 2 * t, lambda t: 0.5 * t ** 2 + 1):
+        close(beitv2.spline_weights(x, u) @ f(x), f(u))
+    close(beitv2.spline_weights(x, torch.tensor([-9.0, 9.0], dtype=torch.float64)),
+          beitv2.spline_weights(x, x[[0, -1]]))
 
 
 def test_timm_beitv2_parity():
@@ -452,7 +448,7 @@ def test_encode_says_what_it_expects():
 def test_load_state_names_what_does_not_fit():
     demo = beitv2.BEiTv2(beitv2.PRESETS['beitv2_demo']).state_dict()
     with pytest.raises(KeyError, match=r'wrong shape .*patch_embed.proj.weight \(96, 3, 4, 4\) vs \(192, 3, 16, 16'):
-        beitv2.load_state(beitv2.BEiTv2(beitv2.PRESETS['beitv2_tiny_patch16_224']), demo)  # not a SciPy resize
+        beitv2.load_state(beitv2.BEiTv2(beitv2.PRESETS['beitv2_tiny_patch16_224']), demo)
     with pytest.raises(ValueError, match='of a whole checkpoint: state_dict_of'):
         beitv2.load_state(tiny_beit(), {'model': tiny_beit().state_dict(), 'step': 3})
 
@@ -647,12 +643,6 @@ def test_full_size_layouts_load_and_export(name, build, monkeypatch):
     assert {k: [list(v.shape), str(v.dtype).replace('torch.', '')] for k, v in exported.items()} == lay
     k = next(k for k in sd if k.endswith('fc1.weight'))
     assert torch.equal(exported[k], sd[k])
-
-
-def test_resize_without_scipy_says_so(monkeypatch):
-    monkeypatch.setitem(sys.modules, 'scipy.interpolate', None)  # import fails as if SciPy were absent
-    with pytest.raises(ValueError, match='needs SciPy'):
-        beitv2.resize_rel_pos_table(torch.zeros(7 * 7 + 3, 2), 9 * 9 + 3)
 
 
 def test_layout_errors_name_the_keys():
