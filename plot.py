@@ -2,32 +2,45 @@
 results of `evaluate.py --mode=compare` from its OUT_DIR/result.json. Needs matplotlib (optional:
 the training scripts never import it).
 
-    python plot.py out/tokenizer out/pretrain out/eval/compare   # writes OUT_DIR/curves.png, results.png
-    python plot.py --together=val_top1 out/ft/a out/ft/b         # one panel, a line per run: val_top1.png
+    python plot.py out/tokenizer out/pretrain out/eval/compare  # OUT_DIR/curves.png, results.png
+    python plot.py --together=val_top1 out/ft/a out/ft/b        # one panel, a line per run
 """
+import json
 import os
 import sys
 
-from common import read_log  # a line cut short (a full disk, a kill while writing) is dropped
+# what the logs hold that is not a training curve
+SKIP = {'step', 'img_per_s', 'eta_min', 'gnorm', 'quant_loss', 'data_wait'}
 
-SKIP = {'step', 'img_per_s', 'eta_min', 'gnorm', 'quant_loss'}  # what the logs hold that is not a training curve
+
+def read_log(path):
+    """The rows of a log.jsonl or result.json; a line cut short (a kill while writing) is left
+    out."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.rstrip().endswith('}')]
 
 
 def plot_curves(plt, runs, title, path, only=None):
-    """One panel per logged metric against the step (training lines and val_* scores, each from the lines that
-    hold it), a line per run of `runs` ({name: rows}); mlm_acc_1 / _2 and loss_1 / _2 share a panel.
-    only: that metric's panel alone (several runs side by side, e.g. fine-tuning seeds against from scratch)."""
-    keys = list(dict.fromkeys(k for rows in runs.values() for r in rows for k, v in r.items()
-                              if k not in SKIP and isinstance(v, (int, float)) and 'step' in r))
+    """One panel per logged metric against the step (training lines and val_* scores, each from the
+    lines that hold it), a line per run of `runs` ({name: rows}); mlm_acc_1 / _2 and loss_1 / _2
+    share a panel. only: that metric's panel alone (several runs side by side, e.g. fine-tuning
+    seeds against from scratch)."""
+    keys = []
+    for rows in runs.values():
+        for r in rows:
+            keys += [k for k, v in r.items() if k not in SKIP and isinstance(v, (int, float))]
+    keys = list(dict.fromkeys(keys))
     panels = [only] if only else [k for k in keys if k not in ('mlm_acc_2', 'loss_2')]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 2 * bool(only), 2.8), squeeze=False)
+    width = 3.2 * len(panels) + 2 * bool(only)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 2.8), squeeze=False)
     for ax, k in zip(axes[0], panels):
         pair = None if only else {'mlm_acc_1': 'mlm_acc_2', 'loss_1': 'loss_2'}.get(k)
         names = [k] + ([pair] if pair in keys else [])
         for run, rows in runs.items():
             for name in names:
                 have = [r for r in rows if name in r and 'step' in r]
-                ax.plot([r['step'] for r in have], [r[name] for r in have], '.-' if len(have) < 20 else '-',
+                style = '.-' if len(have) < 20 else '-'
+                ax.plot([r['step'] for r in have], [r[name] for r in have], style,
                         label=run if len(runs) > 1 else name)
         ax.set_title(' / '.join(names), fontsize=9)
         ax.set_xlabel('step', fontsize=8)
@@ -41,12 +54,14 @@ def plot_curves(plt, runs, title, path, only=None):
 
 
 def plot_results(plt, rows, title, path):
-    """Bars: top-1 of each backbone (pretrained / random init / raw pixels) for each probe, averaged over
-    the seeds of the last checkpoint compared into this folder, with every seed as a dot."""
+    """Bars: top-1 of each backbone (pretrained / random init / raw pixels) for each probe, averaged
+    over the seeds of the last checkpoint compared into this folder, with every seed as a dot."""
     rows = [r for r in rows if r.get('mode') == 'compare_run']
-    rows = [r for r in rows if r.get('checkpoint') == rows[-1].get('checkpoint')]  # not other checkpoints'
-    title = f'{title}: {rows[-1]["checkpoint"]}' if rows[-1].get('checkpoint') else title
-    probes = list(dict.fromkeys(r['probe'] for r in rows))  # as compare prints them: linear probe, k-NN
+    last = rows[-1].get('checkpoint')
+    rows = [r for r in rows if r.get('checkpoint') == last]  # not other checkpoints'
+    if last:
+        title = f'{title}: {last}'
+    probes = list(dict.fromkeys(r['probe'] for r in rows))  # as compare prints them
     backbones = ['pretrained', 'random init', 'raw pixels']
     fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(probes), 3.2))
     width = 0.8 / len(backbones)
@@ -84,7 +99,8 @@ def main(dirs):
         missing = [d for d in dirs if not os.path.exists(os.path.join(d, 'log.jsonl'))]
         if missing or not dirs:
             sys.exit(f'error: no log.jsonl in {", ".join(missing) or "(no folders given)"}')
-        plot_curves(plt, {d: read_log(os.path.join(d, 'log.jsonl')) for d in dirs}, key, f'{key}.png', only=key)
+        runs = {d: read_log(os.path.join(d, 'log.jsonl')) for d in dirs}
+        plot_curves(plt, runs, key, f'{key}.png', only=key)
         print(f'wrote {key}.png')
         return [f'{key}.png']
     written = []

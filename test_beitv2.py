@@ -7,14 +7,17 @@ BEITV2_FIXTURE to check another fixture made the same way with other sizes, and
 BEITV2_TEST_DEVICE=cuda to run them (and the attention and encode device tests) on a GPU.
 test_scripts.py tests the stage scripts and what they share.
 """
+
+import argparse
 import json
 import math
 import os
 import random
 import socket
-import sys
 from pathlib import Path
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads OpenMP, as the scripts run themselves
+
+# before torch loads OpenMP, as the scripts run themselves
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import pytest
 import torch
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 import beitv2
 
 
-# --------------------------------------------------------------------------- shared: fixtures, tiny models
+# ----------------------------------------------- shared: fixtures, tiny models
 
 
 HERE = Path(__file__).resolve().parent
@@ -61,30 +64,62 @@ def rel_err(a, ref):
 
 
 def tiny_beit(**over):
-    d = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=2, vocab_size=16,
-             early_layers=2, head_layers=2)
+    d = dict(
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=3,
+        num_heads=2,
+        vocab_size=16,
+        early_layers=2,
+        head_layers=2,
+    )
     d.update(over)
     return beitv2.BEiTv2(beitv2.BEiTConfig(**d))
 
 
 def tiny_vqkd(**over):
-    d = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, decoder_depth=1,
-             codebook_size=16, code_dim=8, teacher_dim=24)
+    d = dict(
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=2,
+        num_heads=2,
+        decoder_depth=1,
+        codebook_size=16,
+        code_dim=8,
+        teacher_dim=24,
+    )
     d.update(over)
     return beitv2.VQKD(beitv2.VQKDConfig(**d))
 
 
-
-# ----------------------------------------------------------------------------- beitv2.py: parity with the official code
+# ------------------------------------ beitv2.py: parity with the official code
 
 
 def vit_from_official(c, **over):
-    rel = 'shared' if c.get('use_shared_rel_pos_bias') else 'per_block' if c.get('use_rel_pos_bias') else 'none'
-    d = dict(img_size=c['img_size'], patch_size=c['patch_size'], in_chans=c['in_chans'],
-             embed_dim=c['embed_dim'], depth=c['depth'], num_heads=c['num_heads'],
-             mlp_ratio=c['mlp_ratio'], qkv_bias=c['qkv_bias'], layer_scale=c['init_values'],
-             abs_pos_emb=c['use_abs_pos_emb'], rel_pos=rel,
-             fc_norm=c.get('use_mean_pooling', False), num_classes=c.get('num_classes', 0))
+    rel = (
+        'shared'
+        if c.get('use_shared_rel_pos_bias')
+        else 'per_block'
+        if c.get('use_rel_pos_bias')
+        else 'none'
+    )
+    d = dict(
+        img_size=c['img_size'],
+        patch_size=c['patch_size'],
+        in_chans=c['in_chans'],
+        embed_dim=c['embed_dim'],
+        depth=c['depth'],
+        num_heads=c['num_heads'],
+        mlp_ratio=c['mlp_ratio'],
+        qkv_bias=c['qkv_bias'],
+        layer_scale=c['init_values'],
+        abs_pos_emb=c['use_abs_pos_emb'],
+        rel_pos=rel,
+        fc_norm=c.get('use_mean_pooling', False),
+        num_classes=c.get('num_classes', 0),
+    )
     d.update(over)
     return d
 
@@ -92,15 +127,26 @@ def vit_from_official(c, **over):
 def tokenizer_from_official(c):
     e, d = c['encoder_config'], c['decoder_config']
     assert (d['embed_dim'], d['num_heads']) == (e['embed_dim'], e['num_heads'])
-    return beitv2.VQKD(beitv2.VQKDConfig(img_size=e['img_size'], patch_size=e['patch_size'], embed_dim=e['embed_dim'],
-                                         depth=e['depth'], num_heads=e['num_heads'], decoder_depth=d['depth'],
-                                         codebook_size=c['n_embed'], code_dim=c['embed_dim'],
-                                         teacher_dim=c['decoder_out_dim'], decay=c['decay']))
+    return beitv2.VQKD(
+        beitv2.VQKDConfig(
+            img_size=e['img_size'],
+            patch_size=e['patch_size'],
+            embed_dim=e['embed_dim'],
+            depth=e['depth'],
+            num_heads=e['num_heads'],
+            decoder_depth=d['depth'],
+            codebook_size=c['n_embed'],
+            code_dim=c['embed_dim'],
+            teacher_dim=c['decoder_out_dim'],
+            decay=c['decay'],
+        )
+    )
 
 
 def pretrain_from_official(c):
-    d = vit_from_official(c, vocab_size=c['vocab_size'], early_layers=c['early_layers'],
-                          head_layers=c['head_layers'])
+    d = vit_from_official(
+        c, vocab_size=c['vocab_size'], early_layers=c['early_layers'], head_layers=c['head_layers']
+    )
     assert c['shared_lm_head']
     return beitv2.BEiTv2(beitv2.BEiTConfig(**d))
 
@@ -131,7 +177,8 @@ def test_official_tokenizer_decoder_and_losses(fx, tok):
     x = t['images'].double().to(DEVICE)
     rec, codes, losses = tok(x, t['teacher_features'].double().to(DEVICE))
     z_q, _, _ = tok.quantize(tok.features(x))
-    close(z_q.transpose(1, 2).reshape(t['quantized'].shape), t['quantized'])  # official: (B, d, h, w)
+    # official: (B, d, h, w)
+    close(z_q.transpose(1, 2).reshape(t['quantized'].shape), t['quantized'])
     close(rec, t['decoder_output'])
     for k in ('loss', 'rec_loss', 'quant_loss'):
         close(losses[k], t[k])
@@ -143,12 +190,23 @@ def test_official_tokenizer_decoder_and_losses(fx, tok):
 def test_official_ema_step(fx):
     e = fx['ema_step']
     c = e['config']
-    q = beitv2.NormEMACodebook(c['n_embed'], c['embedding_dim'], decay=e['decay'], beta=c['beta']).double().to(DEVICE)
-    sd = e['state_dict_before']  # official names -> ours (embedding.cluster_size/embed_avg are never read)
-    q.load_state_dict(dict(weight=sd['embedding.weight'], initted=sd['embedding.initted'],
-                           cluster_size=sd['cluster_size']))
+    q = (
+        beitv2.NormEMACodebook(c['n_embed'], c['embedding_dim'], decay=e['decay'], beta=c['beta'])
+        .double()
+        .to(DEVICE)
+    )
+    # official names -> ours (embedding.cluster_size/embed_avg are never read)
+    sd = e['state_dict_before']
+    q.load_state_dict(
+        dict(
+            weight=sd['embedding.weight'],
+            initted=sd['embedding.initted'],
+            cluster_size=sd['cluster_size'],
+        )
+    )
     q.train()
-    z = e['z'].double().to(DEVICE).permute(0, 2, 3, 1).flatten(1, 2)  # official (B, d, h, w) -> (B, n, d)
+    # official (B, d, h, w) -> (B, n, d)
+    z = e['z'].double().to(DEVICE).permute(0, 2, 3, 1).flatten(1, 2)
     z_q, codes, loss = q(z)
     n, _, h, w = e['quantized'].shape  # sizes from the fixture: any fixture of this format works
     close(z_q.reshape(n, h, w, -1).permute(0, 3, 1, 2), e['quantized'])
@@ -163,7 +221,9 @@ def test_official_ema_step(fx):
 @pytest.fixture(scope='module')
 def pre(fx):
     p = fx['pretrain']
-    return beitv2.load_state(pretrain_from_official(p['config']).double().eval(), p['state_dict']).to(DEVICE), p
+    return beitv2.load_state(
+        pretrain_from_official(p['config']).double().eval(), p['state_dict']
+    ).to(DEVICE), p
 
 
 def test_official_pretrain_heads(pre):
@@ -195,29 +255,34 @@ def test_official_float32_tolerance(fx, pre):
     logits, _ = m32(p['images'].to(DEVICE), p['bool_masked_pos'].to(DEVICE))
     close(logits['mim'], p['logits_mim'], atol=1e-4)
     t = fx['tokenizer']
-    tok32 = beitv2.load_state(tokenizer_from_official(t['config']).eval(), t['state_dict']).to(DEVICE)
+    tok32 = beitv2.load_state(tokenizer_from_official(t['config']).eval(), t['state_dict']).to(
+        DEVICE
+    )
     assert torch.equal(tok32.encode(t['images'].to(DEVICE)).cpu(), t['indices'])
 
 
 def test_rel_pos_table_resize_matches_official_interp2d():
     """The official loader: geometric source grid + scipy interp2d(kind='cubic'), which is FITPACK's
     interpolating spline; 14x14 -> 32x32 patches (224 -> 512 px). Golden output made with SciPy's
-    RectBivariateSpline(s=0) and the official code's loop (testdata/README.md): SciPy is not needed."""
+    RectBivariateSpline(s=0) and the official code's loop (testdata/README.md): SciPy is not
+    needed."""
     ref = torch.load(HERE / 'testdata' / 'rel_pos_resize_scipy.pt', weights_only=True)
     close(beitv2.resize_rel_pos_table(ref['table'], 63 * 63 + 3), ref['resized'])
 
 
 def test_spline_interpolates_reproduces_cubics_and_clamps():
-    """What makes it FITPACK's interpolating spline and not another: it passes through its points, a cubic is its
-    own spline (the not-a-knot ends; a natural spline bends a cubic at its ends), and reading is clamped to the
-    points' range (FITPACK's evaluation)."""
+    """What makes it FITPACK's interpolating spline and not another: it passes through its points, a
+    cubic is its own spline (the not-a-knot ends; a natural spline bends a cubic at its ends), and
+    reading is clamped to the points' range (FITPACK's evaluation)."""
     x = torch.tensor([-4.7, -2.2, -1.0, 0.0, 1.0, 2.2, 4.7], dtype=torch.float64)
     u = torch.linspace(-4.7, 4.7, 41, dtype=torch.float64)
     close(beitv2.spline_weights(x, x), torch.eye(7, dtype=torch.float64))
-    for f in (lambda t: t ** 3 - 2 * t, lambda t: 0.5 * t ** 2 + 1):
+    for f in (lambda t: t**3 - 2 * t, lambda t: 0.5 * t**2 + 1):
         close(beitv2.spline_weights(x, u) @ f(x), f(u))
-    close(beitv2.spline_weights(x, torch.tensor([-9.0, 9.0], dtype=torch.float64)),
-          beitv2.spline_weights(x, x[[0, -1]]))
+    close(
+        beitv2.spline_weights(x, torch.tensor([-9.0, 9.0], dtype=torch.float64)),
+        beitv2.spline_weights(x, x[[0, -1]]),
+    )
 
 
 def test_timm_beitv2_parity():
@@ -228,7 +293,9 @@ def test_timm_beitv2_parity():
         for n, p in ref.named_parameters():
             if 'relative_position_bias_table' in n or 'gamma' in n:
                 p.normal_(0, 0.1)
-    ours = beitv2.ViT(beitv2.classifier_config(beitv2.PRESETS['beitv2_base_patch16_224'], 1000)).eval()
+    ours = beitv2.ViT(
+        beitv2.classifier_config(beitv2.PRESETS['beitv2_base_patch16_224'], 1000)
+    ).eval()
     ours = beitv2.load_state(ours, ref.state_dict())
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -236,32 +303,37 @@ def test_timm_beitv2_parity():
     ref.load_state_dict(ours.state_dict())  # timm's layout is ours
 
 
-
-# --------------------------------------------------- beitv2.py: backbone (relative positions, attention paths, devices)
+# ---------- beitv2.py: backbone (relative positions, attention paths, devices)
 
 
 def test_relative_position_index_2x2():
-    # patches (0,0) (0,1) (1,0) (1,1); offset (dy, dx) -> (dy + 1) * 3 + (dx + 1); table has 9 + 3 rows
-    expected = torch.tensor([[11, 9, 9, 9, 9],
-                             [10, 4, 3, 1, 0],
-                             [10, 5, 4, 2, 1],
-                             [10, 7, 6, 4, 3],
-                             [10, 8, 7, 5, 4]])
+    # patches (0,0) (0,1) (1,0) (1,1); offset (dy, dx) -> (dy + 1) * 3 + (dx + 1); table has 9 + 3
+    # rows
+    expected = torch.tensor(
+        [[11, 9, 9, 9, 9], [10, 4, 3, 1, 0], [10, 5, 4, 2, 1], [10, 7, 6, 4, 3], [10, 8, 7, 5, 4]]
+    )
     assert torch.equal(beitv2.relative_position_index(2, 2), expected)
 
 
-@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+    'dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
+)
 @pytest.mark.parametrize('rows', ['all', 'keep'])
 def test_sdpa_path_equals_explicit_maths(dtype, tol, rows):
-    """attention()'s two paths (explicit maths, fused SDPA), outputs and gradients of q, k, v and the
-    bias, against the explicit maths in float64, on BEITV2_TEST_DEVICE: the SDPA path is what every
-    GPU run takes. rows='keep': the fast path's queries (B, nh, K, hs) with a (B, nh, K, N) bias."""
+    """attention()'s two paths (explicit maths, fused SDPA), outputs and gradients of q, k, v and
+    the bias, against the explicit maths in float64, on BEITV2_TEST_DEVICE: the SDPA path is what
+    every GPU run takes. rows='keep': the fast path's queries (B, nh, K, hs) with a (B, nh, K, N)
+    bias."""
     g = torch.Generator().manual_seed(0)
     b, nh, n, hs = 2, 3, 197, 64  # 197 tokens: ViT-B/16 at 224, not a multiple of 8
     nq = 76 if rows == 'keep' else n
     bias_shape = (b, nh, nq, n) if rows == 'keep' else (nh, n, n)
-    inputs = [torch.randn(b, nh, nq, hs, generator=g), torch.randn(b, nh, n, hs, generator=g),
-              torch.randn(b, nh, n, hs, generator=g), torch.randn(bias_shape, generator=g)]
+    inputs = [
+        torch.randn(b, nh, nq, hs, generator=g),
+        torch.randn(b, nh, n, hs, generator=g),
+        torch.randn(b, nh, n, hs, generator=g),
+        torch.randn(bias_shape, generator=g),
+    ]
     grad_out = torch.randn(b, nh, nq, hs, generator=g, dtype=torch.float64)
 
     def run(dtype, explicit):
@@ -282,7 +354,9 @@ def test_shared_bias_is_contiguous():
     the fp32 maths (measured on an H200: ViT-B step 116 instead of 81 ms); keep it contiguous."""
     m = tiny_beit()
     assert m.shared_pos_bias().is_contiguous()
-    assert beitv2.pos_bias_from_table(beitv2.ViT(beitv2.classifier_config(m.cfg, 10)).blocks[0].attn).is_contiguous()
+    assert beitv2.pos_bias_from_table(
+        beitv2.ViT(beitv2.classifier_config(m.cfg, 10)).blocks[0].attn
+    ).is_contiguous()
 
 
 def test_model_through_sdpa_equals_explicit(monkeypatch):
@@ -328,12 +402,14 @@ def test_pretrain_state_into_classifier_gives_same_tokens():
     close(clf.forward_tokens(x)[0], pre.forward_tokens(x)[0], atol=1e-6)
     # without the documented drops the load is refused
     with pytest.raises(KeyError, match='lm_head'):
-        beitv2.load_state(beitv2.ViT(beitv2.classifier_config(pre.cfg, num_classes=5)), pre.state_dict())
+        beitv2.load_state(
+            beitv2.ViT(beitv2.classifier_config(pre.cfg, num_classes=5)), pre.state_dict()
+        )
 
 
 def test_official_layout_classifier_loads_at_another_size():
-    """An official fine-tuned file carries relative_position_index buffers of its own grid: at another
-    image size the tables are resized and those buffers (derived) are not compared."""
+    """An official fine-tuned file carries relative_position_index buffers of its own grid: at
+    another image size the tables are resized and those buffers (derived) are not compared."""
     torch.manual_seed(0)
     small = beitv2.ViT(beitv2.classifier_config(tiny_beit().cfg, 10))
     big = beitv2.ViT(beitv2.classifier_config(tiny_beit().cfg, 10, img_size=48))
@@ -347,22 +423,52 @@ def test_clear_errors_for_models_built_wrong():
             tiny_beit(**bad)
     with pytest.raises(ValueError, match='no classification head'):
         beitv2.ViT(beitv2.ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2))(
-            torch.randn(1, 3, 32, 32))
+            torch.randn(1, 3, 32, 32)
+        )
+
+
+def test_a_block_is_counted_from_0_or_from_the_end():
+    assert beitv2.block_index(-1, 6) == 5 and beitv2.block_index(0, 6) == 0
+    for bad in (6, 99, -7):
+        with pytest.raises(ValueError, match=r'blocks 0..5 \(or -1'):
+            beitv2.block_index(bad, 6)
 
 
 def test_the_python_api_says_what_it_expects():
     m = tiny_beit().eval()
     x, none = torch.randn(2, 3, 32, 32), torch.zeros(2, 16, dtype=torch.bool)
-    for call, msg in [(lambda: m(x, none, torch.zeros(2, 16, dtype=torch.long)), 'no masked patch'),
-                      (lambda: m(x, none, num_masked=0), 'no masked patch'),
-                      (lambda: beitv2.MaskingGenerator((4, 4), 10.5), 'cannot mask 10.5'),
-                      (lambda: beitv2.load_state(m, [1, 2]), 'takes a state dict')]:
+    for call, msg in [
+        (lambda: m(x, none, torch.zeros(2, 16, dtype=torch.long)), 'no masked patch'),
+        (lambda: m(x, none, num_masked=0), 'no masked patch'),
+        (lambda: beitv2.MaskingGenerator((4, 4), 10.5), 'cannot mask 10.5'),
+        (lambda: beitv2.load_state(m, [1, 2]), 'takes a state dict'),
+    ]:
         with pytest.raises(ValueError, match=msg):
             call()
     tok = tiny_vqkd().eval()
     images = torch.rand(2, 3, 32, 32)
     for dtype in (torch.float64, torch.float16):  # any float input: cast to the model's dtype
         assert torch.equal(tok.encode(images.to(dtype)), tok.encode(images.to(dtype).float()))
+
+
+def test_load_backbone_reads_an_official_pretraining_file(tmp_path):
+    """An official pretraining file (no config of ours: read off its shapes, its 'args' a Namespace)
+    as the backbone it trained, or as a classifier with a table per block: the same tokens."""
+    torch.manual_seed(0)
+    pre = tiny_beit(embed_dim=64, num_heads=1).eval()
+    with torch.no_grad():
+        pre.rel_pos_bias.relative_position_bias_table.normal_()
+    args = argparse.Namespace(model='beit_base_patch16_224_8k_vocab_cls_pt')
+    torch.save({'model': beitv2.export_state(pre), 'args': args, 'epoch': 3}, tmp_path / 'pt.pth')
+    vit = beitv2.load_backbone(tmp_path / 'pt.pth').eval()
+    x = torch.randn(2, 3, 32, 32)
+    close(vit.features(x), pre.norm(pre.forward_tokens(x)[0][:, 0]), atol=1e-6)  # [CLS], normed
+    close(vit.features(x, 'mean'), pre.norm(pre.forward_tokens(x)[0][:, 1:].mean(1)), atol=1e-6)
+    clf = beitv2.load_backbone(tmp_path / 'pt.pth', num_classes=5).eval()
+    assert clf.cfg.rel_pos == 'per_block' and clf.head.out_features == 5
+    close(clf.forward_tokens(x)[0], pre.forward_tokens(x)[0], atol=1e-5)
+    with pytest.raises(ValueError, match='a tokenizer, not a backbone'):
+        beitv2.load_backbone({'model': tiny_vqkd().state_dict()})
 
 
 def test_classifier_at_higher_resolution_interpolates_tables():
@@ -374,8 +480,7 @@ def test_classifier_at_higher_resolution_interpolates_tables():
     assert clf(torch.randn(1, 3, 48, 48)).shape == (1, 5)
 
 
-
-# ------------------------------------------------------ beitv2.py: stage 1, VQ-KD (codebook, k-means, EMA, encode, DDP)
+# ------------- beitv2.py: stage 1, VQ-KD (codebook, k-means, EMA, encode, DDP)
 
 
 def test_codebook_kmeans_ema_and_roundtrip():
@@ -395,6 +500,12 @@ def test_codebook_kmeans_ema_and_roundtrip():
     close(z_q, tok.quantize.weight[codes], atol=1e-6)  # straight-through value = the codes
 
 
+def test_code_usage_counts_codes_and_perplexity():
+    u = beitv2.code_usage(torch.tensor([2.0, 2.0, 0.0, 0.0]))
+    assert (u['codes_used'], u['used_share']) == (2, 0.5) and abs(u['perplexity'] - 2.0) < 1e-9
+    assert beitv2.code_usage(torch.ones(8))['perplexity'] == pytest.approx(8)  # all used alike: K
+
+
 def test_ema_update_by_hand():
     q = beitv2.NormEMACodebook(3, 2, decay=0.5).train()
     q.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
@@ -402,9 +513,12 @@ def test_ema_update_by_hand():
     z = torch.tensor([[[1.0, 0.2], [0.9, -0.1], [0.1, 1.0]]])
     q(z)
     zn = F.normalize(z[0], dim=-1)
-    new0 = F.normalize(0.5 * torch.tensor([1.0, 0.0]) + 0.5 * F.normalize(zn[0] + zn[1], dim=0), dim=0)
+    new0 = F.normalize(
+        0.5 * torch.tensor([1.0, 0.0]) + 0.5 * F.normalize(zn[0] + zn[1], dim=0), dim=0
+    )
     new1 = F.normalize(0.5 * torch.tensor([0.0, 1.0]) + 0.5 * zn[2], dim=0)
-    close(q.weight, torch.stack([new0, new1, torch.tensor([-1.0, 0.0])]), atol=1e-6)  # code 2 unused
+    # code 2 unused
+    close(q.weight, torch.stack([new0, new1, torch.tensor([-1.0, 0.0])]), atol=1e-6)
     close(q.cluster_size, torch.tensor([1.0, 0.5, 0.0]), atol=1e-6)
 
 
@@ -429,39 +543,53 @@ def test_encode_on_device_equals_float64_except_near_ties():
         got = tok.float().to(DEVICE).encode(x.to(DEVICE)).flatten().cpu()
     differ = (got != ref).nonzero().squeeze(1)
     gap = sims[differ, ref[differ]] - sims[differ, got[differ]]
-    print(f'{DEVICE}: {len(differ)} of {len(ref)} codes differ from float64, '
-          f'largest cosine gap {gap.max() if len(gap) else 0}')
+    print(
+        f'{DEVICE}: {len(differ)} of {len(ref)} codes differ from float64, '
+        f'largest cosine gap {gap.max() if len(gap) else 0}'
+    )
     assert (gap < 1e-4).all()
 
 
 def test_encode_says_what_it_expects():
     tok = tiny_vqkd().eval()  # 32 px, patch 8: 16 codes
-    for bad, msg in [(torch.rand(3, 32, 32), r'shape \(B, 3, 32, 32\)'), (torch.rand(2, 3, 16, 16), 'shape'),
-                     (torch.rand(2, 1, 32, 32), 'shape'), (torch.rand(2, 3, 32, 32) * 255, r'\[0, 1\]'),
-                     ((torch.rand(2, 3, 32, 32) - 0.45) / 0.225, r'\[0, 1\]'),
-                     (torch.full((2, 3, 32, 32), float('nan')), 'non-finite')]:
-        assert tok.encode(torch.rand(2, 3, 32, 32)).shape == (2, 16)  # a good call first: CPU input is checked anew
+    for bad, msg in [
+        (torch.rand(3, 32, 32), r'shape \(B, 3, 32, 32\)'),
+        (torch.rand(2, 3, 16, 16), 'shape'),
+        (torch.rand(2, 1, 32, 32), 'shape'),
+        (torch.rand(2, 3, 32, 32) * 255, r'\[0, 1\]'),
+        ((torch.rand(2, 3, 32, 32) - 0.45) / 0.225, r'\[0, 1\]'),
+        (torch.full((2, 3, 32, 32), float('nan')), 'non-finite'),
+    ]:
+        # a good call first: CPU input is checked anew
+        assert tok.encode(torch.rand(2, 3, 32, 32)).shape == (2, 16)
         with pytest.raises(ValueError, match=msg):
             tok.encode(bad)
 
 
 def test_load_state_names_what_does_not_fit():
     demo = beitv2.BEiTv2(beitv2.PRESETS['beitv2_demo']).state_dict()
-    with pytest.raises(KeyError, match=r'wrong shape .*patch_embed.proj.weight \(96, 3, 4, 4\) vs \(192, 3, 16, 16'):
+    with pytest.raises(
+        KeyError, match=r'wrong shape .*patch_embed.proj.weight \(96, 3, 4, 4\) vs \(192, 3, 16, 16'
+    ):
         beitv2.load_state(beitv2.BEiTv2(beitv2.PRESETS['beitv2_tiny_patch16_224']), demo)
     with pytest.raises(ValueError, match='of a whole checkpoint: state_dict_of'):
         beitv2.load_state(tiny_beit(), {'model': tiny_beit().state_dict(), 'step': 3})
 
 
-@pytest.mark.parametrize('cfg,msg', [(beitv2.ViTConfig(embed_dim=100, num_heads=3), 'embed_dim % num_heads = 0'),
-                                     (beitv2.ViTConfig(img_size=30, patch_size=4), 'img_size % patch_size = 0'),
-                                     (beitv2.BEiTConfig(depth=6, early_layers=8), 'reads a block 1..depth=6')])
+@pytest.mark.parametrize(
+    'cfg,msg',
+    [
+        (beitv2.ViTConfig(embed_dim=100, num_heads=3), 'embed_dim % num_heads = 0'),
+        (beitv2.ViTConfig(img_size=30, patch_size=4), 'img_size % patch_size = 0'),
+        (beitv2.BEiTConfig(depth=6, early_layers=8), 'reads a block 1..depth=6'),
+    ],
+)
 def test_a_config_that_cannot_be_built_says_so(cfg, msg):
     with pytest.raises(ValueError, match=msg):
         (beitv2.BEiTv2 if isinstance(cfg, beitv2.BEiTConfig) else beitv2.ViT)(cfg)
 
 
-def _free_port():
+def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
@@ -469,18 +597,21 @@ def _free_port():
 
 def _ddp_codebook_worker(rank, world, port, sync, z, out):
     import torch.distributed as dist
+
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world)
     torch.manual_seed(0)
     q = beitv2.NormEMACodebook(16, z.shape[-1], decay=0.9).train()
     beitv2.NormEMACodebook.sync = sync
-    q(z[rank:rank + 1])  # k-means init on this rank's half, then one EMA step
+    q(z[rank : rank + 1])  # k-means init on this rank's half, then one EMA step
     torch.save(q.state_dict(), os.path.join(out, f'rank{rank}.pt'))
     dist.destroy_process_group()
 
 
 def run_ddp_codebook(z, sync, tmp_path):
-    torch.multiprocessing.spawn(_ddp_codebook_worker, args=(2, _free_port(), sync, z, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(
+        _ddp_codebook_worker, args=(2, free_port(), sync, z, str(tmp_path)), nprocs=2
+    )
     return [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
 
 
@@ -498,7 +629,9 @@ def test_ddp_codebook_identical_on_ranks_and_equal_to_one_process(tmp_path):
     q.initted.fill_(1)
     q(z.reshape(1, 128, 8))
     r0, r1 = run_ddp_codebook(z, True, tmp_path)
-    assert torch.equal(r0['weight'], r1['weight']) and torch.equal(r0['cluster_size'], r1['cluster_size'])
+    assert torch.equal(r0['weight'], r1['weight']) and torch.equal(
+        r0['cluster_size'], r1['cluster_size']
+    )
     close(r0['weight'], q.weight, atol=1e-5)
     close(r0['cluster_size'], q.cluster_size, atol=1e-5)
     # the same check fails when synchronisation is off: the ranks then disagree
@@ -506,8 +639,7 @@ def test_ddp_codebook_identical_on_ranks_and_equal_to_one_process(tmp_path):
     assert (r0['weight'] - r1['weight']).abs().max() > 1e-3
 
 
-
-# ------------------------------------------------------------ beitv2.py: stage 2, MIM (masking, heads, static shapes)
+# --------------------- beitv2.py: stage 2, MIM (masking, heads, static shapes)
 
 
 def test_masking_exact_count_and_blocks():
@@ -536,7 +668,12 @@ def largest_component(m):
                     a, b = stack.pop()
                     size += 1
                     for c, d in ((a + 1, b), (a - 1, b), (a, b + 1), (a, b - 1)):
-                        if 0 <= c < m.shape[0] and 0 <= d < m.shape[1] and m[c, d] and (c, d) not in seen:
+                        if (
+                            0 <= c < m.shape[0]
+                            and 0 <= d < m.shape[1]
+                            and m[c, d]
+                            and (c, d) not in seen
+                        ):
                             seen.add((c, d))
                             stack.append((c, d))
                 best = max(best, size)
@@ -544,8 +681,12 @@ def largest_component(m):
 
 
 def test_masking_generator_rejects_impossible_settings():
-    for kwargs in [dict(min_aspect=0), dict(num_masking_patches=100), dict(min_num_patches=0),
-                   dict(min_num_patches=10, max_num_patches=5)]:
+    for kwargs in [
+        dict(min_aspect=0),
+        dict(num_masking_patches=100),
+        dict(min_num_patches=0),
+        dict(min_num_patches=10, max_num_patches=5),
+    ]:
         with pytest.raises(ValueError):
             beitv2.MaskingGenerator((8, 8), **kwargs)
 
@@ -564,7 +705,8 @@ def test_every_parameter_gets_a_gradient():
 
 
 def test_masked_rows_with_a_count_equal_boolean_indexing():
-    """num_masked: the masked rows by a fixed-size gather, in x[mask]'s order; a wrong count is refused."""
+    """num_masked: the masked rows by a fixed-size gather, in x[mask]'s order; a wrong count is
+    refused."""
     torch.manual_seed(0)
     m = tiny_beit().double().eval()
     with torch.no_grad():
@@ -587,6 +729,7 @@ def test_compiled_pretraining_step_has_no_graph_break():
     """With num_masked, the training forward (both heads, losses) is one graph: no data-dependent
     shape, no host sync (torch._dynamo.explain traces it on the CPU; nothing is compiled)."""
     import torch._dynamo
+
     torch.manual_seed(0)
     m = tiny_beit(drop_path=0.1).train()
     mask = torch.stack([beitv2.MaskingGenerator((4, 4))() for _ in range(2)])
@@ -595,24 +738,30 @@ def test_compiled_pretraining_step_has_no_graph_break():
     explained = torch._dynamo.explain(m)(x, mask, targets, num_masked=6)
     assert explained.graph_break_count == 0, explained.break_reasons
     torch._dynamo.reset()
-    assert torch._dynamo.explain(m)(x, mask, targets).graph_break_count > 0  # x[mask]: the official way breaks
+    # x[mask]: the official way breaks
+    assert torch._dynamo.explain(m)(x, mask, targets).graph_break_count > 0
 
 
-# ----------------------------------------------------------------------------- beitv2.py: checkpoints
+# ------------------------------------------------------ beitv2.py: checkpoints
 
 
 def layout(name):
     return json.loads(LAYOUTS.read_text())['layouts'][name]
 
 
-def random_state(lay):  # zeros, and random fc1 weights (the ones checked): filling 300M numbers takes seconds
+# zeros, and random fc1 weights (the ones checked): filling 300M numbers takes seconds
+def random_state(lay):
     dt = {'float32': torch.float32, 'int64': torch.int64}
-    return {k: torch.randn(s) if k.endswith('fc1.weight') else torch.zeros(s, dtype=dt[d]) for k, (s, d) in lay.items()}
+    return {
+        k: torch.randn(s) if k.endswith('fc1.weight') else torch.zeros(s, dtype=dt[d])
+        for k, (s, d) in lay.items()
+    }
 
 
 def full_size_models():
     def tok(name):
         return beitv2.VQKD(beitv2.PRESETS['vqkd_encoder_base_decoder_' + name])
+
     base = beitv2.PRESETS['beitv2_base_patch16_224']
     large = beitv2.PRESETS['beitv2_large_patch16_224']
     yield 'tokenizer/vqkd_encoder_base_decoder_1x768x12_clip', lambda: tok('1x768x12_clip')
@@ -621,14 +770,20 @@ def full_size_models():
     yield 'pretrain/beit_base_patch16_224_8k_vocab_cls_pt', lambda: beitv2.BEiTv2(base)
     yield 'pretrain/beit_large_patch16_224_8k_vocab_cls_pt', lambda: beitv2.BEiTv2(large)
     yield 'finetune/beit_base_patch16_224', lambda: beitv2.ViT(beitv2.classifier_config(base, 1000))
-    yield 'finetune/beit_large_patch16_224', lambda: beitv2.ViT(beitv2.classifier_config(large, 1000))
+    yield (
+        'finetune/beit_large_patch16_224',
+        lambda: beitv2.ViT(beitv2.classifier_config(large, 1000)),
+    )
     yield 'timm/beitv2_base_patch16_224', lambda: beitv2.ViT(beitv2.classifier_config(base, 1000))
     yield 'timm/beitv2_large_patch16_224', lambda: beitv2.ViT(beitv2.classifier_config(large, 1000))
 
 
-@pytest.mark.parametrize('name,build', list(full_size_models()), ids=[n for n, _ in full_size_models()])
+@pytest.mark.parametrize(
+    'name,build', list(full_size_models()), ids=[n for n, _ in full_size_models()]
+)
 def test_full_size_layouts_load_and_export(name, build, monkeypatch):
-    for m in (torch.nn.Linear, torch.nn.Conv2d):  # the weights are loaded: no random init (seconds at this size)
+    # the weights are loaded: no random init (seconds at this size)
+    for m in (torch.nn.Linear, torch.nn.Conv2d):
         monkeypatch.setattr(m, 'reset_parameters', lambda self: None)
     monkeypatch.setattr(beitv2, 'trunc_normal_', lambda t, *a, **k: t)
     lay = layout(name)
@@ -640,22 +795,39 @@ def test_full_size_layouts_load_and_export(name, build, monkeypatch):
     torch.manual_seed(0)
     model = beitv2.load_state(build(), sd)
     exported = model.state_dict() if name.startswith('timm') else beitv2.export_state(model)
-    assert {k: [list(v.shape), str(v.dtype).replace('torch.', '')] for k, v in exported.items()} == lay
+    assert {
+        k: [list(v.shape), str(v.dtype).replace('torch.', '')] for k, v in exported.items()
+    } == lay
     k = next(k for k in sd if k.endswith('fc1.weight'))
     assert torch.equal(exported[k], sd[k])
 
 
 def test_layout_errors_name_the_keys():
     base = beitv2.PRESETS['beitv2_base_patch16_224']
-    model = beitv2.BEiTv2(beitv2.BEiTConfig(**{**base.__dict__, 'depth': 2, 'early_layers': 1, 'embed_dim': 48,
-                                               'num_heads': 2, 'vocab_size': 16, 'img_size': 32}))
+    model = beitv2.BEiTv2(
+        beitv2.BEiTConfig(
+            **{
+                **base.__dict__,
+                'depth': 2,
+                'early_layers': 1,
+                'embed_dim': 48,
+                'num_heads': 2,
+                'vocab_size': 16,
+                'img_size': 32,
+            }
+        )
+    )
     sd = model.state_dict()
     bad = dict(sd)
     del bad['lm_head.bias']
     bad['extra.weight'] = torch.zeros(1)
-    with pytest.raises(KeyError, match=r"missing \['lm_head.bias'\].*unexpected \['extra.weight'\]"):
+    with pytest.raises(
+        KeyError, match=r"missing \['lm_head.bias'\].*unexpected \['extra.weight'\]"
+    ):
         beitv2.load_state(model, bad)
-    bad = dict(sd, **{'rel_pos_bias.relative_position_index': torch.zeros(17, 17, dtype=torch.long)})
+    bad = dict(
+        sd, **{'rel_pos_bias.relative_position_index': torch.zeros(17, 17, dtype=torch.long)}
+    )
     with pytest.raises(ValueError, match='relative_position_index'):
         beitv2.load_state(model, bad)
     with pytest.raises(ValueError, match='no state dict'):
@@ -664,7 +836,10 @@ def test_layout_errors_name_the_keys():
 
 def test_official_tokenizer_file_with_teacher_keys_loads(tmp_path, fx):
     t = fx['tokenizer']
-    sd = dict(t['state_dict'], **{'teacher_model.visual.proj': torch.zeros(3), 'scaling_layer.shift': torch.zeros(1)})
+    sd = dict(
+        t['state_dict'],
+        **{'teacher_model.visual.proj': torch.zeros(3), 'scaling_layer.shift': torch.zeros(1)},
+    )
     torch.save({'model': sd}, tmp_path / 'vqkd.pth')
     sd = beitv2.state_dict_of(beitv2.load_file(tmp_path / 'vqkd.pth'))
     m = beitv2.load_state(tokenizer_from_official(t['config']).eval(), sd)
@@ -673,7 +848,8 @@ def test_official_tokenizer_file_with_teacher_keys_loads(tmp_path, fx):
 
 def test_load_tokenizer_reads_the_config_off_an_official_file(tmp_path):
     torch.manual_seed(0)
-    tok = tiny_vqkd(embed_dim=128, num_heads=2, decoder_depth=2, teacher_dim=40).eval()  # 64-dim heads
+    # 64-dim heads
+    tok = tiny_vqkd(embed_dim=128, num_heads=2, decoder_depth=2, teacher_dim=40).eval()
     torch.save({'model': beitv2.export_state(tok)}, tmp_path / 'vqkd_official_layout.pth')
     loaded = beitv2.load_tokenizer(tmp_path / 'vqkd_official_layout.pth')
     assert loaded.cfg == tok.cfg and not any(p.requires_grad for p in loaded.parameters())

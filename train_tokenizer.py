@@ -1,9 +1,11 @@
-"""Stage 1: train a VQ-KD visual tokenizer (paper Sec. 2.2): a ViT encoder whose patch
-features are snapped to the nearest of K codes, and a decoder that must reproduce a frozen
-teacher's patch features from the codes alone (cosine loss).
+"""Stage 1: train a VQ-KD visual tokenizer (paper Sec. 2.2): a ViT encoder whose patch features are
+snapped to the nearest of K codes, and a decoder that must reproduce a frozen teacher's patch
+features from the codes alone (cosine loss). It ends with a report of the tokenizer's health on the
+val split (--report=FILE reports on any tokenizer file, ours or official, without training).
 
-    python train_tokenizer.py                                   # demo: offline, CPU, minutes
+    python train_tokenizer.py                   # demo: offline, CPU, minutes
     torchrun --nproc_per_node=8 train_tokenizer.py --preset=clip_3x --data=/data/imagenet
+    python train_tokenizer.py --report=out/tokenizer/ckpt.pt
 Settings are --key=value (`--help` lists them); README.md has the recipes.
 """
 import importlib
@@ -12,63 +14,87 @@ import os
 import pickle
 import zipfile
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads OpenMP: idle threads sleep (a busy machine)
+from dataclasses import dataclass
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads OpenMP: idle threads sleep
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import beitv2
-import common
 import data
+import engine
+import pictures
+import settings
+from settings import above, at_least, below, die, input_file, one_of, within
 
 
 @dataclass
-class Config(common.Run):
-    img_size: int = common.at_least(1, None)  # crop size seen by tokenizer and teacher; None: --model's
-    min_crop_scale: float = common.above(0, 0.08)  # RandomResizedCrop scale range (min_crop_scale, 1)
-    # tokenizer: an architecture of beitv2.PRESETS; None = its value (teacher_dim = the teacher's)
-    model: str = 'vqkd_demo'        # vqkd_encoder_base_decoder_3x768x12_clip, ...
-    patch_size: int = common.at_least(2, None)
-    embed_dim: int = common.at_least(1, None)
-    depth: int = common.at_least(1, None)
-    num_heads: int = common.at_least(1, None)
-    decoder_depth: int = common.at_least(1, None)
-    codebook_size: int = common.at_least(1, None)  # K codes
-    code_dim: int = common.at_least(1, None)  # codebook dimension
-    decay: float = common.within(0.99, 0, 1, ')')  # codebook EMA decay (1 would never move)
-    teacher: str = common.one_of('hog', 'hog_colour', 'clip', 'dino')  # hog, hog_colour: the demo's, no weights
-    teacher_weights: str = ''       # local weights file for clip / dino
-    steps: int = common.at_least(1, 600)
-    lr: float = common.above(0, 1e-3)  # per 128 images: peak lr = lr * effective batch / 128 (official)
-    weight_decay: float = common.at_least(0, 1e-4)
-    betas: tuple = common.betas((0.9, 0.99))
-    eval_every: int = common.at_least(0, 0)  # > 0: val split every N steps and at the end: reconstruction loss,
-    #                                 codebook usage (official --calculate_codebook_usage); log: val_*
-    out_dir: str = 'out/tokenizer'  # where checkpoints and log.jsonl go
+class Config(settings.Run):
+    # the crop size seen by the tokenizer and the teacher; None: the --model's, as every None below
+    img_size: int = at_least(1, None)
+    min_crop_scale: float = above(0, 0.08)  # RandomResizedCrop's smallest area
+    # an architecture of beitv2.PRESETS: vqkd_encoder_base_decoder_3x768x12_clip, ...
+    model: str = 'vqkd_demo'
+    patch_size: int = at_least(2, None)  # pixels per patch side
+    embed_dim: int = at_least(1, None)  # width of the encoder and the decoder
+    depth: int = at_least(1, None)  # encoder blocks
+    num_heads: int = at_least(1, None)  # attention heads
+    decoder_depth: int = at_least(1, None)  # decoder blocks
+    codebook_size: int = at_least(1, None)  # K codes
+    # the codebook's dimension (32 in the paper: the codes are looked up in 32-d)
+    code_dim: int = at_least(1, None)
+    decay: float = below(0.99, 0, 1)  # codebook EMA decay (1 would never move)
+    # whose features the decoder learns to reproduce: clip (the paper's), dino, or the demo's hog
+    # and hog_colour (no weights needed)
+    teacher: str = one_of('hog', 'hog_colour', 'clip', 'dino')
+    # a local weights file for clip (OpenAI's ViT-B-16.pt) or dino
+    teacher_weights: str = input_file('')
+    # optimizer steps in all (a resumed run counts the ones done); None: --epochs of them
+    steps: int = at_least(1, 600)
+    # per 128 images: the peak lr is lr x effective batch / 128 (official)
+    lr: float = above(0, 1e-3)
+    weight_decay: float = at_least(0, 1e-4)  # AdamW's
+    # AdamW's
+    betas: tuple = settings.rule((0.9, 0.99), 'two numbers in [0, 1)', settings.two_betas)
+    # > 0: the report's numbers on the val split every N steps too (official
+    # --calculate_codebook_usage); in the log as val_*
+    eval_every: int = at_least(0, 0)
+    # warn when, after the warmup, the codes used between two log lines fall below this share of the
+    # codebook. The paper's tokenizer uses nearly all its codes; a collapsed one a few (unilm issues
+    # #936, #1556, #877). At the demo's size a healthy run dips to 0.1 once, after k-means, then
+    # recovers
+    min_code_use: float = within(0.1, 0, 1)
+    # a tokenizer file (ours or official) to report on, with --data's val split and --teacher: no
+    # training
+    report: str = input_file('')
+    out_dir: str = 'out/tokenizer'  # where checkpoints, log.jsonl and the report's picture go
 
-IMAGENET = dict(data='', lr=5e-5, batch_size=64, recipe_batch=512, epochs=100, warmup_epochs=10, workers=10,
-                log_every=100, ckpt_every=2500)
+
+IMAGENET = dict(data='', lr=5e-5, batch_size=64, recipe_batch=512, epochs=100, warmup_epochs=10,
+                steps=None, warmup_steps=None, workers=10, log_every=100, ckpt_every=2500)
 PRESETS = {  # the paper's ImageNet-1k recipes (official TOKENIZER.md): 8 GPUs x 64 = 512 images
     'demo': {},
-    'fmnist': dict(teacher='hog_colour'),  # Fashion-MNIST (docs/results.md): grey shapes, intensity and edges
+    # Fashion-MNIST (docs/results.md): grey shapes, intensity and edges
+    'fmnist': dict(teacher='hog_colour'),
     'clip_3x': dict(IMAGENET, model='vqkd_encoder_base_decoder_3x768x12_clip', teacher='clip'),
     'clip_1x': dict(IMAGENET, model='vqkd_encoder_base_decoder_1x768x12_clip', teacher='clip'),
     'dino_1x': dict(IMAGENET, model='vqkd_encoder_base_decoder_1x768x12_dino', teacher='dino'),
-    'dino_3x': dict(IMAGENET, model='vqkd_encoder_base_decoder_3x768x12_dino', teacher='dino'),  # not released
+    # not in the official zoo
+    'dino_3x': dict(IMAGENET, model='vqkd_encoder_base_decoder_3x768x12_dino', teacher='dino'),
 }
 
-# ----------------------------------------------------------------------------- teachers
+# -------------------------------------------------------------------- teachers
 
 
 class HOGTeacher(nn.Module):
-    """Demo target that needs no weights: per patch, histograms of oriented gradients (2x2 cells, 9 unsigned
-    orientations, as MaskFeat's target) of the colour channel with the strongest gradient at each pixel (Dalal and
-    Triggs): the patch's geometry, blind to its colours. colour=True adds the mean colour and takes the histograms per
-    channel instead. Centred over the image's patches and not normalised per patch (the cosine loss does that): non-
-    negative targets would let a constant prediction score cos ~0.7, and a flat patch's direction would be its noise.
-    Not the paper's teacher."""
+    """Demo target that needs no weights: per patch, histograms of oriented gradients (2x2 cells, 9
+    unsigned orientations, as MaskFeat's target) of the colour channel with the strongest gradient
+    at each pixel (Dalal and Triggs): the patch's geometry, blind to its colours. colour=True adds
+    the mean colour and takes the histograms per channel instead. Centred over the image's patches
+    and not normalised per patch (the cosine loss does that): non- negative targets would let a
+    constant prediction score cos ~0.7, and a flat patch's direction would be its noise. Not the
+    paper's teacher."""
 
     def __init__(self, patch_size, bins=9, colour=False):
         super().__init__()
@@ -80,19 +106,21 @@ class HOGTeacher(nn.Module):
         g = F.conv2d(F.pad(images, (1, 1, 1, 1), mode='reflect'), self.kernel, groups=3)
         gx, gy = g[:, 0::2], g[:, 1::2]                             # (B, 3, H, W) each
         mag = torch.hypot(gx, gy)
-        if not self.colour:                                         # the strongest channel per pixel
+        if not self.colour:                                          # the strongest channel
             top = mag.argmax(1, keepdim=True)
             gx, gy, mag = gx.gather(1, top), gy.gather(1, top), mag.gather(1, top)  # (B, 1, H, W)
         b = (torch.atan2(gy, gx) % torch.pi) / torch.pi * self.bins  # soft-assign to 2 nearest bins
         lo, frac = b.floor().long() % self.bins, b - b.floor()
-        hist = F.one_hot(lo, self.bins) * (1 - frac)[..., None] + \
-            F.one_hot((lo + 1) % self.bins, self.bins) * frac[..., None]
+        hist = F.one_hot(lo, self.bins) * (1 - frac)[..., None]        # the lower bin's share
+        hist = hist + F.one_hot((lo + 1) % self.bins, self.bins) * frac[..., None]  # the upper's
         hist = (hist * mag[..., None]).permute(0, 1, 4, 2, 3).flatten(1, 2)  # (B, c*bins, H, W)
         cells = F.avg_pool2d(hist, self.p // 2)                     # 2x2 cells per patch
         n, c, h, w = cells.shape
-        f = cells.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).flatten(3)  # (n, h/2, w/2, 4c)
+        f = cells.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        f = f.flatten(3)                                            # (n, h/2, w/2, 4c)
         if self.colour:
-            f = torch.cat([f, F.avg_pool2d(images, self.p).permute(0, 2, 3, 1)], -1)  # + mean colour
+            colours = F.avg_pool2d(images, self.p).permute(0, 2, 3, 1)  # each patch's mean colour
+            f = torch.cat([f, colours], -1)
         f = f.flatten(1, 2)                                         # (B, patches, features)
         return f - f.mean(1, keepdim=True)  # centred per image: a constant guess scores cos 0
 
@@ -107,7 +135,8 @@ class CLIPBlock(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
         self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)   # CLIP: eps 1e-5
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(d, 4 * d), gelu=QuickGELU(), c_proj=nn.Linear(4 * d, d)))
+        mlp = OrderedDict(c_fc=nn.Linear(d, 4 * d), gelu=QuickGELU(), c_proj=nn.Linear(4 * d, d))
+        self.mlp = nn.Sequential(mlp)
 
     def forward(self, x):
         y = self.ln_1(x)
@@ -127,43 +156,48 @@ class CLIPVisual(nn.Module):
         self.positional_embedding = nn.Parameter(torch.zeros(grid * grid + 1, width))
         self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
         self.transformer = nn.Module()
-        self.transformer.resblocks = nn.ModuleList(CLIPBlock(width, width // 64) for _ in range(layers))
+        blocks = [CLIPBlock(width, width // 64) for _ in range(layers)]
+        self.transformer.resblocks = nn.ModuleList(blocks)
         self.proj = nn.Parameter(torch.zeros(width, out_dim))
 
     @staticmethod
     def from_state(sd):
         sd = {k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')}
         if 'conv1.weight' not in sd:
-            common.die('CLIP teacher: no visual.conv1.weight in the weights file')
+            die('CLIP teacher: no visual.conv1.weight in the weights file')
         w = sd['conv1.weight']
-        layers = len({k.split('.')[2] for k in sd if k.startswith('transformer.resblocks.')})
+        layers = beitv2.count_blocks(sd, 'transformer.res')  # transformer.resblocks.N
         grid = int((sd['positional_embedding'].shape[0] - 1) ** 0.5)
         model = CLIPVisual(w.shape[0], layers, w.shape[-1], grid, sd['proj'].shape[1])
         model.load_state_dict({k: v.float() for k, v in sd.items()})
         return model
 
     def forward(self, images):                                     # [0, 1] -> (B, n, out_dim)
-        x = self.conv1(data.normalize(images.clone(), self.mean, self.std)).flatten(2).transpose(1, 2)
-        x = self.ln_pre(torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], 1) + self.positional_embedding)
+        x = self.conv1(data.normalize(images.clone(), self.mean, self.std))
+        x = x.flatten(2).transpose(1, 2)                            # (B, n, width)
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], 1)
+        x = self.ln_pre(x + self.positional_embedding)
         for blk in self.transformer.resblocks:
             x = blk(x)
         return self.ln_post(x)[:, 1:] @ self.proj
 
 
-class _Scripted:  # an object of a TorchScript archive, rebuilt as plain attributes (its code never runs)
+class _Scripted:  # an object of a TorchScript archive, rebuilt as plain attributes (no code runs)
     def __setstate__(self, state):
         self.__dict__.update(state if isinstance(state, dict) else {})
 
 
 SAFE_TORCHSCRIPT_GLOBALS = {('torch._utils', '_rebuild_tensor_v2'), ('collections', 'OrderedDict'),
-                            ('torch.jit._pickle', 'restore_type_tag'), ('torch.jit._pickle', 'build_intlist'),
-                            ('torch.jit._pickle', 'build_doublelist'), ('torch.jit._pickle', 'build_boollist')}
+                            ('torch.jit._pickle', 'restore_type_tag'),
+                            ('torch.jit._pickle', 'build_intlist'),
+                            ('torch.jit._pickle', 'build_doublelist'),
+                            ('torch.jit._pickle', 'build_boollist')}
 
 
 def read_torchscript(path):
-    """The tensors of a TorchScript archive (OpenAI's ViT-B-16.pt), name -> tensor, read from its pickled
-    data by an unpickler that knows only tensors and plain containers: torch.jit.load would run the
-    archive's code (__setstate__ and the like); this runs none of it."""
+    """The tensors of a TorchScript archive (OpenAI's ViT-B-16.pt), name -> tensor, read from its
+    pickled data by an unpickler that knows only tensors and plain containers: torch.jit.load would
+    run the archive's code (__setstate__ and the like); this runs none of it."""
     archive = zipfile.ZipFile(path)
     prefix = next(n for n in archive.namelist() if n.endswith('/data.pkl'))[:-len('data.pkl')]
 
@@ -171,15 +205,17 @@ def read_torchscript(path):
         def find_class(self, module, name):
             if module.split('.')[0] == '__torch__':  # the archive's own classes: attributes only
                 return _Scripted
-            if (module, name) in SAFE_TORCHSCRIPT_GLOBALS:  # tensors, containers, type tags: data, not code
+            if (module, name) in SAFE_TORCHSCRIPT_GLOBALS:  # tensors, containers, type tags: data
                 return getattr(importlib.import_module(module), name)
             if module == 'torch' and name.endswith('Storage'):
                 return getattr(torch, name)
             raise pickle.UnpicklingError(f'{path}: refused to load: it would call {module}.{name}')
 
         def persistent_load(self, pid):  # ('storage', storage type, key, location, size)
-            raw = torch.frombuffer(bytearray(archive.read(f'{prefix}data/{pid[2]}')), dtype=torch.uint8)
-            return torch.storage.TypedStorage(wrap_storage=raw.untyped_storage(), dtype=pid[1].dtype, _internal=True)
+            raw = bytearray(archive.read(f'{prefix}data/{pid[2]}'))
+            storage = torch.frombuffer(raw, dtype=torch.uint8).untyped_storage()
+            dtype = pid[1].dtype
+            return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
 
     out = {}
 
@@ -198,19 +234,21 @@ def load_clip(path):
     visual.* keys; without a file, open_clip's 'ViT-B-16'/'openai' when open_clip is installed."""
     if path:
         if not os.path.isfile(path):
-            common.die(f'CLIP teacher: {path}: no such file')
+            die(f'CLIP teacher: {path}: no such file')
         names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
-        scripted = any(n.endswith('/constants.pkl') for n in names)  # TorchScript, not a torch.save file
         try:
-            sd = read_torchscript(path) if scripted else beitv2.state_dict_of(common.read_checkpoint(path))
+            if any(n.endswith('/constants.pkl') for n in names):  # TorchScript, not torch.save
+                sd = read_torchscript(path)
+            else:
+                sd = beitv2.state_dict_of(engine.read_checkpoint(path))
         except (pickle.UnpicklingError, ValueError) as e:
-            common.die(str(e))
+            die(str(e))
         return CLIPVisual.from_state(sd)
     try:
         import open_clip
         model = open_clip.create_model('ViT-B-16', pretrained='openai')
     except Exception as e:  # not installed, or no network
-        common.die(f'CLIP teacher: pass --teacher_weights=ViT-B-16.pt (OpenAI file) ({e})')
+        die(f'CLIP teacher: pass --teacher_weights=ViT-B-16.pt (OpenAI file) ({e})')
     return CLIPVisual.from_state(model.state_dict())
 
 
@@ -219,16 +257,11 @@ class DINOTeacher(nn.Module):
 
     def __init__(self, sd):
         super().__init__()
-        D = sd['cls_token'].shape[-1]
-        depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
-        p = sd['patch_embed.proj.weight'].shape[-1]
-        grid = int((sd['pos_embed'].shape[1] - 1) ** 0.5)
-        self.vit = beitv2.ViT(beitv2.ViTConfig(img_size=grid * p, patch_size=p, embed_dim=D, depth=depth,
-                                               num_heads=D // 64, layer_scale=0.0, abs_pos_emb=True, rel_pos='none'))
         for k in [k for k in sd if k.endswith('attn.qkv.bias')]:
             q, _, v = sd.pop(k).chunk(3)  # the k bias adds a per-query constant: softmax ignores it
-            sd[k.replace('qkv.bias', 'q_bias')], sd[k.replace('qkv.bias', 'v_bias')] = q, v
-        beitv2.load_state(self.vit, sd)
+            sd[k.replace('qkv.bias', 'q_bias')] = q
+            sd[k.replace('qkv.bias', 'v_bias')] = v
+        self.vit = beitv2.load_backbone(sd, abs_pos_emb=True, rel_pos='none', layer_scale=0.0)
 
     def forward(self, images):
         return self.vit.forward_patch_tokens(data.normalize(images.clone()))
@@ -236,90 +269,139 @@ class DINOTeacher(nn.Module):
 
 def load_dino(path):
     if path:
-        sd = beitv2.state_dict_of(common.read_checkpoint(path))
+        sd = beitv2.state_dict_of(engine.read_checkpoint(path))
     else:
         try:
             sd = torch.hub.load('facebookresearch/dino:main', 'dino_vitb16').state_dict()
         except Exception as e:  # no network, or not a DINO hub
-            common.die(f'DINO teacher: pass --teacher_weights=dino_vitbase16_pretrain.pth ({e})')
+            die(f'DINO teacher: pass --teacher_weights=dino_vitbase16_pretrain.pth ({e})')
     for pre in ('module.', 'backbone.', 'teacher.'):
         sd = {k[len(pre):] if k.startswith(pre) else k: v for k, v in sd.items()}
     return DINOTeacher({k: v for k, v in sd.items() if not k.startswith('head.')})
 
 
 def build_teacher(cfg):
-    """Frozen, eval mode; called under no_grad. -> module mapping [0, 1] images to (B, n, C)."""
+    """Frozen, in eval mode, called under no_grad: a module mapping [0, 1] images to (B, n, C)."""
     try:
-        t = (HOGTeacher(cfg.patch_size, colour=cfg.teacher == 'hog_colour') if cfg.teacher.startswith('hog') else
-             load_clip(cfg.teacher_weights) if cfg.teacher == 'clip' else load_dino(cfg.teacher_weights))
-    except (ValueError, KeyError, RuntimeError) as e:  # weights of another model, or of another layout
-        common.die(f'--teacher={cfg.teacher} --teacher_weights={cfg.teacher_weights}: {" ".join(str(e).split())[:300]}')
-    return t.eval().requires_grad_(False)
+        if cfg.teacher == 'clip':
+            teacher = load_clip(cfg.teacher_weights)
+        elif cfg.teacher == 'dino':
+            teacher = load_dino(cfg.teacher_weights)
+        else:
+            teacher = HOGTeacher(cfg.patch_size, colour=cfg.teacher == 'hog_colour')
+    except (ValueError, KeyError, RuntimeError) as e:  # weights of another model or layout
+        die(f'--teacher={cfg.teacher} --teacher_weights={cfg.teacher_weights}: '
+            f'{" ".join(str(e).split())[:300]}')
+    return teacher.eval().requires_grad_(False)
 
-# ----------------------------------------------------------------------------- training
+# -------------------------------------------------------- the report, training
 
 
 @torch.no_grad()
 def validate(model, teacher, val, cfg, env):
-    """Reconstruction loss and codebook usage over the val split (centre crops), all ranks together."""
+    """On the val split (centre crops), all ranks together: the mean cosine between the decoder's
+    output and the teacher's features, the codes used (their count and share of the codebook), the
+    perplexity of their use, and the count of each code (a tensor)."""
     model.eval()
-    shard = torch.utils.data.Subset(data.Mapped(val, data.eval_transform(cfg.img_size, normalize=False)),
-                                    range(env.rank, len(val), env.world))
-    counts = torch.zeros(cfg.codebook_size, device=env.device)
-    total = torch.zeros(2, device=env.device, dtype=torch.float64)  # sum of per-image losses, images
-    for images, _ in torch.utils.data.DataLoader(shard, cfg.batch_size, num_workers=cfg.workers):
-        images = images.to(env.device)
-        with env.autocast():
-            _, codes, losses = model(images, teacher(images))
-        counts += torch.bincount(codes.flatten(), minlength=cfg.codebook_size)
-        total += torch.tensor([losses['rec_loss'].item() * len(images), len(images)], device=env.device)
-    usage = common.code_usage(env.all_reduce(counts))
-    loss, n = env.all_reduce(total).tolist()
-    return dict(rec_loss=loss / n, unused_codes=usage['unused'], perplexity=usage['perplexity'])
+
+    def cosine_and_codes(images):  # (B, 1 + n): each image's mean cosine to the teacher, its codes
+        rec, codes, _ = model(images)
+        cosine = (beitv2.l2norm(rec) * beitv2.l2norm(teacher(images).to(rec.dtype))).sum(-1)
+        return torch.cat([cosine.mean(1, keepdim=True).float(), codes.float()], 1)
+    crops = data.Mapped(val, data.eval_transform(cfg.img_size, normalized=False))
+    out, _ = engine.gather(cosine_and_codes, crops, cfg, env, 'scoring the val split')
+    counts = torch.bincount(out[:, 1:].long().flatten(), minlength=cfg.codebook_size)
+    return dict(cosine=out[:, 0].mean().item(), **beitv2.code_usage(counts), counts=counts)
 
 
+def report(model, teacher, val, cfg, env):
+    """Is the tokenizer any good? Its numbers on the val split (validate), a line saying what they
+    mean, and OUT_DIR/code_usage.png: how often each code is used, the most used first."""
+    r = validate(model, teacher, val, cfg, env)
+    counts = r.pop('counts')
+    env.print(f'report on {cfg.data} val ({len(val)} images): {r["codes_used"]} of '
+              f'{len(counts)} codes used ({r["used_share"]:.0%}), perplexity '
+              f'{r["perplexity"]:.1f}, cosine to the teacher {r["cosine"]:.3f}')
+    if r['used_share'] < cfg.min_code_use:
+        env.print(f'note: few codes are used (under --min_code_use={cfg.min_code_use}): the '
+                  'codebook has collapsed; try a lower --lr, a longer warmup, or a smaller '
+                  "--code_dim (the paper's 32)")
+    path = os.path.join(cfg.out_dir, 'code_usage.png')
+    title = (f'{cfg.report or cfg.out_dir}: how often each of its {len(counts)} codes is used on '
+             f'{cfg.data} val, the most used first')
+    if env.master:
+        pictures.code_usage_png(counts.cpu(), path, title)
+    return dict(r, png=path)
+
+
+@settings.one_line_errors
 def main(argv=None):
-    cfg = common.configure(Config(), PRESETS, argv)
+    cfg = settings.configure(Config(), PRESETS, argv)
+    env = engine.Env(cfg.device, cfg.dtype, cfg.seed, cfg.out_dir, cfg.compile)
+    if cfg.report:  # the tokenizer's own sizes
+        model = engine.read_tokenizer(cfg.report, env.device)
+        for k in ('img_size', 'patch_size', 'codebook_size'):
+            setattr(cfg, k, getattr(model.cfg, k))
     if cfg.img_size % cfg.patch_size or cfg.patch_size % 2:
-        common.die(f'img_size {cfg.img_size} must be divisible by patch_size {cfg.patch_size} (even)')
-    if cfg.batch_size * (cfg.img_size // cfg.patch_size) ** 2 < cfg.codebook_size:
-        common.die(f'k-means init needs at least codebook_size={cfg.codebook_size} patch vectors in the first batch; '
-                   f'{cfg.batch_size} images give {cfg.batch_size * (cfg.img_size // cfg.patch_size) ** 2}: '
-                   'raise --batch_size or lower --codebook_size')
-    env = common.Env(cfg)
-    dataset = data.build_dataset(cfg.data, 'train', cfg.img_size)
-    val = data.build_dataset(cfg.data, 'val', cfg.img_size) if cfg.eval_every else None
+        die(f'img_size {cfg.img_size} must be divisible by patch_size {cfg.patch_size} (even)')
+    grid = cfg.img_size // cfg.patch_size
+    if cfg.batch_size * grid ** 2 < cfg.codebook_size:
+        die(f'k-means init needs at least codebook_size={cfg.codebook_size} patch vectors in the '
+            f'first batch; {cfg.batch_size} images give {cfg.batch_size * grid ** 2}: raise '
+            '--batch_size or lower --codebook_size')
     teacher = build_teacher(cfg).to(env.device)
     with torch.no_grad():
         probe = teacher(torch.zeros(1, 3, cfg.img_size, cfg.img_size, device=env.device))
-    grid = cfg.img_size // cfg.patch_size
     if probe.shape[1] != grid * grid:
-        common.die(f'teacher gives {probe.shape[1]} tokens, the tokenizer {grid * grid}: match img_size/patch_size')
-    mcfg = common.model_config(cfg, teacher_dim=probe.shape[-1])
-    model = beitv2.VQKD(mcfg).to(env.device)
-    optimizer = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                                  fused=True)  # fused: one kernel for all parameters
-    counts = torch.zeros(cfg.codebook_size, dtype=torch.long, device=env.device)  # codes since the last log
+        die(f'the teacher gives {probe.shape[1]} tokens, the tokenizer {grid * grid}: match '
+            'img_size/patch_size')
+    val = data.build_dataset(cfg.data, 'val', cfg.img_size, labels=False)
+    if val is None and (cfg.report or cfg.eval_every):
+        die(f'--data={cfg.data} has no val split ({cfg.data}/val) to report on or score')
+    if cfg.report:
+        result = report(model, teacher, val, cfg, env)
+        env.close()
+        return result
+    model = beitv2.VQKD(settings.model_config(cfg, teacher_dim=probe.shape[-1])).to(env.device)
+    dataset = data.build_dataset(cfg.data, 'train', cfg.img_size, labels=False)
+    loader = data.make_loader(dataset, data.Crops((cfg.img_size,), cfg.min_crop_scale), cfg, env)
+    groups = engine.param_groups(model, cfg.weight_decay)
+    peak = cfg.lr * cfg.batch_size * cfg.accum * env.world / 128  # official: per 128 images
+    optimizer = torch.optim.AdamW(groups, lr=peak, betas=cfg.betas, fused=True)  # fused: 1 kernel
+    counts = torch.zeros(cfg.codebook_size, dtype=torch.long, device=env.device)  # since last log
 
-    def step(run, batch):
-        images = data.to_device(batch[0][0], env.device)
+    def train_step(model, batch):
+        images = data.to_device(batch['images'], env.device)
         with torch.no_grad():
             target = teacher(images)
-        _, codes, losses = run(images, target)
+        _, codes, losses = model(images, target)
         counts.index_add_(0, codes.flatten(), torch.ones_like(codes.flatten()))
-        return losses['loss'], dict(rec_loss=losses['rec_loss'].detach(), quant_loss=losses['quant_loss'].detach())
+        stats = dict(rec_loss=losses['rec_loss'].detach(), quant_loss=losses['quant_loss'].detach())
+        return losses['loss'], stats
 
-    def at_log():  # the codes used since the last log line, on all ranks
-        usage = common.code_usage(env.all_reduce(counts))
+    def at_log(step):  # the codes used since the last log line, on all ranks
+        usage = beitv2.code_usage(env.all_reduce(counts))
         counts.zero_()
-        return dict(unused_codes=usage['unused'], perplexity=usage['perplexity'])
-    peak = cfg.lr * cfg.batch_size * cfg.accum * env.world / 128  # official: lr scaled by the effective batch
-    # the codebook is a buffer kept in sync by its own all-reduces, not by DDP broadcasts
-    common.fit(cfg, env, model, optimizer, dataset, data.Crops((cfg.img_size,), cfg.min_crop_scale), step,
-               None if val is None else lambda m: validate(m, teacher, val, cfg, env), 'rec_loss', higher=False,
-               lr=peak, inputs=('teacher_weights',), model_config=asdict(mcfg), sync_buffers=False, at_log=at_log)
+        if usage['used_share'] < cfg.min_code_use and step > cfg.warmup_steps:
+            env.print(f'note: step {step}: {usage["codes_used"]} of {cfg.codebook_size} codes used '
+                      f'since the last log line, under --min_code_use={cfg.min_code_use}: the '
+                      'codebook may be collapsing; try a lower --lr, a longer warmup or a smaller '
+                      '--code_dim')
+        return dict(codes_used=usage['codes_used'], perplexity=usage['perplexity'])
+
+    def score(model):
+        return {k: v for k, v in validate(model, teacher, val, cfg, env).items() if k != 'counts'}
+    engine.plan(cfg, env, loader, optimizer)
+    if not cfg.eval_every:
+        score = None
+    engine.fit(cfg, env, model, optimizer, loader, train_step, score, at_log)
+    if val is None:
+        env.print(f'note: --data={cfg.data} has no val split: no report')
+    else:
+        report(model, teacher, val, cfg, env)
     env.close()
     return model
+
 
 if __name__ == '__main__':
     main()
