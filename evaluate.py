@@ -150,17 +150,24 @@ PRESETS = {
 # ------------------------------------------------------------------- backbones
 
 
+def random_arch(cfg):
+    """--backbone=random: the architecture of --checkpoint, one of our pretraining files."""
+    arch = engine.read_checkpoint(cfg.checkpoint).get('model_config')
+    if not isinstance(arch, dict) or 'vocab_size' not in arch:
+        die('--backbone=random needs one of our pretraining checkpoints (it reads the '
+            'architecture)')
+    return arch
+
+
 def load_backbone(cfg, **changes):
     """The ViT --backbone names: the checkpoint's, or (random) the same architecture at the official
     init, what pretraining started from; `changes` as beitv2.load_backbone's."""
-    ckpt = engine.read_checkpoint(cfg.checkpoint)
     if cfg.backbone == 'random':
-        arch = ckpt.get('model_config')
-        if not isinstance(arch, dict) or 'vocab_size' not in arch:
-            die('--backbone=random needs one of our pretraining checkpoints (it reads the '
-                'architecture)')
+        arch = random_arch(cfg)
         torch.manual_seed(cfg.seed)
         ckpt = dict(model=beitv2.BEiTv2(beitv2.BEiTConfig(**arch)).state_dict(), model_config=arch)
+    else:
+        ckpt = engine.read_checkpoint(cfg.checkpoint)
     try:
         return beitv2.load_backbone(ckpt, img_size=cfg.img_size, **changes)
     except (ValueError, KeyError) as e:
@@ -355,8 +362,8 @@ def run_compare(cfg, env):
     OUT_DIR."""
     names = dict(checkpoint='pretrained', random='random init', pixels='raw pixels')
     classes = len(data.build_dataset(cfg.data, 'val', cfg.img_size).classes)
-    if 'random' in cfg.backbones:  # its check (one of our pretraining files) before the first probe
-        load_backbone(replace(cfg, backbone='random'))
+    if 'random' in cfg.backbones:  # checked before the first probe runs
+        random_arch(cfg)
     env.print(f'compare on {cfg.data} at {cfg.img_size} px: '
               f'{", ".join(names[b] for b in cfg.backbones)}, each by a linear probe '
               f'({cfg.steps} steps) and k-NN (k={cfg.knn_k}), {cfg.seeds} seed(s) from {cfg.seed}')

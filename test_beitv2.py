@@ -21,6 +21,8 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import pytest
 import torch
+import torch._dynamo
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import beitv2
@@ -434,6 +436,15 @@ def test_a_block_is_counted_from_0_or_from_the_end():
             beitv2.block_index(bad, 6)
 
 
+def test_without_a_cls_head_only_the_main_branch_predicts():
+    logits, losses = tiny_beit(head_layers=0)(
+        torch.randn(2, 3, 32, 32),
+        torch.ones(2, 16, dtype=torch.bool),
+        torch.zeros(2, 16, dtype=torch.long),
+    )
+    assert set(logits) == {'mim'} and set(losses) == {'loss_mim', 'loss'}
+
+
 def test_the_python_api_says_what_it_expects():
     m = tiny_beit().eval()
     x, none = torch.randn(2, 3, 32, 32), torch.zeros(2, 16, dtype=torch.bool)
@@ -441,7 +452,6 @@ def test_the_python_api_says_what_it_expects():
         (lambda: m(x, none, torch.zeros(2, 16, dtype=torch.long)), 'no masked patch'),
         (lambda: m(x, none, num_masked=0), 'no masked patch'),
         (lambda: beitv2.MaskingGenerator((4, 4), 10.5), 'cannot mask 10.5'),
-        (lambda: beitv2.load_state(m, [1, 2]), 'takes a state dict'),
     ]:
         with pytest.raises(ValueError, match=msg):
             call()
@@ -574,6 +584,8 @@ def test_load_state_names_what_does_not_fit():
         beitv2.load_state(beitv2.BEiTv2(beitv2.PRESETS['beitv2_tiny_patch16_224']), demo)
     with pytest.raises(ValueError, match='of a whole checkpoint: state_dict_of'):
         beitv2.load_state(tiny_beit(), {'model': tiny_beit().state_dict(), 'step': 3})
+    with pytest.raises(ValueError, match='takes a state dict'):
+        beitv2.load_state(tiny_beit(), [1, 2])
 
 
 @pytest.mark.parametrize(
@@ -596,7 +608,6 @@ def free_port():
 
 
 def _ddp_codebook_worker(rank, world, port, sync, z, out):
-    import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world)
@@ -728,7 +739,6 @@ def test_masked_rows_with_a_count_equal_boolean_indexing():
 def test_compiled_pretraining_step_has_no_graph_break():
     """With num_masked, the training forward (both heads, losses) is one graph: no data-dependent
     shape, no host sync (torch._dynamo.explain traces it on the CPU; nothing is compiled)."""
-    import torch._dynamo
 
     torch.manual_seed(0)
     m = tiny_beit(drop_path=0.1).train()
@@ -800,6 +810,14 @@ def test_full_size_layouts_load_and_export(name, build, monkeypatch):
     } == lay
     k = next(k for k in sd if k.endswith('fc1.weight'))
     assert torch.equal(exported[k], sd[k])
+    if not name.startswith('tokenizer'):  # one call builds the backbone of the file, strictly
+        vit = beitv2.load_backbone({'model': sd})
+        arch = model.cfg
+        assert (vit.cfg.embed_dim, vit.cfg.depth, vit.cfg.num_heads, vit.cfg.img_size) == \
+            (arch.embed_dim, arch.depth, arch.num_heads, arch.img_size)
+        assert vit.cfg.rel_pos == arch.rel_pos and vit.cfg.fc_norm == arch.fc_norm
+        assert torch.equal(vit.state_dict()[k], sd[k])
+        assert beitv2.load_backbone({'model': sd}, num_classes=10).head.out_features == 10
 
 
 def test_layout_errors_name_the_keys():

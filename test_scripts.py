@@ -8,6 +8,7 @@ pictures.py, plot.py, bench.py, the README); test_beitv2.py tests the model.
 import argparse
 import contextlib
 import dataclasses
+import gzip
 import io
 import json
 import math
@@ -15,12 +16,16 @@ import os
 import pickle
 import random
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import traceback
 import types
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict
 
@@ -276,7 +281,7 @@ def test_every_preset_parses_and_holds_the_paper_recipe():
 
 def test_a_recipe_says_its_batch_when_the_run_differs(capsys):
     """Presets are per rank: on 8 ranks base_1600 runs 1024 of the recipe's 2048 images per step."""
-    optimizer = types.SimpleNamespace(param_groups=[dict(lr_scale=1.0)])
+    optimizer = types.SimpleNamespace(param_groups=[dict(lr_scale=1.0)], defaults=dict(lr=1e-3))
     for world, preset, flags, want in [
         (8, 'base_1600', [], '2048 images per step, this run 1024: --accum=2'),
         (8, 'base_1600', ['--accum=2'], None),
@@ -479,7 +484,7 @@ def test_a_log_line_cut_short_is_dropped_with_a_note(tmp_path, capsys):
     assert [r['step'] for r in plot.read_log(log)] == [1, 2]  # plot.py reads logs without torch
 
 
-def test_plot_reads_every_log_a_run_writes(tmp_path):
+def test_plot_reads_every_log_a_run_writes(tmp_path, monkeypatch):
     """Evaluation logs hold val_* lines without the training keys; compare rows of two checkpoints
     in one folder are not averaged together. A stand-in for matplotlib records what would be
     drawn."""
@@ -541,6 +546,21 @@ def test_plot_reads_every_log_a_run_writes(tmp_path):
         Plt(), {'ft': rows, 'scratch': scratch}, 'val_top1', tmp_path / 't.png', only='val_top1'
     )
     assert axes[0].lines == [([2], [40.0], 'ft'), ([2, 4], [30.0, 35.0], 'scratch')]
+    # plot.py itself, on a run's folder, its matplotlib the stand-in
+    pyplot = Plt()
+    matplotlib = types.SimpleNamespace(use=lambda backend: None, pyplot=pyplot)
+    monkeypatch.setitem(sys.modules, 'matplotlib', matplotlib)
+    monkeypatch.setitem(sys.modules, 'matplotlib.pyplot', pyplot)
+    (tmp_path / 'log.jsonl').write_text(
+        ''.join(json.dumps(r) + '\n' for r in rows) + '{"step": 3, "lo'
+    )
+    (tmp_path / 'result.json').write_text(''.join(json.dumps(r) + '\n' for r in res))
+    written = plot.main([str(tmp_path)])
+    assert [Path(w).name for w in written] == ['curves.png', 'results.png']
+    assert plot.main(['--together=val_top1', str(tmp_path)]) == ['val_top1.png']
+    for args in ([str(tmp_path / 'nothing')], ['--together=loss', str(tmp_path / 'nothing')]):
+        with pytest.raises(SystemExit, match='nothing'):
+            plot.main(args)
 
 
 def test_a_16_bit_png_is_scaled_not_white(tmp_path):
@@ -1168,15 +1188,6 @@ def test_pretrain_script_writes_loadable_checkpoint(tokenizer_ckpt, tmp_path):
     beitv2.load_state(clf, ckpt['model'], ignore=beitv2.PRETRAIN_ONLY + ('fc_norm', 'head'))
 
 
-def test_pretrain_logs_only_the_branches_that_exist():
-    logits, losses = tiny_beit(head_layers=0)(
-        torch.randn(2, 3, 32, 32),
-        torch.ones(2, 16, dtype=torch.bool),
-        torch.zeros(2, 16, dtype=torch.long),
-    )
-    assert set(logits) == {'mim'} and set(losses) == {'loss_mim', 'loss'}
-
-
 @pytest.mark.slow
 def test_gradient_accumulation_equals_the_large_batch(tokenizer_ckpt, tmp_path):
     """2 micro-batches of 8 are the same 16 samples as one batch of 16 (same sampler order)."""
@@ -1223,8 +1234,6 @@ def test_nan_without_a_checkpoint_says_so(tmp_path):
 
 def image_folder(root, classes=3, per_class=4, splits=('train',)):
     """An ImageNet-layout folder of small PNGs: ROOT/SPLIT/cK/J.png, each class its own colour."""
-    from PIL import Image
-
     for split in splits:
         for k in range(classes):
             (root / split / f'c{k}').mkdir(parents=True)
@@ -1243,7 +1252,6 @@ def test_the_loop_reads_the_device_only_at_log_steps(
     tensor (the host's own random draws aside (the loader's shuffle, torchvision's mixup), the first
     step's one-time work (k-means) and encode's value check of CPU input (on a GPU it checks the
     first call only)."""
-    import traceback
 
     reads, steps = [], []
 
@@ -1634,10 +1642,6 @@ def test_readme_commands_run_and_the_quick_start_learns(tmp_path, monkeypatch):
     all three stages gave k-NN margins of 25.1, 15.1, 18.7 (sd 5.1) and linear ones of 26.5, 16.6,
     17.3 (sd 5.5); 17 is over 3 sd of either. Every other command runs a few steps; then the
     README's Python blocks."""
-    import re
-    import shlex
-    from PIL import Image
-
     Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(tmp_path / 'PHOTO.jpg')
     learn = {
         'train_tokenizer.py': ['--steps=300'],
@@ -1681,6 +1685,20 @@ def test_readme_commands_run_and_the_quick_start_learns(tmp_path, monkeypatch):
         '\n'.join(re.findall(r'```python\n(.*?)```', (HERE / 'README.md').read_text(), re.S)), scope
     )
     assert scope['codes'].shape == (2, 64) and torch.isfinite(scope['losses']['loss'])
+    assert scope['feats'].shape == (2, 96)
+
+
+def test_every_name_of_the_readmes_paper_to_code_table_exists():
+    section = (HERE / 'README.md').read_text().split('## From the paper to the code')[1]
+    table = [line for line in section.split('##')[0].splitlines() if line.startswith('|')]
+    names = re.findall(r'`(\w+(?:\.\w+)+)`', '\n'.join(table))
+    assert len(names) > 25
+    for name in names:
+        module, *attrs = name.split('.')
+        obj = __import__(module)
+        for attr in attrs:
+            assert hasattr(obj, attr), name
+            obj = getattr(obj, attr)
 
 
 # ----------------------------------- evaluate.py: probes, compare, fine-tuning
@@ -1765,8 +1783,6 @@ def test_robust_test_restricts_logits_to_the_sets_classes(tmp_path):
     """A tiny ImageNet-A-like folder (200 class folders; class 7 holds 5 images, the others 1) and a
     1000-class model that always answers ImageNet class IMAGENET_A[7]: restricted to the 200 classes
     in folder order, it is right exactly on class 7's images: top-1 = 5 / 204."""
-    from PIL import Image
-
     for k in range(200):
         (tmp_path / 'a' / f'n{k:08d}').mkdir(parents=True)
         for j in range(5 if k == 7 else 1):
@@ -1929,7 +1945,6 @@ def test_compare_sets_three_backbones_side_by_side(pretrain_ckpt, tmp_path):
 def fashion_mnist(tmp_path):
     """ROOT for --data=fashion_mnist:ROOT: $BEITV2_FASHION_MNIST, or Debian's dataset-fashion-mnist
     files un-gzipped into torchvision's layout; skips the test where neither is there."""
-    import gzip
 
     if os.environ.get('BEITV2_FASHION_MNIST'):
         return os.environ['BEITV2_FASHION_MNIST']
@@ -2191,7 +2206,6 @@ def test_segment_eval_only_scores_an_mmseg_file(tmp_path):
 def test_a_label_means_the_same_class_in_every_split(tmp_path):
     """val/ without one of train/'s classes keeps train's indices (k-NN would score 50 instead of
     100 otherwise); a class that train/ lacks is refused, named."""
-    import shutil
 
     root = image_folder(tmp_path / 'd', classes=3, per_class=2, splits=('train', 'val'))
     shutil.rmtree(root / 'val' / 'c0')
@@ -2205,8 +2219,6 @@ def test_a_label_means_the_same_class_in_every_split(tmp_path):
 
 
 def test_ade20k_layout_and_reduce_zero_label(tmp_path):
-    from PIL import Image
-
     for sub in ('training', 'validation'):
         (tmp_path / 'images' / sub).mkdir(parents=True)
         (tmp_path / 'annotations' / sub).mkdir(parents=True)
@@ -2247,8 +2259,6 @@ def test_segmentation_resize_fits_mmsegs_scale():
 
     # the short side reaches 512; the long caps
     assert fit(400, 600) == (512, 768) and fit(100, 1000) == (205, 2048)
-    from PIL import Image
-
     t = data.SegTransform(32, train=False)
     img, mask = t((Image.new('RGB', (30, 20)), torch.zeros(20, 30, dtype=torch.long)), None)
     assert img.shape == (3, 32, 48) and mask.shape == (20, 30)  # scored at the original size
@@ -2282,8 +2292,6 @@ def test_photometric_distortion_steps_follow_mmseg():
 
 
 def test_segmentation_train_pads_bottom_right_after_normalising():
-    from PIL import Image
-
     t = data.SegTransform(32, train=True)
     mask = torch.ones(20, 24, dtype=torch.long)
     mask[:, 12:] = 2
@@ -2312,7 +2320,6 @@ def tiny_pretrain_file(path, table_row=None):
     if table_row is not None:
         with torch.no_grad():
             model.rel_pos_bias.relative_position_bias_table[table_row] = 50.0
-    from dataclasses import asdict
 
     torch.save(dict(model=model.state_dict(), model_config=asdict(cfg)), path)
     return model
@@ -2399,8 +2406,6 @@ def test_attention_probs_are_the_blocks_softmax(tmp_path):
 
 def test_attention_picture_lights_the_forced_key(tmp_path):
     """A bias of +50 on the offset (query - key) = (-1, +1) makes patch (1, 1) attend to (2, 0)."""
-    from PIL import Image
-
     row = (-1 + 3) * 7 + (1 + 3)  # (dy + h - 1) * (2w - 1) + dx + w - 1 on the 4x4 grid
     tiny_pretrain_file(tmp_path / 'p.pt', table_row=row)
     res = pictures.main(
@@ -2457,8 +2462,6 @@ def test_evaluate_codebook_png_and_errors(tokenizer_ckpt, pretrain_ckpt, tmp_pat
         '--data=demo',
         f'--out_dir={tmp_path}',
     )
-    from PIL import Image
-
     assert Image.open(tmp_path / 'codebook.png').size[0] > 16 * 32
     assert 'token map' in Image.open(tmp_path / 'token_maps.png').text['Title']
     p = run_script(
@@ -2487,8 +2490,6 @@ def test_evaluate_codebook_png_and_errors(tokenizer_ckpt, pretrain_ckpt, tmp_pat
 
 @pytest.mark.slow
 def test_codes_picture_equals_encode(tokenizer_ckpt, tmp_path):
-    from PIL import Image
-
     img = Image.fromarray((torch.rand(20, 24, 3) * 255).byte().numpy())
     img.save(tmp_path / 'x.png')
     p = run_script(
@@ -2515,43 +2516,6 @@ def test_codes_picture_equals_encode(tokenizer_ckpt, tmp_path):
 
 
 # ------------------------------------------------------- plot.py and README.md
-
-
-def test_plot_writes_curves_and_results(tmp_path):
-    pytest.importorskip('matplotlib')
-    import plot
-    from PIL import Image
-
-    rows = [
-        dict(
-            step=s,
-            loss=10 - s,
-            loss_1=5,
-            loss_2=5,
-            mlm_acc_1=0.1 * s,
-            mlm_acc_2=0.1 * s,
-            unused_codes=3,
-            lr=1e-3,
-            gnorm=1.0,
-            img_per_s=100.0,
-            eta_min=1.0,
-            time=0.1,
-        )
-        for s in range(1, 5)
-    ]
-    (tmp_path / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    res = [
-        dict(mode='compare_run', backbone=b, probe=p, seed=s, top1=20.0 + s, chance=20.0)
-        for b in ('pretrained', 'random init', 'raw pixels')
-        for p in ('linear probe', 'k-NN')
-        for s in (0, 1)
-    ]
-    (tmp_path / 'result.json').write_text(''.join(json.dumps(r) + '\n' for r in res))
-    written = plot.main([str(tmp_path)])
-    assert [Path(w).name for w in written] == ['curves.png', 'results.png']
-    assert all(Image.open(w).size[0] > 300 for w in written)
-    with pytest.raises(SystemExit):
-        plot.main([str(tmp_path / 'nothing')])
 
 
 # ----------------------------------------- what users ask for: data, labels, health, clusters
@@ -2866,3 +2830,61 @@ def test_two_torchrun_nodes_train_as_two_processes_of_one(tokenizer_ckpt, tmp_pa
     assert a['world'] == b['world'] == 2 and a['step'] == b['step'] == 3
     same_state(a['model'], b['model'])
     same_state(opt_tensors(a['optimizer']), opt_tensors(b['optimizer']))
+
+
+@pytest.mark.slow
+def test_an_unreadable_image_ends_every_path_in_one_line(pretrain_ckpt, tmp_path):
+    """A zero-byte file, read by a DataLoader worker or in this process: features (k-NN, compare),
+    validation scoring, segmentation scoring and pictures all end in the one line that names it, and
+    a run that has trained has written its checkpoint first."""
+    both = image_folder(tmp_path / 'both', classes=2, per_class=8, splits=('train', 'val'))
+    (both / 'train' / 'c0' / 'zero.png').write_bytes(b'')
+    val_only = image_folder(tmp_path / 'val', classes=2, per_class=8, splits=('train', 'val'))
+    (val_only / 'val' / 'c1' / 'zero.png').write_bytes(b'')
+    base = [f'--checkpoint={pretrain_ckpt}', '--img_size=16', '--batch_size=4', '--steps=2']
+    cases = [
+        (['--mode=knn', f'--data={both}', '--workers=0'], None),
+        (['--mode=knn', f'--data={both}', '--workers=2'], None),
+        ([f'--data={both}', '--workers=0', "--backbones=('checkpoint',)"], None),
+        (['--mode=linear', f'--data={val_only}', '--workers=0'], 2),
+        (['--mode=finetune', f'--data={val_only}', '--workers=2', '--lr=1e-3'], 2),
+    ]
+    for i, (args, trained) in enumerate(cases):
+        p = run_script('evaluate.py', *base, *args, f'--out_dir={tmp_path / str(i)}', ok=False)
+        assert p.returncode == 2 and p.stderr.count('\n') == 1, p.stderr[-2000:]
+        assert p.stderr.startswith('error: unreadable image') and 'zero.png' in p.stderr
+        if trained:
+            assert engine.read_checkpoint(tmp_path / str(i) / 'ckpt.pt')['step'] == trained
+    ade = tmp_path / 'ade'
+    for sub in ('training', 'validation'):
+        (ade / 'images' / sub).mkdir(parents=True)
+        (ade / 'annotations' / sub).mkdir(parents=True)
+        for name in ('ADE_1', 'ADE_2'):
+            Image.new('RGB', (40, 30), (10, 20, 30)).save(ade / 'images' / sub / f'{name}.jpg')
+            Image.fromarray(np.full((30, 40), 3, np.uint8)).save(
+                ade / 'annotations' / sub / f'{name}.png'
+            )
+    (ade / 'images' / 'validation' / 'ADE_2.jpg').write_bytes(b'')
+    p = run_script(
+        'evaluate.py',
+        *base,
+        '--mode=segment',
+        f'--data=ade20k:{ade}',
+        '--workers=0',
+        '--batch_size=2',
+        '--seg_layers=(0,0,1,1)',
+        f'--out_dir={tmp_path / "seg"}',
+        ok=False,
+    )
+    assert p.stderr.startswith('error: unreadable image') and 'ADE_2.jpg' in p.stderr, p.stderr[
+        -2000:
+    ]
+    assert engine.read_checkpoint(tmp_path / 'seg' / 'ckpt.pt')['step'] == 2
+    p = run_script(
+        'pictures.py',
+        f'--checkpoint={pretrain_ckpt}',
+        f'--image={both}/train/c0/zero.png',
+        f'--out_dir={tmp_path / "pic"}',
+        ok=False,
+    )
+    assert p.stderr.startswith('error: unreadable image') and p.stderr.count('\n') == 1
