@@ -109,7 +109,7 @@ def relative_position_index(h, w):
     """(hw+1, hw+1) index into the relative position bias table; token 0 is [CLS]. Patch pairs use
     (dy + h-1) * (2w-1) + (dx + w-1); the last 3 rows: [CLS]->patch, patch->[CLS], [CLS]->[CLS]
     (official)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')).flatten(1)
+    coords = torch.cartesian_prod(torch.arange(h), torch.arange(w)).T  # (2, hw): (y, x), row-major
     rel = coords[:, :, None] - coords[:, None, :]              # (2, hw, hw): query minus key
     T = (2 * h - 1) * (2 * w - 1) + 3                          # table rows
     index = torch.zeros(h * w + 1, h * w + 1, dtype=torch.long)
@@ -122,9 +122,9 @@ def add_rel_pos_table(module, grid, num_heads):
     """Register on `module`, under the official names, a learned bias per head and relative offset,
     zero at init. The index is derived from the grid, so it is not saved (as timm; official files
     save it)."""
-    rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
-    module.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
     index = relative_position_index(*grid)
+    module.relative_position_bias_table = nn.Parameter(  # (2h - 1)(2w - 1) + 3 rows
+        torch.zeros(int(index.max()) + 1, num_heads))
     module.register_buffer('relative_position_index', index, persistent=False)
 
 
@@ -143,12 +143,16 @@ def attention(q, k, v, bias=None, explicit=None):
     if explicit is None:
         explicit = q.device.type == 'cpu'
     if not explicit:
-        mask = None if bias is None else bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, nh, Nq, N)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+    return attention_probs(q, k, bias) @ v
+
+
+def attention_probs(q, k, bias=None):  # (B, nh, Nq, N): attention's explicit maths, before v
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if bias is not None:
         attn = attn + bias
-    return attn.softmax(dim=-1) @ v
+    return attn.softmax(dim=-1)
 
 
 class Attention(nn.Module):
@@ -164,19 +168,17 @@ class Attention(nn.Module):
             add_rel_pos_table(self, grid, num_heads)
 
     def heads(self, x):  # (B, N, C) -> q, k, v, each (B, nh, N, hs)
-        B, N, C = x.shape
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.num_heads, C // self.num_heads)
+        qkv = F.linear(x, self.qkv.weight, bias).unflatten(-1, (3, self.num_heads, -1))
         return qkv.permute(2, 0, 3, 1, 4)
 
     def forward(self, x, pos_bias=None):  # pos_bias: the shared (nh, N, N) bias, if any
-        B, N, C = x.shape
         if self.has_table:
             pos_bias = pos_bias_from_table(self)
         x = attention(*self.heads(x), pos_bias)                # (B, nh, N, hs)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj(x.transpose(1, 2).flatten(2))  # (B, N, C)
 
 
 class Block(nn.Module):
@@ -199,15 +201,14 @@ class Block(nn.Module):
             self.gamma_1 = nn.Parameter(layer_scale * torch.ones(dim))
             self.gamma_2 = nn.Parameter(layer_scale * torch.ones(dim))
 
+    def residual(self, x, branch, gamma):  # x + drop_path(gamma * branch)
+        if gamma is not None:
+            branch = gamma * branch
+        return x + stochastic_depth(branch, self.drop_path, 'row', self.training)
+
     def forward(self, x, pos_bias=None):
-        a = self.attn(self.norm1(x), pos_bias)
-        if self.gamma_1 is not None:
-            a = self.gamma_1 * a
-        x = x + stochastic_depth(a, self.drop_path, 'row', self.training)
-        m = self.mlp(self.norm2(x))
-        if self.gamma_2 is not None:
-            m = self.gamma_2 * m
-        return x + stochastic_depth(m, self.drop_path, 'row', self.training)
+        x = self.residual(x, self.attn(self.norm1(x), pos_bias), self.gamma_1)
+        return self.residual(x, self.mlp(self.norm2(x)), self.gamma_2)
 
 
 @torch.no_grad()
@@ -265,13 +266,13 @@ class ViT(nn.Module):
         if D % cfg.num_heads or cfg.img_size % p:  # not whole patches: pixels would be lost
             raise ValueError(f'{cfg}: needs embed_dim % num_heads = 0 and '
                              'img_size % patch_size = 0')
-        self.grid = (cfg.img_size // p, cfg.img_size // p)
+        self.grid = (cfg.img_size // p,) * 2
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(cfg.in_chans, D, kernel_size=p, stride=p)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = None
         if cfg.abs_pos_emb:
-            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, D))
+            self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.grid) + 1, D))
         self.rel_pos_bias = None  # pretraining: one table for all blocks (the official name)
         if cfg.rel_pos == 'shared':
             self.rel_pos_bias = nn.Module()
@@ -279,8 +280,8 @@ class ViT(nn.Module):
         per_block = self.grid if cfg.rel_pos == 'per_block' else None
         dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.layer_scale, dpr[i], per_block)
-            for i in range(cfg.depth))
+            Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.layer_scale, rate, per_block)
+            for rate in dpr)
         self.norm = None if cfg.fc_norm else nn.LayerNorm(D, eps=1e-6)
         self.fc_norm = nn.LayerNorm(D, eps=1e-6) if cfg.fc_norm else None
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else None
@@ -288,7 +289,7 @@ class ViT(nn.Module):
             self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self, init_scale=0.001):
+    def init_weights(self):
         """Official fine-tuning / tokenizer init (modeling_finetune.py): Linear weights, cls_token,
         pos_embed trunc_normal(0.02); biases 0; LayerNorm (1, 0); block l's attn.proj, mlp.fc2 /
         sqrt(2l); head x 0.001."""
@@ -298,8 +299,8 @@ class ViT(nn.Module):
             trunc_normal_(self.pos_embed)
         rescale_blocks_(self.blocks)
         if self.head is not None:
-            self.head.weight.mul_(init_scale)
-            self.head.bias.mul_(init_scale)
+            self.head.weight.mul_(0.001)
+            self.head.bias.mul_(0.001)
 
     def shared_pos_bias(self):  # (nh, N, N) from the shared table, or None (per-block or no tables)
         return None if self.rel_pos_bias is None else pos_bias_from_table(self.rel_pos_bias)
@@ -355,28 +356,35 @@ def distributed():  # decided when a collective is about to run, not when a modu
 
 
 @torch.no_grad()
-def kmeans(z, K, iters=10, means=None, sync=True, chunk=16384):
+def assigned_means(z, idx, old, sync):
+    """The mean direction of the unit vectors z (M, d) that idx (M,) assigns to each row of old
+    (K, d), all ranks' under DDP (with sync); a row given none keeps old's. -> (means, counts)"""
+    counts = z.new_zeros(len(old)).index_add_(0, idx, z.new_ones(len(idx)))  # (K,), no sync
+    sums = torch.zeros_like(old).index_add_(0, idx, z)        # (K, d)
+    if sync and distributed():                                # every rank gets the same means
+        dist.all_reduce(counts)
+        dist.all_reduce(sums)
+    means = l2norm(sums / counts.clamp(min=1)[:, None])
+    return torch.where(counts[:, None] > 0, means, old), counts
+
+
+@torch.no_grad()
+def kmeans(z, K, means=None, sync=True):
     """Spherical k-means (cosine) on unit vectors z (M, d) -> (means, counts): initialises the
     codebook. Under DDP it clusters all ranks' vectors: rank 0's initial means (drawn from z unless
     given), all-reduced sums and counts, so every rank ends with the same codebook (the official
     code clusters each rank's batch alone)."""
-    ddp = sync and distributed()
     if z.shape[0] < K:  # checked on every rank (equal batches), so no rank waits forever
         raise ValueError(f'k-means init needs at least {K} vectors (the codebook size) per rank '
                          f'in the first batch, got {z.shape[0]}: raise batch_size or lower '
                          'codebook_size')
     if means is None:
         means = z[torch.randperm(z.shape[0], device=z.device)[:K]]
-    if ddp:
+    if sync and distributed():
         dist.broadcast(means, 0)
-    for _ in range(iters):
-        idx = torch.cat([(c @ means.t()).argmax(1) for c in z.split(chunk)])  # nearest by cosine
-        counts = torch.bincount(idx, minlength=K).to(z.dtype)
-        sums = torch.zeros_like(means).index_add_(0, idx, z)
-        if ddp:
-            dist.all_reduce(counts)
-            dist.all_reduce(sums)
-        means = torch.where(counts[:, None] > 0, l2norm(sums / counts.clamp(min=1)[:, None]), means)
+    for _ in range(10):  # iterations
+        idx = torch.cat([(c @ means.t()).argmax(1) for c in z.split(16384)])  # nearest by cosine
+        means, counts = assigned_means(z, idx, means, sync)
     return means, counts
 
 
@@ -387,9 +395,9 @@ class NormEMACodebook(nn.Module):
     sync = True  # all-reduce k-means and EMA statistics under DDP (a test switches it off)
     ready = False  # k-means has run or was loaded
 
-    def __init__(self, K, d, decay=0.99, beta=1.0, kmeans_iters=10):
+    def __init__(self, K, d, decay=0.99, beta=1.0):
         super().__init__()
-        self.K, self.decay, self.beta, self.kmeans_iters = K, decay, beta, kmeans_iters
+        self.K, self.decay, self.beta = K, decay, beta
         # official: a frozen Parameter (embedding.weight); a buffer says what it is
         self.register_buffer('weight', l2norm(torch.randn(K, d)))
         self.register_buffer('initted', torch.zeros(1))       # 1 once k-means has run
@@ -426,20 +434,14 @@ class NormEMACodebook(nn.Module):
     @torch.compiler.disable
     @torch.no_grad()
     def init_codebook(self, z):
-        self.weight.copy_(kmeans(z, self.K, self.kmeans_iters, sync=self.sync)[0])
+        self.weight.copy_(kmeans(z, self.K, sync=self.sync)[0])
         self.initted.fill_(1)
 
     @torch.compiler.disable
     @torch.no_grad()
     def ema_update(self, z, codes):                           # z: (M, d) unit vectors, codes: (M,)
-        counts = z.new_zeros(self.K).index_add_(0, codes, z.new_ones(len(codes)))  # (K,), no sync
-        sums = torch.zeros_like(self.weight).index_add_(0, codes, z)   # (K, d)
-        if self.sync and distributed():                       # every rank applies the same update
-            dist.all_reduce(counts)
-            dist.all_reduce(sums)
+        new, counts = assigned_means(z, codes, self.weight, self.sync)  # unused codes: as they are
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        new = l2norm(sums / counts.clamp(min=1)[:, None])     # mean direction of the assigned z
-        new = torch.where(counts[:, None] > 0, new, self.weight)  # unused codes keep their value
         self.weight.mul_(self.decay).add_(new, alpha=1 - self.decay)
         self.weight.copy_(l2norm(self.weight))                # back onto the unit sphere
 
@@ -448,8 +450,8 @@ def code_usage(counts):
     """counts: (K,) how often each code was given -> dict(codes used, their share of the codebook,
     perplexity: exp of the entropy of the code distribution, K when all are used equally)."""
     p = counts.double() / counts.sum().clamp(min=1)
-    perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum()).item()
-    used = int((counts > 0).sum())
+    perplexity = torch.special.entr(p).sum().exp().item()  # entr: -p log p, 0 at 0
+    used = int(counts.count_nonzero())
     return dict(codes_used=used, used_share=used / len(counts), perplexity=perplexity)
 
 
@@ -474,10 +476,9 @@ class VQKD(nn.Module):
         self.quantize = NormEMACodebook(cfg.codebook_size, cfg.code_dim, cfg.decay, cfg.beta)
         # not in the paper's text, as in the official code: an MLP from the encoder's width to the
         # codes' (and, in the decoder, to the teacher's)
-        self.encode_task_layer = nn.Sequential(nn.Linear(D, D), nn.Tanh(),
-                                               nn.Linear(D, cfg.code_dim))
-        self.decode_task_layer = nn.Sequential(nn.Linear(D, D), nn.Tanh(),
-                                               nn.Linear(D, cfg.teacher_dim))
+        self.encode_task_layer, self.decode_task_layer = (
+            nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, out))
+            for out in (cfg.code_dim, cfg.teacher_dim))
         init_linears_(self.encode_task_layer)
         init_linears_(self.decode_task_layer)
 
@@ -519,8 +520,8 @@ class VQKD(nn.Module):
         if teacher_features is None:
             return rec, codes, None
         rec_loss = (1 - (l2norm(rec) * l2norm(teacher_features.to(rec.dtype))).sum(-1)).mean()
-        losses = dict(loss=rec_loss + quant_loss, rec_loss=rec_loss, quant_loss=quant_loss)
-        return rec, codes, losses
+        return rec, codes, dict(loss=rec_loss + quant_loss, rec_loss=rec_loss,
+                                quant_loss=quant_loss)
 
 # ---------------------------------------------------------------- stage 2: MIM
 
@@ -581,8 +582,8 @@ def masked_rows(x, mask, num_masked=None):
     image's count, a fixed-size gather instead."""
     if num_masked is None:
         return x[mask]
-    equal = (mask.sum(1) == num_masked).all()
-    torch._assert_async(equal, "num_masked is not every image's masked count")
+    torch._assert_async((mask.sum(1) == num_masked).all(),
+                        "num_masked is not every image's masked count")
     order = mask.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices
     index = order[:, :num_masked]                             # (B, R): the masked, row-major
     index = index.view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
@@ -631,7 +632,7 @@ class BEiTv2(ViT):
     def embed_masked(self, images, mask):
         """(B, N, D): the patch embeddings, the masked ones (mask (B, n) bool, True = masked)
         replaced by the learned mask_token, then [CLS] in front."""
-        n = self.grid[0] * self.grid[1]
+        n = math.prod(self.grid)
         if mask.dtype != torch.bool or mask.shape != (images.shape[0], n):
             raise ValueError(f'mask must be a bool tensor of shape (B, {n}), True = masked; '
                              f'got {mask.dtype} {tuple(mask.shape)}')
@@ -664,9 +665,8 @@ class BEiTv2(ViT):
         official loss_1, loss_2, loss)."""
         if num_masked == 0 or (num_masked is None and not mask.any()):  # the loss would be NaN
             raise ValueError('the mask has no masked patch: nothing to predict')
-        logits = {}
-        for name, x in self.branches(images, mask).items():  # both branches: the same norm and head
-            logits[name] = self.lm_head(self.norm(masked_rows(x[:, 1:], mask, num_masked)))
+        logits = {name: self.lm_head(self.norm(masked_rows(x[:, 1:], mask, num_masked)))
+                  for name, x in self.branches(images, mask).items()}  # both: the same norm, head
         if targets is None:
             return logits, None
         labels = masked_rows(targets, mask, num_masked)    # (M,): the codes of the masked patches
@@ -676,21 +676,22 @@ class BEiTv2(ViT):
 # ----------------------------------------------------------------- checkpoints
 
 
-def load_file(path, mmap=False):
+def load_file(path):
     """torch.load that runs no code (weights_only); the official files' `args` (a Namespace)
     allowed."""
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+        return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def state_dict_of(ckpt):
     """The weights in a checkpoint: 'model' (ours, official pretraining), 'module' (official
     fine-tuned), 'state_dict' (mmseg), or the checkpoint itself when it is one."""
-    for key in ('model', 'module', 'state_dict'):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    if isinstance(ckpt, dict) and all(torch.is_tensor(v) for v in ckpt.values()):
-        return ckpt
+    if isinstance(ckpt, dict):
+        for key in ('model', 'module', 'state_dict'):
+            if isinstance(ckpt.get(key), dict):
+                return ckpt[key]
+        if all(torch.is_tensor(v) for v in ckpt.values()):
+            return ckpt
     raise ValueError("no state dict found (expected a 'model', 'module' or 'state_dict' entry)")
 
 
@@ -718,7 +719,7 @@ def resize_rel_pos_table(table, dst_rows):
     geometric progression, a bicubic interpolating spline read at integer offsets, the last 3 rows
     kept. The official scipy interp2d(kind='cubic') is FITPACK's interpolating spline:
     spline_weights along each axis."""
-    src, dst = int(math.sqrt(table.shape[0] - 3)), int(math.sqrt(dst_rows - 3))
+    src, dst = math.isqrt(table.shape[0] - 3), math.isqrt(dst_rows - 3)
     lo, hi = 1.01, 1.5  # bisection for q with sum_{k < src/2} q^k = dst/2 (official)
     while hi - lo > 1e-6:
         q = (lo + hi) / 2
@@ -735,9 +736,9 @@ def resize_rel_pos_table(table, dst_rows):
 def resize_pos_embed(v, rows):
     """(1, 1 + s*s, D) absolute position embedding -> (1, rows, D): bicubic over the grid
     (official)."""
-    s, d = int(math.sqrt(v.shape[1] - 1)), int(math.sqrt(rows - 1))
+    s, d = math.isqrt(v.shape[1] - 1), math.isqrt(rows - 1)
     g = v[:, 1:].reshape(1, s, s, -1).permute(0, 3, 1, 2).float()       # (1, D, s, s)
-    g = F.interpolate(g, size=(d, d), mode='bicubic', align_corners=False)
+    g = F.interpolate(g, size=(d, d), mode='bicubic')  # align_corners=False
     return torch.cat([v[:, :1], g.permute(0, 2, 3, 1).flatten(1, 2).to(v.dtype)], dim=1)
 
 
@@ -785,8 +786,8 @@ def load_state(model, sd, ignore=()):
     for k, v in index.items():
         if k in buffers and not torch.equal(v.to(buffers[k]), buffers[k]):
             raise ValueError(f'{k}: relative_position_index differs from the one of this grid')
-    fits = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
-    model.load_state_dict(fits, strict=False)
+    model.load_state_dict({k: v for k, v in sd.items() if k in own and v.shape == own[k].shape},
+                          strict=False)
     return model
 
 
@@ -817,16 +818,15 @@ def vit_config_from_state(sd):
     D, _, p, _ = sd['patch_embed.proj.weight'].shape
     cfg = ViTConfig(patch_size=p, embed_dim=D, depth=count_blocks(sd), num_heads=D // 64,
                     layer_scale=0.1 if 'blocks.0.gamma_1' in sd else 0.0,
+                    num_classes=len(sd.get('head.weight', ())),
                     abs_pos_emb='pos_embed' in sd, rel_pos='none', fc_norm='norm.weight' not in sd)
-    if 'head.weight' in sd:
-        cfg.num_classes = len(sd['head.weight'])
     if 'pos_embed' in sd:
-        cfg.img_size = p * int(math.sqrt(sd['pos_embed'].shape[1] - 1))
+        cfg.img_size = p * math.isqrt(sd['pos_embed'].shape[1] - 1)
     for name, rel_pos in (('rel_pos_bias.', 'shared'), ('blocks.0.attn.', 'per_block')):
         table = sd.get(name + 'relative_position_bias_table')
         if table is not None:  # (2g - 1)^2 + 3 rows for a g x g grid, a column per head
             cfg.rel_pos, cfg.num_heads = rel_pos, table.shape[1]
-            cfg.img_size = p * (int(math.sqrt(table.shape[0] - 3)) + 1) // 2
+            cfg.img_size = p * (math.isqrt(table.shape[0] - 3) + 1) // 2
     return cfg
 
 
@@ -870,7 +870,7 @@ def vqkd_config_from_state(sd):
     """VQKDConfig of an official tokenizer state dict, read off its shapes (64-dim heads
     assumed)."""
     D, _, p, _ = sd['encoder.patch_embed.proj.weight'].shape
-    grid = int(math.sqrt(sd['encoder.pos_embed'].shape[1] - 1))
+    grid = math.isqrt(sd['encoder.pos_embed'].shape[1] - 1)
     K, d = sd['quantize.embedding.weight'].shape
     return VQKDConfig(img_size=grid * p, patch_size=p, embed_dim=D, num_heads=D // 64,
                       depth=count_blocks(sd, 'encoder.'),

@@ -62,8 +62,8 @@ def flops_per_image(m, t, n_mask):
     embed = 2 * n * 3 * p * p * D  # the patch embedding
     task_and_codes = 2 * n * (D * D + D * d + d * t.codebook_size)
     lm_heads = 2 * 2 * n_mask * D * m.vocab_size  # on the masked patches of both branches
-    student = 3 * (blocks(m.depth + m.head_layers) + embed + lm_heads)
-    return dict(student=student, encode=blocks(t.depth) + embed + task_and_codes)
+    return dict(student=3 * (blocks(m.depth + m.head_layers) + embed + lm_heads),
+                encode=blocks(t.depth) + embed + task_and_codes)
 
 
 def official(root, module):  # a module of the official beit2/ folder, unedited
@@ -92,8 +92,8 @@ def make_step(model, images, mask, targets, amp, num_masked=None, encode=None, o
     """A closure: one student step as the official engine (CE of both heads summed, under autocast
     unless amp is None; backward, clip 3.0, AdamW) -> its loss. encode() makes the targets (the full
     step); official: an official model."""
-    groups = engine.param_groups(model, 0.05)
-    opt = torch.optim.AdamW(groups, lr=1.5e-3, betas=(0.9, 0.999), fused=not official)
+    opt = torch.optim.AdamW(engine.param_groups(model, 0.05), lr=1.5e-3, betas=(0.9, 0.999),
+                            fused=not official)
     env = types.SimpleNamespace(scaler=torch.amp.GradScaler(images.device.type,
                                                             enabled=amp == torch.float16))
     model.train()
@@ -105,8 +105,8 @@ def make_step(model, images, mask, targets, amp, num_masked=None, encode=None, o
                 codes = encode()
         with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
             if official:
-                logits = model(images, bool_masked_pos=mask)
-                loss = sum(F.cross_entropy(x.float(), codes[mask]) for x in logits)
+                loss = sum(F.cross_entropy(x.float(), codes[mask])
+                           for x in model(images, bool_masked_pos=mask))
             else:
                 loss = model(images, mask, codes, num_masked=num_masked)[1]['loss']
         env.scaler.scale(loss).backward()
@@ -178,15 +178,15 @@ def bench_pretrain(cfg, env, m, masker):
         with env.target_autocast():
             return encode(tok_images)
     step = make_step(run, images, mask, None, env.amp_dtype, masker.num, targets_of_the_step)
-    full = flops['student'] + flops['encode']
-    measure({'ours: full step (+ encode)': step}, full, cfg, env.device)
+    measure({'ours: full step (+ encode)': step}, flops['student'] + flops['encode'], cfg,
+            env.device)
     if cfg.profile:  # where the time of 3 full steps goes, kernel by kernel, slowest first
         with torch.profiler.profile(activities=torch.profiler.supported_activities()) as prof:
             for _ in range(3):
                 step()
         key = 'self_device_time_total' if env.device.type == 'cuda' else 'self_cpu_time_total'
-        table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
-        print(table, flush=True)
+        print(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90),
+              flush=True)
 
 
 def bench_loader(cfg, env, masker):

@@ -13,7 +13,7 @@ import torchvision.datasets as tvd
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageStat
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from settings import BadInput, die
 
@@ -54,7 +54,7 @@ class DemoTextures(Dataset):
     def __getitem__(self, i):
         g = self.rng(i)
         label = int(g.integers(len(self.classes)))
-        yy, xx = (np.mgrid[0:self.size, 0:self.size] + 0.5) / self.size  # pixel centres in (0, 1)
+        yy, xx = (np.mgrid[:self.size, :self.size] + 0.5) / self.size  # pixel centres in (0, 1)
         r = g.uniform(0.32, 0.46)                                     # object half size
         cy, cx = 0.5 + g.uniform(-0.06, 0.06, size=2)
         dy, dx = (yy - cy) / r, (xx - cx) / r                         # object frame, unit half size
@@ -68,11 +68,10 @@ class DemoTextures(Dataset):
                     square_wave((px + py) / 1.4) ^ square_wave((px - py) / 1.4),  # diagonal lattice
                     square_wave(py) ^ square_wave(px),                       # checks
                     (py % 1 - 0.5) ** 2 + (px % 1 - 0.5) ** 2 < 0.09]       # dots
-        pattern = patterns[label]
-        ink, paper, bg = g.uniform(0, 1, size=(3, 3))
+        ink, paper, bg = g.uniform(size=(3, 3))  # in [0, 1)
         while np.abs(ink - paper).mean() < 0.25:                      # keep the pattern visible
-            paper = g.uniform(0, 1, 3)
-        img = np.where(obj[..., None], np.where(pattern[..., None], ink, paper), bg)
+            paper = g.uniform(size=3)
+        img = np.where(obj[..., None], np.where(patterns[label][..., None], ink, paper), bg)
         img = np.clip(img + g.normal(0, 0.03, img.shape), 0, 1)
         pil = Image.fromarray((img * 255).astype(np.uint8))
         if self.masks:
@@ -81,8 +80,8 @@ class DemoTextures(Dataset):
 
 
 def is_image(path):  # any extension PIL opens, in any case
-    readable = [ext for ext, f in Image.registered_extensions().items() if f in Image.OPEN]
-    return path.lower().endswith(tuple(readable))
+    return path.lower().endswith(
+        tuple(ext for ext, f in Image.registered_extensions().items() if f in Image.OPEN))
 
 
 class ImageFiles(Dataset):
@@ -170,7 +169,7 @@ def labelled(ds, labels, seed):
         mine = (targets == c).nonzero().flatten()
         n = int(labels) if labels.isdigit() else max(1, round(len(mine) * float(labels[:-1]) / 100))
         keep += mine[torch.randperm(len(mine), generator=g)[:n]].tolist()
-    sub = torch.utils.data.Subset(ds, sorted(keep))
+    sub = Subset(ds, sorted(keep))
     sub.classes = ds.classes
     return sub
 
@@ -191,7 +190,7 @@ def rgb(img):
     return img.convert('RGB') if img.mode != 'RGB' else img
 
 
-class SegData(torch.utils.data.Dataset):
+class SegData(Dataset):
     """(image, mask) pairs: demo shapes (demo:N as build_dataset), or ADE20K
     (ROOT/images|annotations/ training|validation, 150 classes with reduce_zero_label: 0 -> ignore
     255)."""
@@ -312,9 +311,8 @@ def eval_transform(img_size, normalized=True):
     0.875 (224 / 256) below 384 px, 1.0 from 384 px on (official datasets.py); then ImageNet's mean
     and std."""
     crop_pct = 0.875 if img_size < 384 else 1.0
-    bicubic = T.InterpolationMode.BICUBIC
-    t = [T.Resize(int(img_size / crop_pct), interpolation=bicubic), T.CenterCrop(img_size),
-         T.ToTensor()]
+    t = [T.Resize(int(img_size / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
+         T.CenterCrop(img_size), T.ToTensor()]
     if normalized:
         t.append(T.Normalize(IMAGENET_MEAN, IMAGENET_STD))
     return T.Compose(t)
@@ -328,14 +326,14 @@ class TrainTransform:
 
     def __init__(self, img_size, min_scale, bilinear=False, randaug=False, reprob=0.0):
         mode = T.InterpolationMode.BILINEAR if bilinear else T.InterpolationMode.BICUBIC
-        crop = T.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=mode)
-        self.crop = T.Compose([crop, T.RandomHorizontalFlip()])
+        self.crop = T.Compose([
+            T.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=mode),
+            T.RandomHorizontalFlip()])
         self.randaug = RandAugment() if randaug else None
         after = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         if reprob > 0:
-            erase = T.RandomErasing(reprob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3),
-                                    value='random')
-            after.append(erase)
+            after.append(T.RandomErasing(reprob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3),
+                                         value='random'))
         self.after = T.Compose(after)
 
     def __call__(self, item, rng):
@@ -356,19 +354,16 @@ class RandAugment:
            'SolarizeIncreasing',
            'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
            'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
-    ENHANCE = {'Color': T.functional.adjust_saturation, 'Contrast': T.functional.adjust_contrast,
-               'Brightness': T.functional.adjust_brightness,
-               'Sharpness': T.functional.adjust_sharpness}
-
-    def __init__(self, magnitude=9.0, std=0.5, layers=2, prob=0.5):
-        self.magnitude, self.std, self.layers, self.prob = magnitude, std, layers, prob
-        self.fill = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)  # (124, 116, 104)
+    ENHANCE = {'Color': TF.adjust_saturation, 'Contrast': TF.adjust_contrast,
+               'Brightness': TF.adjust_brightness,
+               'Sharpness': TF.adjust_sharpness}
+    fill = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)  # (124, 116, 104)
 
     def __call__(self, img, rng):
-        for name in rng.choices(self.OPS, k=self.layers):
-            if rng.random() > self.prob:
+        for name in rng.choices(self.OPS, k=2):  # 2 layers
+            if rng.random() > 0.5:  # each op with probability 0.5
                 continue
-            level = max(0.0, min(rng.gauss(self.magnitude, self.std), 10.0)) / 10  # in [0, 1]
+            level = max(0.0, min(rng.gauss(9.0, 0.5), 10.0)) / 10  # in [0, 1]
             img = self.apply(img, name, level, rng)
         return img
 
@@ -376,11 +371,9 @@ class RandAugment:
         """One op at `level` in [0, 1] (timm's magnitude / 10), on a PIL RGB image."""
         def signed(v):  # timm's _randomly_negate
             return -v if rng.random() > 0.5 else v
-        TF = T.functional
-        if name in ('AutoContrast', 'Equalize', 'Invert'):
-            ops = {'AutoContrast': TF.autocontrast, 'Equalize': TF.equalize, 'Invert': TF.invert}
-            op = ops[name]
-            return op(img)
+        plain = {'AutoContrast': TF.autocontrast, 'Equalize': TF.equalize, 'Invert': TF.invert}
+        if name in plain:
+            return plain[name](img)
         if name == 'Rotate':                                      # up to 30 degrees
             return TF.rotate(img, signed(level * 30), T.InterpolationMode.BICUBIC, fill=self.fill)
         if name == 'PosterizeIncreasing':                         # keep 4 down to 0 bits
@@ -405,8 +398,7 @@ class RandAugment:
         return img.transform(img.size, Image.AFFINE, matrix, Image.BICUBIC, fillcolor=self.fill)
 
 
-def photometric_distortion(img, rng, brightness=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5),
-                           hue=18):
+def photometric_distortion(img, rng):
     """mmseg 0.x's PhotoMetricDistortion on a uint8 (3, H, W) image: each step with probability 0.5,
     in its order: brightness +- 32, contrast x 0.5-1.5 (before or after the colour steps, at
     random), saturation x 0.5-1.5 and hue +- 18 of OpenCV's 180 (computed in float here: mmseg
@@ -414,22 +406,22 @@ def photometric_distortion(img, rng, brightness=32, contrast=(0.5, 1.5), saturat
     def convert(x, alpha=1.0, beta=0.0):  # mmseg's convert: scale, shift, clip, back to uint8
         return (x.float() * alpha + beta).clamp(0, 255).to(torch.uint8)
     if rng.randint(0, 1):
-        img = convert(img, beta=rng.uniform(-brightness, brightness))
+        img = convert(img, beta=rng.uniform(-32, 32))
     contrast_first = rng.randint(0, 1)
     if contrast_first and rng.randint(0, 1):
-        img = convert(img, alpha=rng.uniform(*contrast))
+        img = convert(img, alpha=rng.uniform(0.5, 1.5))
     if rng.randint(0, 1):  # HSV saturation x alpha, same hue and value: each channel moves from V
         x = img.float()
         v, low = x.max(0).values, x.min(0).values
         sat = torch.where(v > 0, (v - low) / v.clamp(min=1), torch.zeros_like(v))
-        new = (sat * rng.uniform(*saturation)).clamp(max=1)
+        new = (sat * rng.uniform(0.5, 1.5)).clamp(max=1)
         ratio = torch.where(sat > 0, new / sat.clamp(min=1e-12), torch.ones_like(sat))
         img = (v - (v - x) * ratio).round().clamp(0, 255).to(torch.uint8)
     if rng.randint(0, 1):
-        shift = rng.randint(-hue, hue - 1)  # numpy's randint, in mmseg, excludes hue
-        img = T.functional.adjust_hue(img, shift / 180)
+        shift = rng.randint(-18, 17)  # numpy's randint, in mmseg, excludes 18
+        img = TF.adjust_hue(img, shift / 180)
     if not contrast_first and rng.randint(0, 1):
-        img = convert(img, alpha=rng.uniform(*contrast))
+        img = convert(img, alpha=rng.uniform(0.5, 1.5))
     return img
 
 
@@ -441,16 +433,16 @@ class SegTransform:
     colour after normalising, mask 255). Eval: resize to fit (4S, S); the mask is returned at its
     original size, where the prediction is scored."""
 
-    def __init__(self, size, train, cat_max_ratio=0.75):
-        self.size, self.train, self.cat_max_ratio = size, train, cat_max_ratio
+    def __init__(self, size, train):
+        self.size, self.train = size, train
         self.norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
     def resize(self, img, mask, ratio=1.0):  # mmcv's imrescale: the largest size within (4S, S)
         (H, W), S = img.shape[1:], self.size * ratio
         f = min(4 * S / max(H, W), S / min(H, W))
         h, w = int(H * f + 0.5), int(W * f + 0.5)
-        img = T.functional.resize(img, [h, w], T.InterpolationMode.BILINEAR, antialias=False)
-        return img, T.functional.resize(mask[None], [h, w], T.InterpolationMode.NEAREST)[0]
+        img = TF.resize(img, [h, w], T.InterpolationMode.BILINEAR, antialias=False)
+        return img, TF.resize(mask[None], [h, w], T.InterpolationMode.NEAREST)[0]
 
     def crop_box(self, mask, rng):
         S, (H, W) = self.size, mask.shape
@@ -459,17 +451,17 @@ class SegTransform:
             labels = mask[y:y + S, x:x + S]
             counts = torch.bincount(labels[labels != 255].flatten())
             counts = counts[counts > 0]
-            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+            if len(counts) > 1 and counts.max() / counts.sum() < 0.75:  # cat_max_ratio
                 break
         return y, x
 
     def __call__(self, item, rng):
-        img, mask = T.functional.pil_to_tensor(rgb(item[0])), item[1]
+        img, mask = TF.pil_to_tensor(rgb(item[0])), item[1]
         if not self.train:
             return self.norm(self.resize(img, mask)[0].float() / 255), mask
         img, mask = self.resize(img, mask, rng.uniform(0.5, 2.0))
         y, x = self.crop_box(mask, rng)
-        img, mask = img[:, y:y + self.size, x:x + self.size], mask[y:y + self.size, x:x + self.size]
+        img, mask = (t[..., y:y + self.size, x:x + self.size] for t in (img, mask))
         if rng.random() < 0.5:
             img, mask = img.flip(-1), mask.flip(-1)
         img = self.norm(photometric_distortion(img, rng).float() / 255)
@@ -528,8 +520,9 @@ def make_loader(dataset, transform, cfg, env):
     """This rank's shuffled loader of `dataset` through `transform` (engine.stream runs it epoch by
     epoch)."""
     ds = Augmented(dataset, transform, cfg.seed)
-    sampler = ResumableSampler(ds, env.world, env.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+    return DataLoader(ds, batch_size=cfg.batch_size, drop_last=True,
+                      sampler=ResumableSampler(ds, env.world, env.rank, shuffle=True, seed=cfg.seed,
+                                               drop_last=True),
                       num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                       pin_memory=env.device.type == 'cuda',
                       generator=torch.Generator())  # leaves the global RNG alone (exact resume)

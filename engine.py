@@ -33,9 +33,8 @@ from settings import die
 
 
 def cpu_has_fast_bf16():  # AVX-512 BF16 or AMX (Linux); elsewhere bf16 is emulated, ~5x slower
-    if not os.path.exists('/proc/cpuinfo'):
-        return False
-    return bool(re.search(r'avx512_bf16|amx_bf16', open('/proc/cpuinfo').read()))
+    return (os.path.exists('/proc/cpuinfo')
+            and bool(re.search(r'avx512_bf16|amx_bf16', open('/proc/cpuinfo').read())))
 
 
 class Env:
@@ -73,8 +72,8 @@ class Env:
             signal.signal(s, functools.partial(on_signal, os.getpid()))
 
     def autocast(self):
-        on = self.amp_dtype is not None
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=on)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype,
+                              enabled=self.amp_dtype is not None)
 
     def target_autocast(self):
         """Pretraining targets: fp16 on CUDA under mixed precision, as the official engine (bf16
@@ -170,21 +169,30 @@ def param_groups(model, weight_decay, layer_decay=1.0, depth=0,
             continue
         no_wd = p.ndim <= 1 or name.endswith('.bias') or name.split('.')[-1] in no_decay
         lid = layer_id(name, depth)
-        scale = layer_decay ** (depth + 1 - lid)
         if (lid, no_wd) not in groups:
-            wd = 0.0 if no_wd else weight_decay
-            groups[lid, no_wd] = dict(params=[], weight_decay=wd, lr_scale=scale)
+            groups[lid, no_wd] = dict(params=[], weight_decay=0.0 if no_wd else weight_decay,
+                                      lr_scale=layer_decay ** (depth + 1 - lid))
         groups[lid, no_wd]['params'].append(p)
     return list(groups.values())
 
 
-def get_lr(step, cfg, peak):
-    """The lr of a step: linear warmup from 0 to `peak`, then down to --min_lr by a cosine, per step
-    (official cosine_scheduler). 'poly': mmcv's PolyLrUpdaterHook, power 1 (the official
+def adamw(model, cfg, lr, **groups):
+    """AdamW on param_groups(model, cfg.weight_decay, **groups) at peak lr `lr`, with --betas;
+    fused: one kernel per step."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, **groups), lr=lr,
+                             betas=cfg.betas, fused=True)
+
+
+def get_lr(step, cfg, lr):
+    """The lr of a step: linear warmup from 0 to `lr` (the peak), then down to --min_lr by a cosine,
+    per step (official cosine_scheduler). 'poly': mmcv's PolyLrUpdaterHook, power 1 (the official
     segmentation schedule): a linear decay over all steps, its linear warmup (ratio 1e-6) scaling
     it. 'cosine_epoch': torch's CosineAnnealingLR stepped once per epoch, no warmup (BEiT v1's
     linear probe)."""
-    lr, min_lr, steps, warmup = peak, cfg.min_lr, cfg.steps, cfg.warmup_steps
+    min_lr, steps, warmup = cfg.min_lr, cfg.steps, cfg.warmup_steps
+
+    def cosine(angle):  # lr at angle 0 down to min_lr at pi
+        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(angle))
     if cfg.schedule == 'poly':
         decayed = min_lr + (lr - min_lr) * (1 - step / steps)
         if step < warmup:
@@ -192,19 +200,19 @@ def get_lr(step, cfg, peak):
         return decayed
     if cfg.schedule == 'cosine_epoch':
         epoch = step * cfg.epochs // steps
-        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+        return cosine(math.pi * epoch / cfg.epochs)
     if step < warmup:
         return lr * step / warmup
     t = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+    return cosine(math.pi * t)
 
 
 def optimizer_step(env, optimizer, clip_grad):
     """Unscale (fp16), clip (0 = no clip; the norm is measured anyway), step, zero the grads. -> the
     gradient norm, a tensor: reading it would make the host wait for the device."""
     env.scaler.unscale_(optimizer)
-    params = [p for g in optimizer.param_groups for p in g['params']]
-    gnorm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float('inf'))
+    gnorm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']],
+                                           clip_grad or float('inf'))
     env.scaler.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
     env.scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -243,17 +251,20 @@ def read_tokenizer(path, device):
         die(f'tokenizer {path}: {e}')
 
 
-def read_backbone(path, **changes):
-    """beitv2.load_backbone of a file (ours, official, timm's), or one line saying why not."""
+def read_backbone(path, ckpt=None, **changes):
+    """beitv2.load_backbone of a file (ours, official, timm's), or of `ckpt` (made of the file at
+    `path`), or one line saying why not."""
+    if ckpt is None:
+        ckpt = read_checkpoint(path)
     try:
-        return beitv2.load_backbone(read_checkpoint(path), **changes)
+        return beitv2.load_backbone(ckpt, **changes)
     except (ValueError, KeyError) as e:
         die(f'{path}: {e}')
 
 
 def rng_state():  # this process's RNG states as tensors (the checkpoint loads with weights_only)
-    python = torch.tensor(random.getstate()[1], dtype=torch.int64)
-    s = dict(torch=torch.get_rng_state(), python=python)
+    s = dict(torch=torch.get_rng_state(),
+             python=torch.tensor(random.getstate()[1], dtype=torch.int64))
     if torch.cuda.is_available():
         s['cuda'] = torch.cuda.get_rng_state()
     return s
@@ -396,8 +407,9 @@ class Logger:
             return
         with open(self.path, 'a') as f:
             f.write(json.dumps(dict(row, step=step)) + '\n')
-        shown = [f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()]
-        print(f'step {step}{total and f"/{total}"} | ' + ' | '.join(shown), flush=True)
+        print(f'step {step}{total and f"/{total}"} | ' + ' | '.join(
+            f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()),
+              flush=True)
 
 
 PROGRESS_EVERY = 10.0  # seconds
@@ -457,9 +469,9 @@ def plan(cfg, env, loader, optimizer):
         elif epochs:
             env.print(f"note: --{key}={getattr(cfg, key)} replaces the preset's {epochs} epochs "
                       f'({epochs * steps_per_epoch} steps)')
-    changed = [f'{f.name}={getattr(cfg, f.name)!r}' for f in fields(cfg)
-               if getattr(cfg, f.name) != f.default]
-    env.print('settings other than the defaults: ' + ', '.join(changed))
+    env.print('settings other than the defaults: ' + ', '.join(
+        f'{f.name}={getattr(cfg, f.name)!r}' for f in fields(cfg)
+        if getattr(cfg, f.name) != f.default))
     peak = optimizer.defaults['lr'] * max(g['lr_scale'] for g in optimizer.param_groups)
     env.print(f'{env.world} rank(s) on {env.device}, {env.dtype}; effective batch {per_step} '
               f'({cfg.batch_size} x {cfg.accum} accum x {env.world}); {steps_per_epoch} steps per '
@@ -510,17 +522,15 @@ def fit(cfg, env, model, optimizer, loader, train_step, score=None, at_log=None)
     run = torch.compile(ddp) if cfg.compile else ddp
     batches = stream(loader, step, cfg.accum)
     log = Logger(cfg.out_dir, env, step)
-    images_per_step = cfg.batch_size * cfg.accum * env.world
     bad = torch.zeros((), dtype=torch.long, device=env.device)  # the first non-finite step
     t0 = t_log = time.time()
     waited = 0.0  # seconds spent waiting for batches since the last log line
     graceful, stop_signal = not env.ddp, 0
 
     def save(name, **state):
-        path = os.path.join(cfg.out_dir, name)
-        model_config = asdict(model.cfg) if model.cfg else None
-        save_checkpoint(path, env, model=model.state_dict(), step=step, config=asdict(cfg),
-                        model_config=model_config, stage=script_name(cfg), inputs=inputs, **state)
+        save_checkpoint(os.path.join(cfg.out_dir, name), env, model=model.state_dict(), step=step,
+                        config=asdict(cfg), model_config=asdict(model.cfg) if model.cfg else None,
+                        stage=script_name(cfg), inputs=inputs, **state)
 
     def evaluate():  # -> the scores; the best so far kept, with --eval_every its weights too
         nonlocal best
@@ -573,9 +583,10 @@ def fit(cfg, env, model, optimizer, loader, train_step, score=None, at_log=None)
             if at_log:
                 row.update(at_log(step))
             elapsed = time.time() - t_log
-            lr_now = max(g['lr'] for g in optimizer.param_groups)
-            row.update(lr=lr_now, gnorm=numbers[1], data_wait=waited / elapsed,
-                       img_per_s=images_per_step * (step - start) / (time.time() - t0),
+            row.update(lr=max(g['lr'] for g in optimizer.param_groups), gnorm=numbers[1],
+                       data_wait=waited / elapsed,
+                       img_per_s=cfg.batch_size * cfg.accum * env.world * (step - start)
+                       / (time.time() - t0),
                        eta_min=(cfg.steps - step) * (time.time() - t0) / (step - start) / 60)
             log(step, row, cfg.steps)
             if waited > elapsed / 2:
@@ -603,8 +614,8 @@ def fit(cfg, env, model, optimizer, loader, train_step, score=None, at_log=None)
         return dict(step=step)
     if step == start:  # a complete run, resumed: its scores again
         scores = evaluate()
-    best_of = {f'best_{k}': v for k, v in best.items() if k == next(iter(scores))}
-    return dict(step=step, **scores, **best_of, best_step=best['step'])
+    first = next(iter(scores))  # the score that judges the best
+    return dict(step=step, **scores, **{f'best_{first}': best[first]}, best_step=best['step'])
 
 
 def check_finite(bad, model, cfg):
@@ -612,8 +623,7 @@ def check_finite(bad, model, cfg):
     what the last checkpoint holds: it may have diverged already."""
     step = bad.item()
     if not step and model is not None:
-        finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
-        if not finite:
+        if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
             step = 'this one'
     if not step:
         return
@@ -622,8 +632,8 @@ def check_finite(bad, model, cfg):
         die(f'non-finite loss at step {step}: stopping; no checkpoint was written yet (lower '
             '--lr?)')
     ckpt = read_checkpoint(path)
-    weights = [v for v in ckpt['model'].values() if v.is_floating_point() and v.numel()]
-    w = max(v.abs().max().item() for v in weights)
+    w = max(v.abs().max().item() for v in ckpt['model'].values()
+            if v.is_floating_point() and v.numel())
     held = 'non-finite weights' if not math.isfinite(w) else f'weights up to |w| = {w:.3g}'
     die(f'non-finite loss at step {step}: stopping; the last checkpoint, {path} (step '
         f'{ckpt["step"]}), holds {held} (lower --lr?)')

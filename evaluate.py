@@ -162,16 +162,12 @@ def random_arch(cfg):
 def load_backbone(cfg, **changes):
     """The ViT --backbone names: the checkpoint's, or (random) the same architecture at the official
     init, what pretraining started from; `changes` as beitv2.load_backbone's."""
+    ckpt = None  # read from --checkpoint
     if cfg.backbone == 'random':
         arch = random_arch(cfg)
         torch.manual_seed(cfg.seed)
         ckpt = dict(model=beitv2.BEiTv2(beitv2.BEiTConfig(**arch)).state_dict(), model_config=arch)
-    else:
-        ckpt = engine.read_checkpoint(cfg.checkpoint)
-    try:
-        return beitv2.load_backbone(ckpt, img_size=cfg.img_size, **changes)
-    except (ValueError, KeyError) as e:
-        die(f'{cfg.checkpoint}: {e}')
+    return engine.read_backbone(cfg.checkpoint, ckpt, img_size=cfg.img_size, **changes)
 
 
 Pixels = nn.Flatten  # the raw-pixel baseline: the (normalised) image itself is the feature vector
@@ -199,8 +195,10 @@ def pooled(backbone, images, cfg):
 # -------------------------------------------------------- what the modes share
 
 
-def train(cfg, env, model, optimizer, dataset, transform, train_step, score):
-    """A trained mode's run: its loader and plan, then engine.fit (its result)."""
+def train(cfg, env, model, optimizer, dataset, transform, loss, val, score):
+    """A trained mode's run: its loader and plan, then engine.fit (its result). loss(model, x, y):
+    a batch's loss, on the device; score(model, val, cfg, env): the val split's scores (val None:
+    no scoring)."""
     if cfg.labels != 'all':
         dataset = data.labelled(dataset, cfg.labels, cfg.seed)
         env.print(f'labels: {len(dataset)} training images, {cfg.labels} of each class')
@@ -208,7 +206,15 @@ def train(cfg, env, model, optimizer, dataset, transform, train_step, score):
     steps_per_epoch = engine.plan(cfg, env, loader, optimizer)
     if cfg.eval_every is None:  # each epoch of an epoch recipe, as the official fine-tuning
         cfg.eval_every = steps_per_epoch if cfg.epochs else 0
-    return engine.fit(cfg, env, model, optimizer, loader, train_step, score)
+
+    def train_step(model, batch):
+        x, y = (t.to(env.device) for t in batch)
+        return loss(model, x, y), {}
+
+    def scores(model):
+        return score(model, val, cfg, env)
+    return engine.fit(cfg, env, model, optimizer, loader, train_step,
+                      None if val is None else scores)
 
 
 def topk_acc(scores, y, ks=(1, 5)):  # top-k for each k that is at most the number of classes
@@ -229,9 +235,9 @@ def classify(model, val, cfg, env, restrict=None):
         if restrict is not None:
             out = out[..., restrict.to(out.device)]
         return out
-    crops = data.Mapped(val, data.eval_transform(cfg.img_size))
-    scores, y = engine.gather(fn, crops, cfg, env, 'scoring the val split')
-    res = [topk_acc(scores[:, h], y) for h in range(scores.shape[1])]
+    scores, y = engine.gather(fn, data.Mapped(val, data.eval_transform(cfg.img_size)), cfg, env,
+                              'scoring the val split')
+    res = [topk_acc(head, y) for head in scores.unbind(1)]
     if len(res) == 1:
         return res[0]
     best = max(range(len(res)), key=lambda h: res[h]['top1'])
@@ -249,9 +255,8 @@ def record(cfg, env, result):  # one line of OUT_DIR/result.json (plot.py draws 
 class LARS(torch.optim.Optimizer):
     """SGD with layer-wise adaptive rate scaling (MAE's linear probe); 1-D parameters plain SGD."""
 
-    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust=0.001):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust)
-        super().__init__(params, defaults)
+    def __init__(self, params, lr=0.0):  # MAE's: momentum 0.9, trust coefficient 0.001
+        super().__init__(params, dict(lr=lr, weight_decay=0.0, momentum=0.9, trust=0.001))
 
     @torch.no_grad()
     def step(self):
@@ -284,8 +289,8 @@ class Probe(nn.Module):
         if settings.linear_recipe == 'beit' and L > 1:
             self.heads = nn.ModuleList(nn.Linear(2 * D, num_classes) for _ in range(L))
         else:
-            head = nn.Sequential(nn.BatchNorm1d(D, affine=False), nn.Linear(D, num_classes))
-            self.heads = nn.ModuleList([head])
+            self.heads = nn.ModuleList([nn.Sequential(nn.BatchNorm1d(D, affine=False),
+                                                      nn.Linear(D, num_classes))])
         for m in self.heads.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.01)
@@ -308,8 +313,8 @@ def run_linear(cfg, env):
     train_set = data.build_dataset(cfg.data, 'train', cfg.img_size)
     val = data.build_dataset(cfg.data, 'val', cfg.img_size)
     model = Probe(backbone, cfg, len(train_set.classes)).to(env.device)
-    heads = list(model.heads.parameters())
-    groups = [dict(params=heads, weight_decay=cfg.weight_decay, lr_scale=1.0)]
+    groups = [dict(params=list(model.heads.parameters()), weight_decay=cfg.weight_decay,
+                   lr_scale=1.0)]
     if cfg.linear_recipe == 'beit':
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     else:
@@ -317,39 +322,35 @@ def run_linear(cfg, env):
     bilinear = cfg.linear_recipe == 'beit'  # BEiT v1's probe crops bilinear; MAE's bicubic
     crops = data.TrainTransform(cfg.img_size, cfg.min_crop_scale, bilinear)
 
-    def train_step(model, batch):
-        x, y = batch[0].to(env.device), batch[1].to(env.device)
-        return sum(F.cross_entropy(logits, y) for logits in model(x)), {}
-
-    def score(model):
-        return classify(model, val, cfg, env)
-    return train(cfg, env, model, optimizer, train_set, crops, train_step, score)
+    def loss(model, x, y):
+        return sum(F.cross_entropy(logits, y) for logits in model(x))
+    return train(cfg, env, model, optimizer, train_set, crops, loss, val, classify)
 
 # ------------------------------------------------------------------------ k-NN
 
 
-def knn_classify(train_f, train_y, test_f, k=20, t=0.07, num_classes=None, chunk=256):
+def knn_classify(train_f, train_y, test_f, k=20, t=0.07):
     """Weighted k-NN (DINO): cosine similarity, the top-k neighbours vote with exp(sim / t)."""
-    num_classes = num_classes or int(train_y.max()) + 1
+    num_classes = int(train_y.max()) + 1
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
     scores = []
-    for q in test_f.split(chunk):
+    for q in test_f.split(256):  # 256 queries at a time
         sim, nn_idx = (q @ train_f.t()).topk(min(k, len(train_f)), dim=1)
-        votes = torch.zeros(len(q), num_classes, device=q.device)
         weights = ((sim - sim[:, :1]) / t).exp()  # each query's scale: no overflow
-        scores.append(votes.scatter_add_(1, train_y[nn_idx], weights))
+        scores.append(torch.zeros(len(q), num_classes, device=q.device)
+                      .scatter_add_(1, train_y[nn_idx], weights))
     return torch.cat(scores)
 
 
 def run_knn(cfg, env):
     backbone = feature_backbone(cfg).to(env.device).eval()
-    feats = {}
+    feats = []
     for split in ('train', 'val'):
         images = data.Mapped(data.build_dataset(cfg.data, split, cfg.img_size),
                              data.eval_transform(cfg.img_size))
-        feats[split] = engine.gather(lambda x: pooled(backbone, x, cfg), images, cfg, env,
-                               f'k-NN {split}')
-    (train_f, train_y), (val_f, val_y) = feats['train'], feats['val']
+        feats.append(engine.gather(lambda x: pooled(backbone, x, cfg), images, cfg, env,
+                                   f'k-NN {split}'))
+    (train_f, train_y), (val_f, val_y) = feats
     return topk_acc(knn_classify(train_f, train_y, val_f, cfg.knn_k, cfg.knn_t), val_y)
 
 # ---------------------------------------------------- compare: the quick start
@@ -385,9 +386,8 @@ def run_compare(cfg, env):
                 env.print(f'  {what:12s} {name:11s} seed {seed}: top-1 {top1:.1f}')
                 record(cfg, env, dict(mode='compare_run', checkpoint=cfg.checkpoint, backbone=name,
                                       probe=what, seed=seed, top1=top1, chance=100 / classes))
-    means = {}
-    for what, row in table.items():
-        means[what] = {name: sum(v) / len(v) for name, v in row.items()}
+    means = {what: {name: sum(v) / len(v) for name, v in row.items()}
+             for what, row in table.items()}
     line = '; '.join(f'{what}: ' + ' | '.join(f'{name} {m:.1f}' for name, m in row.items())
                      for what, row in means.items())
     env.print(f'top-1 % (chance {100 / classes:.1f}), mean of {cfg.seeds} seed(s): {line}')
@@ -397,8 +397,7 @@ def run_compare(cfg, env):
 
 
 def head_size(path):  # the classes of a file's classification head; 0 without one
-    head = beitv2.state_dict_of(engine.read_checkpoint(path)).get('head.weight')
-    return 0 if head is None else len(head)
+    return len(beitv2.state_dict_of(engine.read_checkpoint(path)).get('head.weight', ()))
 
 
 def run_finetune(cfg, env):
@@ -415,29 +414,21 @@ def run_finetune(cfg, env):
     model = load_backbone(cfg, num_classes=classes, drop_path=cfg.drop_path).to(env.device)
     if cfg.eval_only:
         return classify(model, val, cfg, env)
-    groups = engine.param_groups(model, cfg.weight_decay, cfg.layer_decay, model.cfg.depth)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
-    mixes = []
-    if cfg.mixup > 0:
-        mixes.append(T2.MixUp(alpha=cfg.mixup, num_classes=classes))
-    if cfg.cutmix > 0:
-        mixes.append(T2.CutMix(alpha=cfg.cutmix, num_classes=classes))
+    optimizer = engine.adamw(model, cfg, cfg.lr, layer_decay=cfg.layer_decay, depth=model.cfg.depth)
+    mixes = [kind(alpha=alpha, num_classes=classes)  # the ones switched on
+             for kind, alpha in ((T2.MixUp, cfg.mixup), (T2.CutMix, cfg.cutmix)) if alpha > 0]
     mix = T2.RandomChoice(mixes) if mixes else None  # one of the two per batch, at random
     crops = data.TrainTransform(cfg.img_size, cfg.min_crop_scale, randaug=cfg.randaug,
                                 reprob=cfg.reprob)
 
-    def train_step(model, batch):
-        x, y = batch[0].to(env.device), batch[1].to(env.device)
+    def loss(model, x, y):
         if mix:
             x, soft = mix(x, y)
         else:
             soft = F.one_hot(y, classes).float()
         # label smoothing on the mixed targets, as timm's Mixup
-        return F.cross_entropy(model(x).float(), soft, label_smoothing=cfg.smoothing), {}
-
-    def score(model):
-        return classify(model, val, cfg, env)
-    return train(cfg, env, model, optimizer, train_set, crops, train_step, score if val else None)
+        return F.cross_entropy(model(x).float(), soft, label_smoothing=cfg.smoothing)
+    return train(cfg, env, model, optimizer, train_set, crops, loss, val, classify)
 
 
 # robustness (paper Table 2, official --robust_test): ImageNet-A and ImageNet-R hold 200 of the 1000
@@ -498,10 +489,8 @@ def segment_score(model, val, cfg, env):
             all_logits = upernet.sliding_window(model, images, val.num_classes, cfg.img_size,
                                                 stride, cfg.batch_size)
         for logits, (_, mask) in zip(all_logits, pairs):
-            logits = F.interpolate(logits[None], size=mask.shape, mode='bilinear',
-                                   align_corners=False)
-            pred, mask = logits[0].argmax(0).flatten(), mask.to(env.device).flatten()
-            conf += upernet.confusion(pred, mask, val.num_classes)
+            logits = F.interpolate(logits[None], size=mask.shape, mode='bilinear')
+            conf += upernet.confusion(logits[0].argmax(0), mask.to(env.device), val.num_classes)
         tick(n + len(pairs))
     return upernet.seg_scores(env.all_reduce(conf))
 
@@ -517,20 +506,15 @@ def run_segment(cfg, env):
     if env.ddp and env.device.type == 'cuda':
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # the official mmseg run: 'backbone.cls_token' misses its no-decay name test, so it IS decayed
-    groups = engine.param_groups(model, cfg.weight_decay, cfg.layer_decay, backbone.cfg.depth,
-                                 no_decay=())
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
+    optimizer = engine.adamw(model, cfg, cfg.lr, layer_decay=cfg.layer_decay,
+                             depth=backbone.cfg.depth, no_decay=())
 
-    def train_step(model, batch):
-        x, y = batch[0].to(env.device), batch[1].to(env.device)
+    def loss(model, x, y):
         logits, aux = model(x)
         # the auxiliary FCN head's loss, weight 0.4 (official)
-        return upernet.seg_loss(logits, y) + 0.4 * upernet.seg_loss(aux, y), {}
-
-    def score(model):
-        return segment_score(model, val, cfg, env)
-    crops = data.SegTransform(cfg.img_size, True)
-    return train(cfg, env, model, optimizer, train_set, crops, train_step, score)
+        return upernet.seg_loss(logits, y) + 0.4 * upernet.seg_loss(aux, y)
+    return train(cfg, env, model, optimizer, train_set, data.SegTransform(cfg.img_size, True),
+                 loss, val, segment_score)
 
 
 def check_seg_layers(cfg, depth):
@@ -558,12 +542,11 @@ def trained_segmenter(cfg, ckpt):
             '--mode=segment')
     vit, heads = upernet.split_mmseg(sd)
     classes, channels = heads['decode_head.conv_seg.weight'].shape[:2]
-    arch = dict(model=vit, model_config=ckpt.get('model_config'))
-    try:
-        backbone = beitv2.load_backbone(arch, img_size=cfg.img_size, rel_pos='per_block',
-                                        fc_norm=True, depth=beitv2.count_blocks(vit))
-    except (ValueError, KeyError) as e:
-        die(f'{cfg.checkpoint}: {e}')
+    backbone = engine.read_backbone(cfg.checkpoint,
+                                    dict(model=vit, model_config=ckpt.get('model_config')),
+                                    img_size=cfg.img_size,
+                                    rel_pos='per_block', fc_norm=True,
+                                    depth=beitv2.count_blocks(vit))
     check_seg_layers(cfg, backbone.cfg.depth)
     model = upernet.Segmenter(backbone, cfg.seg_layers, classes, channels)
     missing, unexpected = model.load_state_dict(heads, strict=False)
@@ -587,12 +570,11 @@ def main(argv=None):
         suffix = '' if cfg.backbone == 'checkpoint' else '_' + cfg.backbone
         cfg.out_dir = os.path.join('out', 'eval', cfg.mode + suffix)
     env = engine.Env(cfg.device, cfg.dtype, cfg.seed, cfg.out_dir, cfg.compile)
-    modes = dict(linear=run_linear, knn=run_knn, compare=run_compare, finetune=run_finetune,
-                 segment=run_segment)
-    result = modes[cfg.mode](cfg, env)
+    result = dict(linear=run_linear, knn=run_knn, compare=run_compare, finetune=run_finetune,
+                  segment=run_segment)[cfg.mode](cfg, env)
     if cfg.mode != 'compare':  # compare printed its own table
-        shown = [f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in result.items()]
-        env.print(f'{cfg.mode}: ' + ', '.join(shown))
+        env.print(f'{cfg.mode}: ' + ', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
+                                              for k, v in result.items()))
     record(cfg, env, dict(mode=cfg.mode, checkpoint=cfg.checkpoint, backbone=cfg.backbone,
                           **result))
     env.close()
@@ -602,9 +584,8 @@ def main(argv=None):
 def trained_img_size(path):
     """The input size a backbone file was trained at: ours save it; others say it by their
     shapes."""
-    ckpt = engine.read_checkpoint(path)
     try:
-        return beitv2.backbone_config(ckpt).img_size
+        return beitv2.backbone_config(engine.read_checkpoint(path)).img_size
     except (ValueError, KeyError):
         die(f'{path} does not say its input size: give --img_size')
 

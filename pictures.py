@@ -25,10 +25,6 @@ import settings
 from settings import at_least, die, one_of
 
 
-def query_ok(v):
-    return re.fullmatch(r'cls|\d+,\d+', v)
-
-
 @dataclass
 class Config:
     preset: str = 'demo'  # the only one: the settings below
@@ -44,7 +40,7 @@ class Config:
     img_size: int = at_least(1, None)
     layer: int = -1  # attention: the block (0-based); -1 = the last
     # attention: the token that attends: [CLS], or the patch at ROW,COL (0-based)
-    query: str = settings.rule('cls', 'cls or ROW,COL', query_ok)
+    query: str = settings.rule('cls', 'cls or ROW,COL', lambda v: re.fullmatch(r'cls|\d+,\d+', v))
     batch_size: int = at_least(1, 64)  # codebook: images encoded at a time
     device: str = ''  # '' = cuda if there is one; cpu forces the CPU
     out_dir: str = 'out/pictures'  # where the pictures go
@@ -72,18 +68,16 @@ def attention_probs(backbone, images, layer):
         x = backbone.with_cls(backbone.patches(images))
     blk = backbone.blocks[layer]
     q, k, _ = blk.attn.heads(blk.norm1(x))                        # each (B, nh, N, hs)
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)      # (B, nh, N, N)
+    bias = backbone.shared_pos_bias()                             # None without a shared table
     if blk.attn.has_table:
-        logits = logits + beitv2.pos_bias_from_table(blk.attn)
-    elif backbone.rel_pos_bias is not None:
-        logits = logits + backbone.shared_pos_bias()
-    return logits.softmax(-1)
+        bias = beitv2.pos_bias_from_table(blk.attn)
+    return beitv2.attention_probs(q, k, bias)
 
 
 def heat(image, a, box=None):
     """Overlay a map a (h, w) in [0, 1] on image (3, S, S): black -> red -> yellow; box = the
     (row, col, patch) to outline in cyan."""
-    a = F.interpolate(a[None, None], size=image.shape[1:], mode='nearest')[0, 0]
+    a = F.interpolate(a[None, None], size=image.shape[1:])[0, 0]  # nearest, the default
     colour = torch.stack([(2 * a).clamp(max=1), (2 * a - 1).clamp(min=0), torch.zeros_like(a)])
     out = 0.35 * image + 0.65 * colour
     if box is not None:
@@ -91,7 +85,7 @@ def heat(image, a, box=None):
         edge = torch.zeros_like(a, dtype=torch.bool)
         edge[r * p:(r + 1) * p, c * p:(c + 1) * p] = True
         edge[r * p + 1:(r + 1) * p - 1, c * p + 1:(c + 1) * p - 1] = False  # the patch's outline
-        out = torch.where(edge, out.new_tensor([0.0, 1, 1])[:, None, None], out)
+        out[:, edge] = out.new_tensor([0.0, 1, 1])[:, None]
     return out
 
 
@@ -101,11 +95,12 @@ def run_attention(cfg, env):
     the relative position tables are resized as for fine-tuning)."""
     backbone = engine.read_backbone(cfg.checkpoint, img_size=cfg.img_size).to(env.device).eval()
     (h, w), p = backbone.grid, backbone.cfg.patch_size
-    row = col = None
+    q, box = 0, None  # [CLS]: token 0, no box
     if cfg.query != 'cls':
         row, col = map(int, cfg.query.split(','))
         if not (row < h and col < w):
             die(f'--query {row},{col} is outside the {h}x{w} patch grid')
+        q, box = 1 + row * w + col, (row, col, p)
     try:
         layer = beitv2.block_index(cfg.layer, backbone.cfg.depth)
     except ValueError as e:
@@ -113,13 +108,11 @@ def run_attention(cfg, env):
     shown = picture_input(cfg, backbone.cfg.img_size)
     x = data.normalize(shown.clone()).to(env.device)
     probs = attention_probs(backbone, x, layer)[0].float().cpu()      # (nh, N, N)
-    q = 0 if row is None else 1 + row * w + col
     maps = probs[:, q, 1:].view(-1, h, w)                              # (nh, h, w) over patches
     maps = maps / maps.flatten(1).max(1).values[:, None, None]         # each head to [0, 1]
-    box = None if row is None else (row, col, p)
-    tiles = [shown[0]] + [heat(shown[0], m, box) for m in maps]
     path = os.path.join(cfg.out_dir, 'attention.png')
-    save_titled(torch.stack(tiles), path, f'{cfg.checkpoint}, block {layer}: where {cfg.query} '
+    save_titled(torch.stack([shown[0]] + [heat(shown[0], m, box) for m in maps]), path,
+                f'{cfg.checkpoint}, block {layer}: where {cfg.query} '
                 f'attends (the image, then heads 1-{len(maps)}, each from black = none to yellow = '
                 'its most; cyan box: the query patch)')
     top = [int(m.flatten().argmax()) for m in maps]
@@ -134,25 +127,25 @@ def code_maps(codes, tok, size):
     picture."""
     palette = torch.rand(tok.cfg.codebook_size, 3, generator=torch.Generator().manual_seed(0))
     colours = palette.to(codes.device)[codes].view(-1, *tok.grid, 3).permute(0, 3, 1, 2)
-    return F.interpolate(colours, size=size, mode='nearest')
+    return F.interpolate(colours, size=size)  # nearest
 
 
 @torch.no_grad()
-def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
+def run_codebook(cfg, env, per_code=16):
     """The paper's codebook picture: image patches grouped by the code they get (the most used
     codes, one row each), and token maps (each code a colour) beside a few images."""
     tok = engine.read_tokenizer(cfg.checkpoint, env.device)
     val = data.build_dataset(cfg.data, 'val', tok.cfg.img_size)
     crop = data.eval_transform(tok.cfg.img_size, normalized=False)
-    images = torch.stack([crop(data.rgb(val[i][0])) for i in range(min(n_images, len(val)))])
+    images = torch.stack([crop(data.rgb(val[i][0])) for i in range(min(512, len(val)))])
     images = images.to(env.device)
     codes = torch.cat([tok.encode(x) for x in images.split(cfg.batch_size)])   # (n, N)
     p = tok.cfg.patch_size
-    patches = images.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, p, p)
+    patches = F.unfold(images, p, stride=p).transpose(1, 2).reshape(-1, 3, p, p)  # row-major
     flat = codes.flatten()
     counts = torch.bincount(flat, minlength=tok.cfg.codebook_size)
     rows = []
-    for c in counts.topk(n_codes).indices:
+    for c in counts.topk(16).indices:  # the 16 most used codes
         hits = patches[flat == c][:per_code]
         rows.append(torch.cat([hits, hits.new_ones(per_code - len(hits), 3, p, p)]))  # white after
     path = os.path.join(cfg.out_dir, 'codebook.png')
@@ -162,7 +155,7 @@ def run_codebook(cfg, env, n_images=512, n_codes=16, per_code=16):
     save_titled(pairs.flatten(0, 1), os.path.join(cfg.out_dir, 'token_maps.png'),
                 f'{cfg.checkpoint}: val images, each beside its token map (a patch per square, a '
                 'colour per code)', 4, 128)
-    return dict(codes_used=int((counts > 0).sum()), images=len(images), png=path)
+    return dict(codes_used=int(counts.count_nonzero()), images=len(images), png=path)
 
 
 @torch.no_grad()
@@ -185,13 +178,13 @@ def run_codes(cfg, env):
     return dict(png=path, grid=f'{h}x{w}', distinct_codes=len(codes.unique()))
 
 
-def code_usage_png(counts, path, title, width=512, height=160):
+def code_usage_png(counts, path, title, height=160):
     """How often each code is used, as bars: the codes sorted from the most used, a column each (the
     mean of a run of them when there are more codes than columns), each as tall as its count over
     the largest. A healthy codebook fills the width; a collapsed one leaves the right of it
     empty."""
     c = counts.double().sort(descending=True).values
-    bars = F.adaptive_avg_pool1d(c[None, None], min(width, len(c)))[0, 0] / c[0].clamp(min=1)
+    bars = F.adaptive_avg_pool1d(c[None, None], min(512, len(c)))[0, 0] / c[0].clamp(min=1)
     level = torch.arange(height, 0, -1, dtype=torch.double)[:, None] / height  # 1 at the top row
     img = torch.ones(3, height, len(bars))
     img[:, level <= bars] = torch.tensor([0.2, 0.4, 0.8])[:, None]  # blue bars on white
@@ -203,13 +196,13 @@ def code_usage_png(counts, path, title, width=512, height=160):
 def save_titled(tiles, path, title, nrow=0, size=256):
     """tiles (B, 3, h, w) in [0, 1], enlarged to `size` px, as a grid (nrow per row; 0 = all in one)
     under the title that says what they show (also the PNG's Title)."""
-    tiles = F.interpolate(tiles, scale_factor=max(1, size // tiles.shape[-1]), mode='nearest')
+    tiles = F.interpolate(tiles, scale_factor=max(1, size // tiles.shape[-1]))  # nearest
     grid = to_pil_image(make_grid(tiles, nrow=nrow or len(tiles), padding=2, pad_value=1).cpu())
     lines = textwrap.wrap(title, max(30, grid.width // 8))
     img = Image.new('RGB', (grid.width, grid.height + 16 * len(lines) + 6), 'white')
     img.paste(grid, (0, 16 * len(lines) + 6))
-    font = ImageFont.load_default(13)
-    ImageDraw.Draw(img).multiline_text((4, 3), '\n'.join(lines), fill='black', font=font)
+    ImageDraw.Draw(img).multiline_text((4, 3), '\n'.join(lines), fill='black',
+                                       font=ImageFont.load_default(13))
     info = PngImagePlugin.PngInfo()
     info.add_text('Title', title)
     img.save(path, pnginfo=info)
@@ -219,8 +212,8 @@ def save_titled(tiles, path, title, nrow=0, size=256):
 def main(argv=None):
     cfg = settings.configure(Config(), {'demo': {}}, argv)
     env = engine.Env(cfg.device, out_dir=cfg.out_dir)
-    modes = dict(attention=run_attention, codebook=run_codebook, codes=run_codes)
-    result = modes[cfg.mode](cfg, env)
+    result = dict(attention=run_attention, codebook=run_codebook,
+                  codes=run_codes)[cfg.mode](cfg, env)
     env.print(f'{cfg.mode}: ' + ', '.join(f'{k} {v}' for k, v in result.items()))
     env.close()
     return result

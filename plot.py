@@ -25,11 +25,8 @@ def plot_curves(plt, runs, title, path, only=None):
     lines that hold it), a line per run of `runs` ({name: rows}); mlm_acc_1 / _2 and loss_1 / _2
     share a panel. only: that metric's panel alone (several runs side by side, e.g. fine-tuning
     seeds against from scratch)."""
-    keys = []
-    for rows in runs.values():
-        for r in rows:
-            keys += [k for k, v in r.items() if k not in SKIP and isinstance(v, (int, float))]
-    keys = list(dict.fromkeys(keys))
+    keys = list(dict.fromkeys(k for rows in runs.values() for r in rows for k, v in r.items()
+                              if k not in SKIP and isinstance(v, (int, float))))
     panels = [only] if only else [k for k in keys if k not in ('mlm_acc_2', 'loss_2')]
     width = 3.2 * len(panels) + 2 * bool(only)
     fig, axes = plt.subplots(1, len(panels), figsize=(width, 2.8), squeeze=False)
@@ -99,19 +96,19 @@ def main(dirs):
         missing = [d for d in dirs if not os.path.exists(os.path.join(d, 'log.jsonl'))]
         if missing or not dirs:
             sys.exit(f'error: no log.jsonl in {", ".join(missing) or "(no folders given)"}')
-        runs = {d: read_log(os.path.join(d, 'log.jsonl')) for d in dirs}
-        plot_curves(plt, runs, key, f'{key}.png', only=key)
+        plot_curves(plt, {d: read_log(os.path.join(d, 'log.jsonl')) for d in dirs}, key,
+                    f'{key}.png', only=key)
         print(f'wrote {key}.png')
         return [f'{key}.png']
     written = []
     for d in dirs:
         log, res = os.path.join(d, 'log.jsonl'), os.path.join(d, 'result.json')
         if os.path.exists(log) and read_log(log):
-            plot_curves(plt, {d: read_log(log)}, d, os.path.join(d, 'curves.png'))
             written.append(os.path.join(d, 'curves.png'))
+            plot_curves(plt, {d: read_log(log)}, d, written[-1])
         if os.path.exists(res) and any(r.get('mode') == 'compare_run' for r in read_log(res)):
-            plot_results(plt, read_log(res), d, os.path.join(d, 'results.png'))
             written.append(os.path.join(d, 'results.png'))
+            plot_results(plt, read_log(res), d, written[-1])
         if not os.path.exists(log) and not os.path.exists(res):
             sys.exit(f'error: {d} has neither log.jsonl nor result.json')
     print('wrote ' + ', '.join(written))

@@ -77,10 +77,9 @@ def main(argv=None):
     if tokenizer.grid != (grid, grid):
         die(f'tokenizer grid {tokenizer.grid} != student grid {(grid, grid)}: match '
                      'img_size/patch_size')
-    num_mask = None if cfg.num_mask < 0 else cfg.num_mask
-    min_block = None if cfg.min_mask_block < 0 else cfg.min_mask_block
-    try:
-        masker = beitv2.MaskingGenerator((grid, grid), num_mask, min_block)
+    try:  # -1: the default
+        masker = beitv2.MaskingGenerator((grid, grid), None if cfg.num_mask < 0 else cfg.num_mask,
+                                         None if cfg.min_mask_block < 0 else cfg.min_mask_block)
     except ValueError as e:
         die(f'--num_mask / --min_mask_block: {e} ({grid}x{grid} patches)')
     vocab = tokenizer.cfg.codebook_size
@@ -89,11 +88,10 @@ def main(argv=None):
 
     # one crop box, cut at the student's size and the tokenizer's; colour jitter 0.4 (official)
     views = data.Crops((cfg.img_size, tokenizer.cfg.img_size), cfg.min_crop_scale, 0.4, masker)
-    dataset = data.build_dataset(cfg.data, 'train', cfg.img_size, labels=False)
-    loader = data.make_loader(dataset, views, cfg, env)
+    loader = data.make_loader(data.build_dataset(cfg.data, 'train', cfg.img_size, labels=False),
+                              views, cfg, env)
     model = beitv2.BEiTv2(settings.model_config(cfg, vocab_size=vocab)).to(env.device)
-    groups = engine.param_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)  # fused: 1 kernel
+    optimizer = engine.adamw(model, cfg, cfg.lr)  # fused: 1 kernel
     counts = torch.zeros(vocab, dtype=torch.long, device=env.device)  # the codes since the last log
 
     def train_step(model, batch):
@@ -109,11 +107,10 @@ def main(argv=None):
         logits, losses = model(images, mask, codes, num_masked=masker.num)  # static shapes
         labels = beitv2.masked_rows(codes, mask, masker.num)           # (M,) the masked patches'
         # the official log names: _1 the last layer's predictions, _2 the [CLS] head's
-        stats = dict(loss_1=losses['loss_mim'].detach(),
-                     mlm_acc_1=(logits['mim'].argmax(-1) == labels).float().mean())
-        if 'cls' in logits:
-            stats.update(loss_2=losses['loss_cls'].detach(),
-                         mlm_acc_2=(logits['cls'].argmax(-1) == labels).float().mean())
+        stats = {}
+        for i, name in enumerate(logits, 1):  # mim, then cls (with head layers)
+            stats[f'loss_{i}'] = losses[f'loss_{name}'].detach()
+            stats[f'mlm_acc_{i}'] = (logits[name].argmax(-1) == labels).float().mean()
         return losses['loss'], stats
 
     def at_log(step):  # the target codes used since the last log line, on all ranks

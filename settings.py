@@ -9,7 +9,7 @@ import functools
 import inspect
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import beitv2
 
@@ -201,8 +201,8 @@ def help_text(cfg, presets):
     """--help: the script's docstring, its presets, then each setting: its default, its range or
     choices and its help."""
     helps = field_help(type(cfg))
-    doc = sys.modules[type(cfg).__module__].__doc__.strip()
-    lines = [doc, '', f'presets: {", ".join(presets)}', 'settings (--key=value):']
+    lines = [sys.modules[type(cfg).__module__].__doc__.strip(), '',
+             f'presets: {", ".join(presets)}', 'settings (--key=value):']
     for f in fields(cfg):
         limits = f'({f.metadata["rule"][0]})  ' if 'rule' in f.metadata else ''
         name = f'  --{f.name}={f.default!r}'.ljust(34)
@@ -229,7 +229,7 @@ def model_config(cfg, **fixed):
     """The beitv2 config of --model with this run's settings of the same names, and `fixed`."""
     arch = beitv2.PRESETS[cfg.model]
     own = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in arch.__dataclass_fields__}
-    out = type(arch)(**{**asdict(arch), **own, **fixed})
+    out = replace(arch, **{**own, **fixed})
     if out.embed_dim % out.num_heads:
         die(f'--embed_dim={out.embed_dim} is not divisible by --num_heads={out.num_heads}')
     if isinstance(out, beitv2.BEiTConfig) and out.early_layers > out.depth:

@@ -115,13 +115,10 @@ class HOGTeacher(nn.Module):
         hist = hist + F.one_hot((lo + 1) % self.bins, self.bins) * frac[..., None]  # the upper's
         hist = (hist * mag[..., None]).permute(0, 1, 4, 2, 3).flatten(1, 2)  # (B, c*bins, H, W)
         cells = F.avg_pool2d(hist, self.p // 2)                     # 2x2 cells per patch
-        n, c, h, w = cells.shape
-        f = cells.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        f = f.flatten(3)                                            # (n, h/2, w/2, 4c)
+        f = F.unfold(cells, 2, stride=2).transpose(1, 2).contiguous()  # (B, patches, 4c)
         if self.colour:
-            colours = F.avg_pool2d(images, self.p).permute(0, 2, 3, 1)  # each patch's mean colour
-            f = torch.cat([f, colours], -1)
-        f = f.flatten(1, 2)                                         # (B, patches, features)
+            colours = F.avg_pool2d(images, self.p).flatten(2).transpose(1, 2)  # each patch's colour
+            f = torch.cat([f, colours], -1)                         # (B, patches, features)
         return f - f.mean(1, keepdim=True)  # centred per image: a constant guess scores cos 0
 
 
@@ -135,8 +132,8 @@ class CLIPBlock(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
         self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)   # CLIP: eps 1e-5
-        mlp = OrderedDict(c_fc=nn.Linear(d, 4 * d), gelu=QuickGELU(), c_proj=nn.Linear(4 * d, d))
-        self.mlp = nn.Sequential(mlp)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(d, 4 * d), gelu=QuickGELU(),
+                                             c_proj=nn.Linear(4 * d, d)))
 
     def forward(self, x):
         y = self.ln_1(x)
@@ -156,13 +153,13 @@ class CLIPVisual(nn.Module):
         self.positional_embedding = nn.Parameter(torch.zeros(grid * grid + 1, width))
         self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
         self.transformer = nn.Module()
-        blocks = [CLIPBlock(width, width // 64) for _ in range(layers)]
-        self.transformer.resblocks = nn.ModuleList(blocks)
+        self.transformer.resblocks = nn.ModuleList(CLIPBlock(width, width // 64)
+                                                   for _ in range(layers))
         self.proj = nn.Parameter(torch.zeros(width, out_dim))
 
     @staticmethod
     def from_state(sd):
-        sd = {k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')}
+        sd = {k.removeprefix('visual.'): v for k, v in sd.items() if k.startswith('visual.')}
         if 'conv1.weight' not in sd:
             die('CLIP teacher: no visual.conv1.weight in the weights file')
         w = sd['conv1.weight']
@@ -212,10 +209,10 @@ def read_torchscript(path):
             raise pickle.UnpicklingError(f'{path}: refused to load: it would call {module}.{name}')
 
         def persistent_load(self, pid):  # ('storage', storage type, key, location, size)
-            raw = bytearray(archive.read(f'{prefix}data/{pid[2]}'))
-            storage = torch.frombuffer(raw, dtype=torch.uint8).untyped_storage()
-            dtype = pid[1].dtype
-            return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+            storage = torch.frombuffer(bytearray(archive.read(f'{prefix}data/{pid[2]}')),
+                                       dtype=torch.uint8).untyped_storage()
+            return torch.storage.TypedStorage(wrap_storage=storage, dtype=pid[1].dtype,
+                                              _internal=True)
 
     out = {}
 
@@ -276,7 +273,7 @@ def load_dino(path):
         except Exception as e:  # no network, or not a DINO hub
             die(f'DINO teacher: pass --teacher_weights=dino_vitbase16_pretrain.pth ({e})')
     for pre in ('module.', 'backbone.', 'teacher.'):
-        sd = {k[len(pre):] if k.startswith(pre) else k: v for k, v in sd.items()}
+        sd = {k.removeprefix(pre): v for k, v in sd.items()}
     return DINOTeacher({k: v for k, v in sd.items() if not k.startswith('head.')})
 
 
@@ -301,7 +298,7 @@ def build_teacher(cfg):
 def validate(model, teacher, val, cfg, env):
     """On the val split (centre crops), all ranks together: the mean cosine between the decoder's
     output and the teacher's features, the codes used (their count and share of the codebook), the
-    perplexity of their use, and the count of each code (a tensor)."""
+    perplexity of their use; and, apart, the count of each code (a tensor). -> (numbers, counts)"""
     model.eval()
 
     def cosine_and_codes(images):  # (B, 1 + n): each image's mean cosine to the teacher, its codes
@@ -311,14 +308,13 @@ def validate(model, teacher, val, cfg, env):
     crops = data.Mapped(val, data.eval_transform(cfg.img_size, normalized=False))
     out, _ = engine.gather(cosine_and_codes, crops, cfg, env, 'scoring the val split')
     counts = torch.bincount(out[:, 1:].long().flatten(), minlength=cfg.codebook_size)
-    return dict(cosine=out[:, 0].mean().item(), **beitv2.code_usage(counts), counts=counts)
+    return dict(cosine=out[:, 0].mean().item(), **beitv2.code_usage(counts)), counts
 
 
 def report(model, teacher, val, cfg, env):
     """Is the tokenizer any good? Its numbers on the val split (validate), a line saying what they
     mean, and OUT_DIR/code_usage.png: how often each code is used, the most used first."""
-    r = validate(model, teacher, val, cfg, env)
-    counts = r.pop('counts')
+    r, counts = validate(model, teacher, val, cfg, env)
     env.print(f'report on {cfg.data} val ({len(val)} images): {r["codes_used"]} of '
               f'{len(counts)} codes used ({r["used_share"]:.0%}), perplexity '
               f'{r["perplexity"]:.1f}, cosine to the teacher {r["cosine"]:.3f}')
@@ -363,11 +359,10 @@ def main(argv=None):
         env.close()
         return result
     model = beitv2.VQKD(settings.model_config(cfg, teacher_dim=probe.shape[-1])).to(env.device)
-    dataset = data.build_dataset(cfg.data, 'train', cfg.img_size, labels=False)
-    loader = data.make_loader(dataset, data.Crops((cfg.img_size,), cfg.min_crop_scale), cfg, env)
-    groups = engine.param_groups(model, cfg.weight_decay)
+    loader = data.make_loader(data.build_dataset(cfg.data, 'train', cfg.img_size, labels=False),
+                              data.Crops((cfg.img_size,), cfg.min_crop_scale), cfg, env)
     peak = cfg.lr * cfg.batch_size * cfg.accum * env.world / 128  # official: per 128 images
-    optimizer = torch.optim.AdamW(groups, lr=peak, betas=cfg.betas, fused=True)  # fused: 1 kernel
+    optimizer = engine.adamw(model, cfg, peak)  # fused: 1 kernel
     counts = torch.zeros(cfg.codebook_size, dtype=torch.long, device=env.device)  # since last log
 
     def train_step(model, batch):
@@ -376,8 +371,7 @@ def main(argv=None):
             target = teacher(images)
         _, codes, losses = model(images, target)
         counts.index_add_(0, codes.flatten(), torch.ones_like(codes.flatten()))
-        stats = dict(rec_loss=losses['rec_loss'].detach(), quant_loss=losses['quant_loss'].detach())
-        return losses['loss'], stats
+        return losses['loss'], {k: losses[k].detach() for k in ('rec_loss', 'quant_loss')}
 
     def at_log(step):  # the codes used since the last log line, on all ranks
         usage = beitv2.code_usage(env.all_reduce(counts))
@@ -387,14 +381,13 @@ def main(argv=None):
                       f'since the last log line, under --min_code_use={cfg.min_code_use}: the '
                       'codebook may be collapsing; try a lower --lr, a longer warmup or a smaller '
                       '--code_dim')
-        return dict(codes_used=usage['codes_used'], perplexity=usage['perplexity'])
+        return {k: usage[k] for k in ('codes_used', 'perplexity')}
 
     def score(model):
-        return {k: v for k, v in validate(model, teacher, val, cfg, env).items() if k != 'counts'}
+        return validate(model, teacher, val, cfg, env)[0]
     engine.plan(cfg, env, loader, optimizer)
-    if not cfg.eval_every:
-        score = None
-    engine.fit(cfg, env, model, optimizer, loader, train_step, score, at_log)
+    engine.fit(cfg, env, model, optimizer, loader, train_step, score if cfg.eval_every else None,
+               at_log)
     if val is None:
         env.print(f'note: --data={cfg.data} has no val split: no report')
     else:

@@ -91,13 +91,10 @@ class Segmenter(nn.Module):
 def split_mmseg(sd):
     """An mmseg UperNet state dict (backbone.*, decode_head.*, auxiliary_head.*) -> (the ViT's
     state dict, the rest in our Segmenter's names: the official backbone holds fpn1/fpn2)."""
-    fpn, vit = ('backbone.fpn1.', 'backbone.fpn2.'), 'backbone.'
     backbone, heads = {}, {}
     for k, v in sd.items():
-        if k.startswith(vit) and not k.startswith(fpn):
-            backbone[k.removeprefix(vit)] = v
-        else:
-            heads[k.removeprefix(vit)] = v
+        vit = k.startswith('backbone.') and not k.startswith(('backbone.fpn1.', 'backbone.fpn2.'))
+        (backbone if vit else heads)[k.removeprefix('backbone.')] = v
     return backbone, heads
 
 
@@ -122,17 +119,17 @@ def sliding_window(model, images, num_classes, crop, stride, batch):
     windows = torch.stack([padded[i][:, y:y + crop, x:x + crop] for i, y, x in boxes])
     logits = torch.cat([model(w)[0].float() for w in windows.split(batch)])
     out = [im.new_zeros(num_classes, *im.shape[1:], dtype=torch.float) for im in padded]
-    count = [im.new_zeros(1, *im.shape[1:], dtype=torch.float) for im in padded]
+    count = [im.new_zeros(im.shape[1:], dtype=torch.float) for im in padded]
     for (i, y, x), lg in zip(boxes, logits):
         out[i][:, y:y + crop, x:x + crop] += lg
-        count[i][:, y:y + crop, x:x + crop] += 1
+        count[i][y:y + crop, x:x + crop] += 1
     return [(o / c)[:, :im.shape[1], :im.shape[2]] for o, c, im in zip(out, count, images)]
 
 
-def confusion(pred, target, num_classes, ignore=255):
-    keep = target != ignore
-    pairs = target[keep] * num_classes + pred[keep]
-    return torch.bincount(pairs, minlength=num_classes ** 2).view(num_classes, -1)
+def confusion(pred, target, num_classes):
+    keep = target != 255  # ignored
+    return torch.bincount(target[keep] * num_classes + pred[keep],
+                          minlength=num_classes ** 2).view(num_classes, -1)
 
 
 def seg_scores(conf):
@@ -140,7 +137,6 @@ def seg_scores(conf):
     classes in the target of their pixels' accuracy) and aAcc (all pixels' accuracy)."""
     conf = conf.double()
     inter, union, seen = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag(), conf.sum(1) > 0
-    miou = (inter[union > 0] / union[union > 0]).mean()
-    macc = (inter[seen] / conf.sum(1)[seen]).mean()
-    aacc = inter.sum() / conf.sum()
-    return dict(mIoU=miou.item() * 100, mAcc=macc.item() * 100, aAcc=aacc.item() * 100)
+    scores = dict(mIoU=(inter[union > 0] / union[union > 0]).mean(),
+                  mAcc=(inter[seen] / conf.sum(1)[seen]).mean(), aAcc=inter.sum() / conf.sum())
+    return {k: v.item() * 100 for k, v in scores.items()}
