@@ -161,14 +161,14 @@ def param_groups(model, weight_decay, layer_decay=1.0, depth=0,
                  no_decay=('cls_token', 'pos_embed')):
     """AdamW groups as the official optim_factory: no weight decay for 1-D parameters, biases and
     the names in no_decay (mask_token and the shared relative position table ARE decayed). Each
-    group's lr_scale is layer_decay ** (depth + 1 - layer id): 1 everywhere with the default
-    layer_decay."""
+    group's lr_scale is layer_decay ** (depth + 1 - layer id); depth 0 (no layer decay): one layer,
+    so the groups hold the parameters in the model's order."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_wd = p.ndim <= 1 or name.endswith('.bias') or name.split('.')[-1] in no_decay
-        lid = layer_id(name, depth)
+        lid = layer_id(name, depth) if depth else 0
         if (lid, no_wd) not in groups:
             groups[lid, no_wd] = dict(params=[], weight_decay=0.0 if no_wd else weight_decay,
                                       lr_scale=layer_decay ** (depth + 1 - lid))
@@ -445,8 +445,9 @@ def gather(fn, dataset, cfg, env, what):
     f = torch.cat([torch.cat(feats).flatten(1), labels], 1)  # the labels: a last column
     if env.ddp:  # pad to equal length, gather, drop the padding, restore the dataset's order
         n = math.ceil(len(dataset) / env.world)
-        parts = [torch.empty(n, f.shape[1], device=f.device) for _ in range(env.world)]
-        dist.all_gather(parts, torch.cat([f, f.new_zeros(n - len(f), f.shape[1])]))
+        padded = torch.cat([f, f.new_zeros(n - len(f), f.shape[1])])
+        parts = [torch.empty_like(padded) for _ in range(env.world)]
+        dist.all_gather(parts, padded)
         f = torch.stack(parts, 1).flatten(0, 1)[:len(dataset)]  # rank r held r, r + world, ...
     return f[:, :-1].view(-1, *shape), f[:, -1].long()
 
