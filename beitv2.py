@@ -329,7 +329,7 @@ class ViT(nn.Module):
         """(B, D): the [CLS] token (pool='cls') or the mean patch token ('mean') after block `layer`
         (0-based; -1 = the last, and then through the final norm): what the probes read."""
         layer = block_index(layer, self.cfg.depth)
-        x = self.forward_tokens(images, layers=(layer,))[1][0]
+        _, (x,) = self.forward_tokens(images, layers=(layer,))
         f = x[:, 0] if pool == 'cls' else x[:, 1:].mean(1)
         return self.final_norm(f) if layer == self.cfg.depth - 1 else f
 
@@ -482,7 +482,7 @@ class VQKD(nn.Module):
         init_linears_(self.encode_task_layer)
         init_linears_(self.decode_task_layer)
 
-    def features(self, images):  # images in [0, 1] -> (B, n, code_dim), before normalisation
+    def code_vectors(self, images):  # images in [0, 1] -> (B, n, code_dim), not yet normalised
         x = self.encoder.forward_patch_tokens(images * 2 - 1)  # official: [0, 1] -> [-1, 1]
         with torch.autocast(x.device.type, enabled=False):      # official: task layer in fp32
             return self.encode_task_layer(x.to(self.encode_task_layer[0].weight.dtype))
@@ -504,7 +504,7 @@ class VQKD(nn.Module):
                                  f'got [{lo:.3g}, {hi:.3g}]: non-finite, ImageNet-normalised or '
                                  '0-255 input?')
             self.checked_values = True
-        z = self.features(images.to(self.encode_task_layer[0].weight.dtype))
+        z = self.code_vectors(images.to(self.encode_task_layer[0].weight.dtype))
         return self.quantize.lookup(z)[1]
 
     def decode(self, z_q):  # z_q: (B, n, code_dim) -> (B, n, teacher_dim)
@@ -515,7 +515,7 @@ class VQKD(nn.Module):
     def forward(self, images, teacher_features=None):
         """-> (reconstruction, codes, losses or None): loss = mean(1 - cos(reconstruction, teacher))
         + commitment."""
-        z_q, codes, quant_loss = self.quantize(self.features(images))
+        z_q, codes, quant_loss = self.quantize(self.code_vectors(images))
         rec = self.decode(z_q)
         if teacher_features is None:
             return rec, codes, None
@@ -529,7 +529,7 @@ class VQKD(nn.Module):
 class MaskingGenerator:
     """Block-wise masking (BEiT, official masking_generator.py): rectangles of at least
     `min_num_patches` patches, aspect ratio in [0.3, 1/0.3], until the count is reached; then random
-    patches are (un)masked so that exactly `num_masking_patches` are. Defaults: the paper's 75 of
+    patches are masked so that exactly `num_masking_patches` are. Defaults: the paper's 75 of
     196 (14x14) in blocks of 16, scaled to other grids."""
 
     def __init__(self, grid, num_masking_patches=None, min_num_patches=None, max_num_patches=None,
@@ -570,9 +570,9 @@ class MaskingGenerator:
                 break
             count += delta
         flat = mask.reshape(-1)
-        if count != self.num:  # official: force the exact count with random single patches
-            pool = np.flatnonzero(flat == (count > self.num))
-            flat[pool[rng.sample(range(len(pool)), abs(count - self.num))]] = count < self.num
+        if count < self.num:  # official: random single patches make up the exact count (a block
+            # never adds more than is missing, so the official branch that unmasks never runs)
+            flat[rng.sample(list(np.flatnonzero(~flat)), self.num - count)] = True
         return torch.from_numpy(flat)
 
 
@@ -586,8 +586,8 @@ def masked_rows(x, mask, num_masked=None):
                         "num_masked is not every image's masked count")
     order = mask.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices
     index = order[:, :num_masked]                             # (B, R): the masked, row-major
-    index = index.view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
-    return x.gather(1, index).flatten(0, 1)
+    index = index.reshape(index.shape + (1,) * (x.dim() - 2))  # (B, R, 1, ...): broadcasts
+    return torch.take_along_dim(x, index, dim=1).flatten(0, 1)
 
 
 class BEiTv2(ViT):
@@ -665,8 +665,9 @@ class BEiTv2(ViT):
         official loss_1, loss_2, loss)."""
         if num_masked == 0 or (num_masked is None and not mask.any()):  # the loss would be NaN
             raise ValueError('the mask has no masked patch: nothing to predict')
-        logits = {name: self.lm_head(self.norm(masked_rows(x[:, 1:], mask, num_masked)))
-                  for name, x in self.branches(images, mask).items()}  # both: the same norm, head
+        logits = {}
+        for name, x in self.branches(images, mask).items():  # both branches: the same norm and head
+            logits[name] = self.lm_head(self.norm(masked_rows(x[:, 1:], mask, num_masked)))
         if targets is None:
             return logits, None
         labels = masked_rows(targets, mask, num_masked)    # (M,): the codes of the masked patches

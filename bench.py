@@ -20,7 +20,7 @@ import beitv2
 import data
 import engine
 import settings
-from settings import at_least, below, die, one_of
+from settings import at_least, die, half_open, one_of
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Config:
     # the official beit2/ folder: its step (or its DataAugmentationForBEiT) beside ours
     official: str = ''
     peak_tflops: float = 0.0  # the device's peak, for the MFU column; 0 = no MFU
-    seed: int = below(0, 0, 2 ** 32)  # the models' init and the inputs
+    seed: int = half_open(0, 0, 2 ** 32)  # the models' init and the inputs
     workers: int = at_least(0, 4)  # loader: DataLoader processes
     profile: bool = False  # pretrain: a kernel table of 3 of our full steps
 

@@ -456,9 +456,10 @@ def gather(fn, dataset, cfg, env, what):
 
 
 def plan(cfg, env, loader, optimizer):
-    """Before the loop, said on rank 0: the settings, the effective batch, the steps (an epoch
-    recipe's epochs become steps here, unless --steps / --warmup_steps were given) and the peak lr
-    (the optimizer's lr times the largest lr_scale of its groups). -> steps per epoch."""
+    """Sets cfg.steps and cfg.warmup_steps from an epoch recipe's epochs (unless --steps or
+    --warmup_steps were given), then says on rank 0: the settings, the effective batch, the steps
+    and the peak lr (the optimizer's lr times the largest lr_scale of its groups). -> steps per
+    epoch."""
     per_step = cfg.batch_size * cfg.accum * env.world
     steps_per_epoch = len(loader) // cfg.accum
     if steps_per_epoch == 0:
@@ -557,8 +558,9 @@ def fit(cfg, env, model, optimizer, loader, train_step, score=None, at_log=None)
             batch = next(batches)
             waited += time.time() - t
             sync = not env.ddp or micro == cfg.accum - 1
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), env.autocast():
-                loss, stats = train_step(run, batch)
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                with env.autocast():  # the forward pass only, as torch.amp advises
+                    loss, stats = train_step(run, batch)
                 env.scaler.scale(loss / cfg.accum).backward()
         # optimizer step
         gnorm = optimizer_step(env, optimizer, cfg.clip_grad)
@@ -578,13 +580,14 @@ def fit(cfg, env, model, optimizer, loader, train_step, score=None, at_log=None)
             check_finite(bad, model if due_ckpt else None, cfg)
         # log: one read of the device for all the numbers
         if due_log:
-            numbers = torch.stack([loss.detach().float(), gnorm.float(),
-                                   *(v.detach().float() for v in stats.values())]).tolist()
-            row = dict(loss=numbers[0], **dict(zip(stats, numbers[2:])))
+            loss_now, gnorm_now, *values = torch.stack([
+                loss.detach().float(), gnorm.float(), *(v.detach().float() for v in stats.values())
+            ]).tolist()
+            row = dict(loss=loss_now, **dict(zip(stats, values)))
             if at_log:
                 row.update(at_log(step))
             elapsed = time.time() - t_log
-            row.update(lr=max(g['lr'] for g in optimizer.param_groups), gnorm=numbers[1],
+            row.update(lr=max(g['lr'] for g in optimizer.param_groups), gnorm=gnorm_now,
                        data_wait=waited / elapsed,
                        img_per_s=cfg.batch_size * cfg.accum * env.world * (step - start)
                        / (time.time() - t0),

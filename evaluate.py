@@ -27,7 +27,7 @@ import data
 import engine
 import settings
 import upernet
-from settings import above, at_least, below, die, input_file, one_of, rule, within
+from settings import above, at_least, die, half_open, input_file, one_of, rule, within
 
 
 @dataclass
@@ -63,10 +63,10 @@ class Config(settings.Run):
     # fine-tuning: block i (from 0) trains at lr x layer_decay ** (depth - i)
     layer_decay: float = within(0.65, 0, 1)
     # fine-tuning: stochastic depth rate of the last block (linear in depth)
-    drop_path: float = below(0.1, 0, 1)
+    drop_path: float = half_open(0.1, 0, 1)
     mixup: float = at_least(0, 0.8)  # fine-tuning: Beta(a, a) mixing of image pairs; 0 = off
     cutmix: float = at_least(0, 1.0)  # fine-tuning: Beta(a, a) box pasting; 0 = off
-    smoothing: float = below(0.1, 0, 1)  # fine-tuning: label smoothing
+    smoothing: float = half_open(0.1, 0, 1)  # fine-tuning: label smoothing
     reprob: float = within(0.25, 0, 1)  # fine-tuning: random erasing probability
     randaug: bool = True  # fine-tuning: timm's RandAugment rand-m9-mstd0.5-inc1 (the official --aa)
     eval_only: bool = False  # score --checkpoint on the val split, no training

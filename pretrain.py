@@ -5,8 +5,9 @@ in ViT-B).
 
     python pretrain.py                         # demo: reads python train_tokenizer.py's output
     torchrun --nproc_per_node=8 pretrain.py --preset=base_1600 --data=/data/imagenet \
---tokenizer=vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth --accum=2 Settings are --key=value
-(`--help` lists them); README.md has the recipes.
+--tokenizer=vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth --accum=2
+
+Settings are --key=value (`--help` lists them); README.md has the recipes.
 """
 import os
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import beitv2
 import data
 import engine
 import settings
-from settings import above, at_least, below, die, input_file
+from settings import above, at_least, die, half_open, input_file
 
 
 @dataclass
@@ -38,11 +39,12 @@ class Config(settings.Run):
     # the [CLS] head reads the patch tokens after this block (9 in ViT-B)
     early_layers: int = at_least(1, None)
     head_layers: int = at_least(0, None)  # blocks of the [CLS] head (2; 0: BEiT v1's MIM alone)
-    drop_path: float = below(0.0, 0, 1)  # stochastic depth rate of the last block (linear in depth)
-    # masked patches per image; -1 = round(n x 75 / 196) of the n patches
-    num_mask: int = at_least(-1, -1)
-    # the smallest block of masked patches; -1 = max(2, round(16 n / 196))
-    min_mask_block: int = at_least(-1, -1)
+    # stochastic depth rate of the last block (linear in depth)
+    drop_path: float = half_open(0.0, 0, 1)
+    # masked patches per image; unset: round(n x 75 / 196) of the n patches
+    num_mask: int = at_least(0, None)
+    # the smallest block of masked patches; unset: max(2, round(16 n / 196))
+    min_mask_block: int = at_least(1, None)
     clip_grad: float = at_least(0, 3.0)  # gradient norm clipping; 0 = none
     out_dir: str = 'out/pretrain'  # where checkpoints and log.jsonl go
 
@@ -76,10 +78,9 @@ def main(argv=None):
     grid = cfg.img_size // cfg.patch_size
     if tokenizer.grid != (grid, grid):
         die(f'tokenizer grid {tokenizer.grid} != student grid {(grid, grid)}: match '
-                     'img_size/patch_size')
-    try:  # -1: the default
-        masker = beitv2.MaskingGenerator((grid, grid), None if cfg.num_mask < 0 else cfg.num_mask,
-                                         None if cfg.min_mask_block < 0 else cfg.min_mask_block)
+            'img_size/patch_size')
+    try:
+        masker = beitv2.MaskingGenerator((grid, grid), cfg.num_mask, cfg.min_mask_block)
     except ValueError as e:
         die(f'--num_mask / --min_mask_block: {e} ({grid}x{grid} patches)')
     vocab = tokenizer.cfg.codebook_size

@@ -58,7 +58,7 @@ def within(default, lo, hi):
     return rule(default, f'in [{lo}, {hi}]', lambda v: lo <= v <= hi)
 
 
-def below(default, lo, hi):
+def half_open(default, lo, hi):
     return rule(default, f'in [{lo}, {hi})', lambda v: lo <= v < hi)
 
 
@@ -116,7 +116,7 @@ class Run:
     # torch.compile the model: faster steps on a GPU; on a CPU the first step compiles for minutes,
     # and the demo's steps are no faster (docs/speed.md)
     compile: bool = False
-    seed: int = below(0, 0, 2 ** 32)  # the run's randomness: init, crops, masks, sampling order
+    seed: int = half_open(0, 0, 2 ** 32)  # the run's randomness: init, crops, masks, sampling order
     out_dir: str = ''  # where checkpoints and log.jsonl go
     resume: str = ''  # a checkpoint to continue from; by default OUT_DIR/ckpt.pt when there is one
     # on resume, settings that may differ from the checkpoint's, e.g. steps,lr

@@ -164,7 +164,7 @@ def test_official_tokenizer_encoder(fx, tok):
     t = fx['tokenizer']
     x = t['images'].double().to(DEVICE)
     close(tok.encoder.forward_patch_tokens(x * 2 - 1), t['encoder_features'])
-    feats = tok.features(x)
+    feats = tok.code_vectors(x)
     close(feats, t['to_quantizer_features'])
     z, codes = tok.quantize.lookup(feats)
     close(z, t['normed_features'])
@@ -178,7 +178,7 @@ def test_official_tokenizer_decoder_and_losses(fx, tok):
     before = tok.quantize.cluster_size.clone()
     x = t['images'].double().to(DEVICE)
     rec, codes, losses = tok(x, t['teacher_features'].double().to(DEVICE))
-    z_q, _, _ = tok.quantize(tok.features(x))
+    z_q, _, _ = tok.quantize(tok.code_vectors(x))
     # official: (B, d, h, w)
     close(z_q.transpose(1, 2).reshape(t['quantized'].shape), t['quantized'])
     close(rec, t['decoder_output'])
@@ -506,7 +506,7 @@ def test_codebook_kmeans_ema_and_roundtrip():
     c1, c2 = tok.encode(x), tok.encode(x)
     assert torch.equal(c1, c2) and c1.dtype == torch.int64 and c1.shape == (4, 16)
     assert all(torch.equal(v, tok.quantize.state_dict()[k]) for k, v in state.items())  # pure
-    z_q, codes, _ = tok.quantize(tok.features(x))
+    z_q, codes, _ = tok.quantize(tok.code_vectors(x))
     close(z_q, tok.quantize.weight[codes], atol=1e-6)  # straight-through value = the codes
 
 
@@ -547,7 +547,7 @@ def test_encode_on_device_equals_float64_except_near_ties():
     tok.eval()
     tok64 = tok.double()
     with torch.no_grad():
-        z = tok64.quantize.lookup(tok64.features(x.double()))[0].flatten(0, 1)
+        z = tok64.quantize.lookup(tok64.code_vectors(x.double()))[0].flatten(0, 1)
         sims = z @ tok64.quantize.weight.t()  # (M, K) cosines
         ref = sims.argmax(1)
         got = tok.float().to(DEVICE).encode(x.to(DEVICE)).flatten().cpu()

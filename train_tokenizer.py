@@ -26,7 +26,7 @@ import data
 import engine
 import pictures
 import settings
-from settings import above, at_least, below, die, input_file, one_of, within
+from settings import above, at_least, die, half_open, input_file, one_of, within
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Config(settings.Run):
     codebook_size: int = at_least(1, None)  # K codes
     # the codebook's dimension (32 in the paper: the codes are looked up in 32-d)
     code_dim: int = at_least(1, None)
-    decay: float = below(0.99, 0, 1)  # codebook EMA decay (1 would never move)
+    decay: float = half_open(0.99, 0, 1)  # codebook EMA decay (1 would never move)
     # whose features the decoder learns to reproduce: clip (the paper's), dino, or the demo's hog
     # and hog_colour (no weights needed)
     teacher: str = one_of('hog', 'hog_colour', 'clip', 'dino')
