@@ -407,9 +407,8 @@ class Logger:
             return
         with open(self.path, 'a') as f:
             f.write(json.dumps(dict(row, step=step)) + '\n')
-        print(f'step {step}{total and f"/{total}"} | ' + ' | '.join(
-            f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()),
-              flush=True)
+        shown = [f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()]
+        print(f'step {step}{total and f"/{total}"} | ' + ' | '.join(shown), flush=True)
 
 
 PROGRESS_EVERY = 10.0  # seconds
@@ -586,12 +585,11 @@ def fit(cfg, env, model, optimizer, loader, train_step, score=None, at_log=None)
             row = dict(loss=loss_now, **dict(zip(stats, values)))
             if at_log:
                 row.update(at_log(step))
-            elapsed = time.time() - t_log
+            elapsed, seconds = time.time() - t_log, time.time() - t0  # since the last line, the run
+            images = cfg.batch_size * cfg.accum * env.world * (step - start)
             row.update(lr=max(g['lr'] for g in optimizer.param_groups), gnorm=gnorm_now,
-                       data_wait=waited / elapsed,
-                       img_per_s=cfg.batch_size * cfg.accum * env.world * (step - start)
-                       / (time.time() - t0),
-                       eta_min=(cfg.steps - step) * (time.time() - t0) / (step - start) / 60)
+                       data_wait=waited / elapsed, img_per_s=images / seconds,
+                       eta_min=(cfg.steps - step) * seconds / (step - start) / 60)
             log(step, row, cfg.steps)
             if waited > elapsed / 2:
                 env.print(f'note: {waited / elapsed:.0%} of the time went to waiting for batches: '

@@ -108,10 +108,11 @@ def main(argv=None):
         logits, losses = model(images, mask, codes, num_masked=masker.num)  # static shapes
         labels = beitv2.masked_rows(codes, mask, masker.num)           # (M,) the masked patches'
         # the official log names: _1 the last layer's predictions, _2 the [CLS] head's
-        stats = {}
-        for i, name in enumerate(logits, 1):  # mim, then cls (with head layers)
-            stats[f'loss_{i}'] = losses[f'loss_{name}'].detach()
-            stats[f'mlm_acc_{i}'] = (logits[name].argmax(-1) == labels).float().mean()
+        stats = dict(loss_1=losses['loss_mim'].detach(),
+                     mlm_acc_1=(logits['mim'].argmax(-1) == labels).float().mean())
+        if 'cls' in logits:  # with head layers
+            stats.update(loss_2=losses['loss_cls'].detach(),
+                         mlm_acc_2=(logits['cls'].argmax(-1) == labels).float().mean())
         return losses['loss'], stats
 
     def at_log(step):  # the target codes used since the last log line, on all ranks
