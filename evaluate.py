@@ -570,11 +570,12 @@ def main(argv=None):
         suffix = '' if cfg.backbone == 'checkpoint' else '_' + cfg.backbone
         cfg.out_dir = os.path.join('out', 'eval', cfg.mode + suffix)
     env = engine.Env(cfg.device, cfg.dtype, cfg.seed, cfg.out_dir, cfg.compile)
-    result = dict(linear=run_linear, knn=run_knn, compare=run_compare, finetune=run_finetune,
-                  segment=run_segment)[cfg.mode](cfg, env)
+    modes = dict(linear=run_linear, knn=run_knn, compare=run_compare, finetune=run_finetune,
+                 segment=run_segment)
+    result = modes[cfg.mode](cfg, env)
     if cfg.mode != 'compare':  # compare printed its own table
-        env.print(f'{cfg.mode}: ' + ', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
-                                              for k, v in result.items()))
+        shown = [f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in result.items()]
+        env.print(f'{cfg.mode}: ' + ', '.join(shown))
     record(cfg, env, dict(mode=cfg.mode, checkpoint=cfg.checkpoint, backbone=cfg.backbone,
                           **result))
     env.close()

@@ -212,8 +212,8 @@ def save_titled(tiles, path, title, nrow=0, size=256):
 def main(argv=None):
     cfg = settings.configure(Config(), {'demo': {}}, argv)
     env = engine.Env(cfg.device, out_dir=cfg.out_dir)
-    result = dict(attention=run_attention, codebook=run_codebook,
-                  codes=run_codes)[cfg.mode](cfg, env)
+    modes = dict(attention=run_attention, codebook=run_codebook, codes=run_codes)
+    result = modes[cfg.mode](cfg, env)
     env.print(f'{cfg.mode}: ' + ', '.join(f'{k} {v}' for k, v in result.items()))
     env.close()
     return result
