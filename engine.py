@@ -585,7 +585,8 @@ def fit(cfg, env, model, optimizer, loader, train_step, score=None, at_log=None)
             row = dict(loss=loss_now, **dict(zip(stats, values)))
             if at_log:
                 row.update(at_log(step))
-            elapsed, seconds = time.time() - t_log, time.time() - t0  # since the last line, the run
+            now = time.time()
+            elapsed, seconds = now - t_log, now - t0  # since the last line, since the start
             images = cfg.batch_size * cfg.accum * env.world * (step - start)
             row.update(lr=max(g['lr'] for g in optimizer.param_groups), gnorm=gnorm_now,
                        data_wait=waited / elapsed, img_per_s=images / seconds,
